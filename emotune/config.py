@@ -1,0 +1,92 @@
+"""Compose emotune's configuration with Hydra and hand it on as a plain dict with absolute paths.
+
+The YAML files live in ``emotune/conf`` (shipped inside the package). Commands take Hydra-style
+``key=value`` overrides; a wrong key, group option or missing value becomes an :class:`EmotuneError` that
+lists what exists instead of a Hydra traceback. Everything downstream (trials on Ray workers included)
+receives the plain dict, never a Hydra object, and never a relative path: Ray changes the working
+directory of its workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from emotune.errors import EmotuneError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _keys_under(cfg, parent: str) -> str:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return ", ".join(sorted(str(k) for k in node.keys())) if hasattr(node, "keys") else "(none)"
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config"):
+    """The composed Hydra config (an OmegaConf object) for ``overrides``; errors explain themselves."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    def run(overrides):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                return hydra_compose(config_name=config_name, overrides=list(overrides))
+        finally:
+            GlobalHydra.instance().clear()
+
+    try:
+        return run(overrides)
+    except MissingConfigException as exc:
+        message = str(exc).split("Config search path")[0].strip()
+        raise EmotuneError(f"{message}\nPick one of the options listed.") from None
+    except OverrideParseException as exc:
+        first = str(exc).splitlines()[0]
+        raise EmotuneError(f"cannot parse the override: {first}. Overrides look like key=value.") from None
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__ or exc
+        key = getattr(cause, "full_key", None) or ""
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        where = f"under '{parent}'" if parent else "at the top level"
+        raise EmotuneError(
+            f"invalid override: {str(cause).splitlines()[0]}. Keys {where}: {_keys_under(run([]), parent)}. "
+            "Check the spelling, or prefix the override with + to add a new key on purpose."
+        ) from None
+
+
+def to_plain(cfg) -> dict:
+    """Resolve interpolations and make every path absolute; raise a clear error for a missing value."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", "a required key")
+        raise EmotuneError(f"{key} has no value: pass it on the command line as {key}=...") from None
+    except InterpolationResolutionError as exc:
+        raise EmotuneError(f"cannot resolve the configuration: {exc}") from None
+    return absolutize(plain)
+
+
+def absolutize(cfg: dict) -> dict:
+    """Resolve ``paths.runs_dir`` against the launch folder and data paths against ``data.root``."""
+    runs = Path(cfg["paths"]["runs_dir"]).expanduser().resolve()
+    cfg["paths"]["runs_dir"] = str(runs)
+    data = cfg.get("data")
+    if data:
+        root = Path(data["root"]).expanduser().resolve()
+        data["root"] = str(root)
+        for key in ("train_csv", "test_csv", "test_labels", "audio_dir"):
+            if data.get(key):
+                data[key] = str((root / data[key]).resolve())
+    return cfg
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
+    """Compose and resolve: the plain dict every emotune command works from."""
+    return to_plain(compose(overrides, config_name))

@@ -1,0 +1,1 @@
+"""The data layer: read and check a corpus, load and augment its audio, synthesize the demo corpus."""
