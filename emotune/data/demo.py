@@ -228,16 +228,15 @@ def render_clip(spec: ClipSpec, audio_dir: str, seed: int) -> float:
     """Synthesize, pad, set loudness, add noise and write one MP3; returns its duration in seconds."""
     import soundfile as sf
 
+    from emotune.data import espeak
     from emotune.data.augment import synthetic_noise
-    from emotune.data.espeak import synthesizer
 
-    tts = synthesizer()
     rng = np.random.default_rng([seed, spec.index])
-    speech = tts.say(spec.text, voice=spec.voice, rate=spec.rate, pitch=spec.pitch, pitch_range=spec.pitch_range)
+    speech, sr = espeak.say(spec.text, seed=int(rng.integers(2**31)), voice=spec.voice, rate=spec.rate, pitch=spec.pitch,
+                            pitch_range=spec.pitch_range)
     if speech.size == 0:
         raise EmotuneError(f"espeak-ng produced no audio for: {spec.text!r}")
     speech = speech / (np.abs(speech).max() + 1e-9) * 0.25 * 10 ** (spec.gain_db / 20)
-    sr = tts.sample_rate
     wave = np.concatenate([np.zeros(int(spec.pad_start * sr)), speech, np.zeros(int(spec.pad_end * sr))])
     speech_power = np.mean(speech**2)
     noise = synthetic_noise(wave.size, rng) * np.sqrt(speech_power / 10 ** (spec.snr_db / 10))

@@ -1,20 +1,23 @@
 """Offline Spanish speech synthesis with espeak-ng, loaded through ctypes from the ``espeakng-loader`` wheel.
 
-No system package is needed: the wheel ships ``libespeak-ng.so`` and its voice data. espeak-ng keeps
-global state, so a process holds one synthesizer (:func:`synthesizer`); to synthesize in parallel, use
-several processes.
+No system package is needed: the wheel ships ``libespeak-ng.so`` and its voice data. espeak-ng carries
+hidden state from one utterance to the next (the same sentence comes out different after other sentences,
+and re-initialising does not reset it), and some voices draw random numbers seeded from the clock. So
+:func:`say` synthesizes every utterance in a freshly forked child, which starts from the library's
+pristine state, and seeds the generator: the output depends only on the arguments, not on the process or
+on the order in which clips are made.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
+import os
 
 import numpy as np
 
 from emotune.errors import EmotuneError
 
-_AUDIO_OUTPUT_RETRIEVAL = 1  # samples are handed to our callback instead of a sound card
+_AUDIO_OUTPUT_SYNCHRONOUS = 2  # synthesize in the calling thread and hand samples to our callback
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PARAM = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}
@@ -39,7 +42,7 @@ class Espeak:
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_RETRIEVAL, 0, str(data_path).encode(), 0)
+        self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data_path).encode(), 0)
         if self.sample_rate <= 0:
             raise EmotuneError(f"espeak-ng failed to start with its data folder {data_path}.")
         self._lib = lib
@@ -47,6 +50,9 @@ class Espeak:
         self._callback = _SYNTH_CALLBACK(self._collect)  # keep a reference: ctypes does not
         lib.espeak_SetSynthCallback(self._callback)
         self._voice: str | None = None
+
+    def seed(self, value: int) -> None:
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(value))
 
     def _collect(self, samples, n, _events) -> int:
         if n > 0:
@@ -72,7 +78,31 @@ class Espeak:
         return np.concatenate(self._chunks).astype(np.float32) / 32768.0
 
 
-@functools.lru_cache(maxsize=1)
-def synthesizer() -> Espeak:
-    """The process's espeak-ng instance, created on first use."""
-    return Espeak()
+def say(text: str, seed: int = 0, **params) -> tuple[np.ndarray, int]:
+    """Synthesize ``text`` (see :meth:`Espeak.say` for ``params``) in a forked child; returns samples and rate.
+
+    ``seed`` seeds espeak-ng's own random generator (some voices add random breath and jitter).
+
+    The calling process must never synthesize itself, or its children inherit the used state.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: synthesize, send the rate and float32 samples through the pipe, exit at once
+        status = 1
+        try:
+            os.close(read_end)
+            tts = Espeak()
+            tts.seed(seed)
+            samples = tts.say(text, **params)
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(np.int32(tts.sample_rate).tobytes() + samples.astype("<f4").tobytes())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or len(payload) < 4:
+        raise EmotuneError(f"espeak-ng failed to synthesize {text!r} (child exit status {status}).")
+    return np.frombuffer(payload[4:], dtype="<f4").copy(), int(np.frombuffer(payload[:4], dtype=np.int32)[0])

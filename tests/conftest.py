@@ -1,0 +1,69 @@
+"""Shared test assets, built small and fresh in temporary folders (SpeechBrain recipe-test style)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LABELS = ("neutral", "disgust", "anger", "sadness", "joy", "fear")
+
+
+def tone(seconds: float = 1.0, sr: int = 16_000, freq: float = 220.0, amp: float = 0.3, seed: int = 0) -> np.ndarray:
+    """A short harmonic tone with a little noise: real, decodable, non-silent audio."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    wave = amp * np.sin(2 * np.pi * freq * t) + 0.3 * amp * np.sin(2 * np.pi * 2 * freq * t)
+    return (wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding=encoding) as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_corpus(root: Path, n_per_class: int = 4, sr: int = 16_000, ext: str = ".wav") -> Path:
+    """A tiny labelled corpus in the challenge layout: root/train.csv, root/test.csv and root/audio/."""
+    audio = root / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    train_rows, test_rows = [], []
+    k = 0
+    for label in LABELS:
+        for i in range(n_per_class):
+            k += 1
+            utt_id = f"clip{k:03d}{ext}"
+            sf.write(audio / utt_id, tone(0.5 + 0.1 * i, sr, 150 + 20 * k, seed=k), sr)
+            train_rows.append([utt_id, label, f"frase número {k} de {label}"])
+    for j in range(3):
+        utt_id = f"test{j}{ext}"
+        sf.write(audio / utt_id, tone(0.8, sr, 300 + j, seed=100 + j), sr)
+        test_rows.append([utt_id, f"frase de prueba {j}"])
+    write_csv(root / "train.csv", ["id", "label", "transcription"], train_rows)
+    write_csv(root / "test.csv", ["id", "transcription"], test_rows)
+    return root
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """A small real demo corpus (espeak-ng synthesis, MP3), shared by the whole session."""
+    from emotune.data.demo import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo") / "corpus"
+    build_demo_corpus(out, n_clips=60, seed=7, progress=False)
+    return out
