@@ -273,7 +273,7 @@ def build_demo_corpus(out_dir: str | Path, n_clips: int = 900, seed: int = 0, wo
             from tqdm.auto import tqdm
 
             futures = tqdm(futures, total=len(specs), desc="synthesizing demo corpus", unit="clip")
-        for spec, duration in zip(specs, futures):
+        for duration, spec in zip(futures, specs):  # results first, so the progress bar sees the end
             durations[spec.index] = duration
 
     def write(name: str, header: list[str], rows) -> None:
