@@ -43,6 +43,22 @@ def _cmd_check_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from emotune.config import load_config
+    from emotune.trial import run_trial
+
+    cfg = load_config(args.overrides)
+    workdir = Path(cfg["paths"]["runs_dir"]) / "trials" / time.strftime("train-%Y%m%d-%H%M%S")
+    summary = run_trial(cfg, workdir=workdir)
+    print(f"best dev macro-F1 {summary['best_val_f1']:.4f} at epoch {summary['best_epoch']} "
+          f"({summary['epochs_trained']} epochs, {summary['seconds_per_epoch']:.2f} s/epoch, "
+          f"features ready in {summary['feature_seconds']:.1f} s)")
+    print(f"checkpoint and predictions: {workdir / 'best'}")
+    if summary.get("run_id"):
+        print(f"MLflow run {summary['run_id']} in {cfg['tracking']['uri']}  (see it with: emotune ui)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emotune",
@@ -70,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
     check.set_defaults(func=_cmd_check_corpus)
+
+    train = sub.add_parser(
+        "train",
+        help="train one model (a single trial, without Ray)",
+        description="Train one model with the composed configuration and log it to MLflow. "
+        "Example: emotune train encoders.speech=mfcc model.dropout=0.2 trial.max_epochs=20",
+    )
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

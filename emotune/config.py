@@ -44,6 +44,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config"):
     except MissingConfigException as exc:
         message = str(exc).split("Config search path")[0].strip()
         raise EmotuneError(f"{message}\nPick one of the options listed.") from None
+    except ValueError as exc:  # e.g. a config group set to null
+        raise EmotuneError(f"invalid override: {exc}. A config group takes the name of one of its options.") from None
     except OverrideParseException as exc:
         first = str(exc).splitlines()[0]
         raise EmotuneError(f"cannot parse the override: {first}. Overrides look like key=value.") from None
@@ -63,6 +65,8 @@ def to_plain(cfg) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+    # Make runs_dir absolute before interpolation, so every path built from it (caches, the SQLite URI) is too.
+    cfg.paths.runs_dir = str(Path(cfg.paths.runs_dir).expanduser().resolve())
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as exc:
@@ -74,9 +78,7 @@ def to_plain(cfg) -> dict:
 
 
 def absolutize(cfg: dict) -> dict:
-    """Resolve ``paths.runs_dir`` against the launch folder and data paths against ``data.root``."""
-    runs = Path(cfg["paths"]["runs_dir"]).expanduser().resolve()
-    cfg["paths"]["runs_dir"] = str(runs)
+    """Resolve data paths against ``data.root`` and the other folders against the launch folder."""
     data = cfg.get("data")
     if data:
         root = Path(data["root"]).expanduser().resolve()
@@ -84,6 +86,18 @@ def absolutize(cfg: dict) -> dict:
         for key in ("train_csv", "test_csv", "test_labels", "audio_dir"):
             if data.get(key):
                 data[key] = str((root / data[key]).resolve())
+    features = cfg.get("features") or {}
+    if features.get("dir"):
+        features["dir"] = str(Path(features["dir"]).expanduser().resolve())
+    for key in ("rir_dir", "noise_dir"):
+        if (features.get("augment") or {}).get(key):
+            features["augment"][key] = str(Path(features["augment"][key]).expanduser().resolve())
+    tracking = cfg.get("tracking") or {}
+    uri = tracking.get("uri") or ""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative SQLite path
+        tracking["uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    if tracking.get("artifacts"):
+        tracking["artifacts"] = str(Path(tracking["artifacts"]).expanduser().resolve())
     return cfg
 
 

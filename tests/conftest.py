@@ -67,3 +67,44 @@ def demo_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "corpus"
     build_demo_corpus(out, n_clips=60, seed=7, progress=False)
     return out
+
+
+CLASS_WORDS = {"neutral": "mañana hay reunión", "disgust": "qué asco", "anger": "qué rabia",
+               "sadness": "qué pena", "joy": "qué alegría", "fear": "qué miedo"}
+
+
+def make_separable_corpus(root: Path, per_class: int = 8) -> Path:
+    """Six classes told apart by pitch and loudness (speech) and by a cue phrase (text): a model must learn it."""
+    audio = root / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    train_rows, test_rows, test_labels = [], [], []
+    for c, label in enumerate(LABELS):
+        for i in range(per_class + 2):
+            utt_id = f"{label}{i:02d}.wav"
+            wave = tone(1.0 + 0.15 * (i % 4), freq=120 + 90 * c, amp=0.05 + 0.08 * c, seed=100 * c + i)
+            sf.write(audio / utt_id, wave, 16_000)
+            text = f"{CLASS_WORDS[label]}, frase {i}"
+            if i < per_class:
+                train_rows.append([utt_id, label, text])
+            else:
+                test_rows.append([utt_id, text])
+                test_labels.append([utt_id, label])
+    write_csv(root / "train.csv", ["id", "label", "transcription"], train_rows)
+    write_csv(root / "test.csv", ["id", "transcription"], test_rows)
+    write_csv(root / "test_labels.csv", ["id", "label"], test_labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def separable(tmp_path_factory) -> tuple[Path, Path]:
+    """A separable corpus and a runs folder shared by the session (so encoders and caches are built once)."""
+    base = tmp_path_factory.mktemp("separable")
+    return make_separable_corpus(base / "corpus"), base / "runs"
+
+
+def trial_config(corpus: Path, runs: Path, *overrides: str) -> dict:
+    from emotune.config import load_config
+
+    return load_config(["data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
+                        f"paths.runs_dir={runs}", "data.dev_fraction=0.25", "trial.batch_size=8",
+                        "trial.crop_seconds=1.0", "features.variants=1", *overrides])

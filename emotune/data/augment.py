@@ -69,11 +69,17 @@ def synthetic_rir(rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> n
 def synthetic_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     """Stationary coloured noise of length ``n``: white, pink or brown, picked at random."""
     exponent = float(rng.choice([0.0, 1.0, 2.0]))
-    spectrum = np.fft.rfft(rng.standard_normal(n))
+    size = _fast_length(n)
+    spectrum = np.fft.rfft(rng.standard_normal(size))
     freqs = np.arange(spectrum.size, dtype=np.float64)
     freqs[0] = 1.0
-    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n=n)
+    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n=size)[:n]
     return (noise / (np.std(noise) + 1e-12)).astype(np.float32)
+
+
+def _fast_length(n: int) -> int:
+    """The next power of two: FFTs of awkward (e.g. prime-factor) lengths are many times slower."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 class Augmenter:
@@ -126,7 +132,9 @@ class Augmenter:
         rir = self.rirs.draw(rng) if self.rirs else synthetic_rir(rng, self.sample_rate)
         rir = rir / (np.linalg.norm(rir) + 1e-12)
         onset = int(np.argmax(np.abs(rir)))  # align on the direct path so speech does not shift in time
-        wet = AF.fftconvolve(torch.from_numpy(wave), torch.from_numpy(rir.astype(np.float32))).numpy()
+        full = wave.size + rir.size - 1
+        padded = np.pad(wave, (0, _fast_length(full) - full))  # zeros at the end only lengthen the tail we cut
+        wet = AF.fftconvolve(torch.from_numpy(padded), torch.from_numpy(rir.astype(np.float32))).numpy()
         wet = wet[onset : onset + wave.size]
         # keep the loudness of the dry clip: loudness is an emotion cue that reverberation should not change
         return wet * (np.sqrt(np.mean(wave**2)) / (np.sqrt(np.mean(wet**2)) + 1e-12))

@@ -1,0 +1,1 @@
+"""Frozen encoders, their catalog and the shared feature cache."""

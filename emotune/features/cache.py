@@ -1,0 +1,275 @@
+"""The feature cache shared by all trials and searches: content-addressed encoder outputs on disk.
+
+Encoders are frozen, so their outputs depend only on the encoder, its layer choice and the input. Each
+array is stored once, in float16, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly
+those things: for speech the encoder key, the audio file's bytes, the normalisation statistics and the
+augmentation variant; for text the encoder key and the transcript. A trial, another search, or a rerun
+after a crash finds the same keys and never runs the encoder again. Each file carries a CRC32 of its data,
+checked when the cache is built, so a damaged file is found and rebuilt instead of trained on.
+
+Training clips get ``variants`` augmented copies (variant 0 is the clean clip); a trial with augmentation
+probability p then picks, per clip and epoch, the clean copy with probability 1 - p, else a random copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from emotune.data.audio import NormStats, load_audio
+from emotune.data.augment import Augmenter
+from emotune.errors import EmotuneError
+from emotune.features.encode import FrozenEncoder
+
+CACHE_FORMAT = "1"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class FeatureStore:
+    """Content-addressed float16 arrays in safetensors files, written atomically, checked by CRC32."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def write(self, key: str, array: np.ndarray) -> int:
+        from safetensors.numpy import save_file
+
+        data = np.ascontiguousarray(array, dtype=np.float16)
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"x": data}, str(tmp), metadata={"crc32": f"{zlib.crc32(data.tobytes()):08x}", "format": CACHE_FORMAT})
+        os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
+        return path.stat().st_size
+
+    def read(self, key: str, frames: slice | None = None) -> np.ndarray:
+        """The ``(layers, time, width)`` array; ``frames`` reads only part of the time axis (memory-mapped)."""
+        from safetensors import safe_open
+
+        path = self.path(key)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                if frames is None:
+                    return f.get_tensor("x")
+                return f.get_slice("x")[:, frames]
+        except Exception as exc:  # missing, truncated or overwritten
+            raise EmotuneError(
+                f"cannot read cached features {path} ({str(exc).splitlines()[0][:120]}). The cache was changed "
+                "after it was built; rebuild it with features.verify=true (damaged files are then re-encoded)."
+            ) from None
+
+    def is_intact(self, key: str) -> bool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path(key)), framework="numpy") as f:
+                expected = (f.metadata() or {}).get("crc32")
+                data = f.get_tensor("x")
+        except Exception:
+            return False
+        return expected == f"{zlib.crc32(np.ascontiguousarray(data).tobytes()):08x}"
+
+    def frames(self, key: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(key)), framework="numpy") as f:
+            return int(f.get_slice("x").get_shape()[1])
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    key: str
+    audio: str
+    variant: int
+    seed: int
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class TextJob:
+    key: str
+    text: str
+
+
+@dataclass
+class BuildReport:
+    """What one cache build did; ``encoder_calls`` counts inputs actually encoded."""
+
+    encoder: str
+    hits: int = 0
+    built: int = 0
+    rebuilt_damaged: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    encoder_calls: int = 0
+
+    def line(self) -> str:
+        return (f"{self.encoder}: {self.hits} cached, {self.built} encoded"
+                f"{f' ({self.rebuilt_damaged} damaged files rebuilt)' if self.rebuilt_damaged else ''}, "
+                f"{self.bytes_written / 1e6:.1f} MB written in {self.seconds:.1f} s")
+
+
+class AudioHashes:
+    """SHA-256 of audio files, remembered by path, size and modification time."""
+
+    def __init__(self, memo_file: Path) -> None:
+        self.memo_file = memo_file
+        try:
+            self.memo = json.loads(memo_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.memo = {}
+        self.dirty = False
+
+    def __call__(self, path: str | Path) -> str:
+        st = os.stat(path)
+        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        if memo_key not in self.memo:
+            self.memo[memo_key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            self.dirty = True
+        return self.memo[memo_key]
+
+    def save(self) -> None:
+        if self.dirty:
+            self.memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.memo_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.memo))
+            os.replace(tmp, self.memo_file)
+            self.dirty = False
+
+
+def augment_fingerprint(augment: dict) -> str:
+    """What the augmented variants depend on: folders, effect settings and the augmentation seed."""
+    return _digest({k: augment.get(k) for k in sorted(augment)})
+
+
+def speech_jobs(encoder_key: str, utterances, audio_info: dict, norm: NormStats, hashes: AudioHashes,
+                variants: int, augment: dict) -> dict[str, list[SpeechJob]]:
+    """For each utterance id, its clean job followed by ``variants`` augmented ones (pass 0 for dev/test)."""
+    norm_key = (round(norm.mean, 9), round(norm.std, 9))
+    fingerprint = augment_fingerprint(augment)
+    jobs: dict[str, list[SpeechJob]] = {}
+    for u in utterances:
+        sha = hashes(u.audio)
+        n_samples = audio_info[u.id].n_samples if u.id in audio_info else 0
+        row = [SpeechJob(_digest("speech", encoder_key, sha, norm_key, 0), str(u.audio), 0, 0, n_samples)]
+        for k in range(1, variants + 1):
+            seed = int(_digest("seed", augment.get("seed", 0), sha, k)[:8], 16)
+            row.append(SpeechJob(_digest("speech", encoder_key, sha, norm_key, k, fingerprint), str(u.audio), k,
+                                 seed, n_samples))
+        jobs[u.id] = row
+    return jobs
+
+
+def text_jobs(encoder_key: str, utterances) -> dict[str, TextJob]:
+    return {u.id: TextJob(_digest("text", encoder_key, u.text), u.text) for u in utterances}
+
+
+def estimate_bytes(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob]) -> int:
+    per_step = len(encoder.layers) * encoder.width * 2  # float16
+    steps = sum(encoder.estimate_steps(j.n_samples if isinstance(j, SpeechJob) else j.text) for j in jobs)
+    return steps * per_step + 200 * len(jobs)  # safetensors header and file-system slack
+
+
+def check_disk(store: FeatureStore, needed: int, what: str) -> None:
+    free = shutil.disk_usage(store.root).free
+    print(f"feature cache: {what} needs about {needed / 1e6:,.1f} MB; {free / 1e9:,.1f} GB free in {store.root}")
+    if needed > 0.95 * free:
+        raise EmotuneError(
+            f"the feature cache for {what} needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free "
+            f"in {store.root}. Free space, point features.dir at a larger disk, lower features.variants, or choose "
+            "fewer layers (features.speech_layers=last)."
+        )
+
+
+def _prepare_input(job: SpeechJob | TextJob, norm: NormStats | None, augmenter: Augmenter | None,
+                   decoded: dict[str, np.ndarray]):
+    if isinstance(job, TextJob):
+        return job.text
+    if job.audio not in decoded:  # a clip's clean and augmented jobs are adjacent: decode it once for all
+        decoded.clear()
+        decoded[job.audio] = norm.apply(load_audio(job.audio))
+    wave = decoded[job.audio]
+    if job.variant > 0:  # an augmented copy: one effect, drawn from the job's own seed
+        wave = augmenter(wave, np.random.default_rng(job.seed), p=1.0)
+    return wave
+
+
+def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
+          norm: NormStats | None = None, augmenter: Augmenter | None = None, verify: bool = True,
+          progress: bool = True, label: str | None = None) -> BuildReport:
+    """Encode every job whose array is missing (or damaged, when ``verify``); the rest are cache hits."""
+    label = label or f"{encoder.modality} encoder {encoder.spec.name}"
+    report = BuildReport(encoder=label)
+    start = time.perf_counter()
+    unique = list({j.key: j for j in jobs}.values())
+    todo = []
+    for job in unique:
+        if store.exists(job.key) and (not verify or store.is_intact(job.key)):
+            report.hits += 1
+        else:
+            report.rebuilt_damaged += store.exists(job.key)
+            todo.append(job)
+    if todo:
+        check_disk(store, estimate_bytes(encoder, todo), label)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"encoding ({label})", unit="item")
+        chunk = max(1, encoder.batch_size) * 4
+        decoded: dict[str, np.ndarray] = {}
+        for start_i in range(0, len(todo), chunk):
+            part = todo[start_i : start_i + chunk]
+            arrays = encoder.encode([_prepare_input(j, norm, augmenter, decoded) for j in part])
+            report.encoder_calls += len(part)
+            for job, array in zip(part, arrays):
+                report.bytes_written += store.write(job.key, array)
+            if bar:
+                bar.update(len(part))
+        if bar:
+            bar.close()
+    report.built = len(todo) - report.rebuilt_damaged
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class FeatureIndex:
+    """Which cached arrays hold each utterance's features: what a trial needs to read them.
+
+    ``speech[id]`` lists the clean key then the augmented variants' keys (training clips only have
+    variants); ``text[id]`` is one key. ``encoders`` describes each modality's encoder (name, key, layers,
+    width, frame rate, default normalisation).
+    """
+
+    cache_dir: str
+    speech: dict[str, list[str]] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    encoders: dict[str, dict] = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureIndex":
+        return cls(**json.loads(Path(path).read_text()))

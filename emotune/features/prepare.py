@@ -1,0 +1,94 @@
+"""From a prepared corpus and the encoder settings to a filled feature cache and its index.
+
+This is the features layer's entry point: the search calls it once before trials start, a standalone
+``emotune train`` calls it itself, and with ``features.cache=false`` it only loads the encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from emotune.data.augment import Augmenter
+from emotune.data.prepare import PreparedCorpus
+from emotune.features.cache import AudioHashes, FeatureIndex, FeatureStore, build, speech_jobs, text_jobs
+from emotune.features.catalog import resolve_encoder
+from emotune.features.encode import FrozenEncoder, load_encoder
+
+# How each kind of encoder output is normalised in the model by default: SSL layers get a LayerNorm (as the
+# winners did); hand-crafted features get a global per-dimension standardisation, because a LayerNorm per
+# frame would erase their loudness information.
+DEFAULT_NORM = {"classic": "global", "tiny": "layer", "hf": "layer"}
+
+
+def make_augmenter(augment: dict) -> Augmenter:
+    return Augmenter(rir_dir=augment.get("rir_dir"), noise_dir=augment.get("noise_dir"),
+                     snr_db=tuple(augment.get("snr_db", (15.0, 25.0))), speeds=tuple(augment.get("speeds", (0.9, 1.1))))
+
+
+def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
+                  runs_dir: str | Path) -> dict[str, FrozenEncoder]:
+    """Resolve and load the encoder of each modality (tiny presets are built on first use)."""
+    texts = [u.text for u in corpus.train + corpus.dev]  # the training CSV's text: tiny tokenizers learn from it
+    loaded = {}
+    for modality in modalities:
+        spec = resolve_encoder(encoders[modality], modality)
+        loaded[modality] = load_encoder(
+            spec, Path(runs_dir) / "encoders", texts=texts, layers=features.get(f"{modality}_layers"),
+            batch_size=int(features.get("batch_size", 8)), device=features.get("device", "auto"),
+            max_tokens=int(features.get("max_text_tokens", 256)))
+    return loaded
+
+
+def describe(encoder: FrozenEncoder) -> dict:
+    return {"name": encoder.spec.name, "kind": encoder.spec.kind, "source": encoder.spec.source, "key": encoder.key,
+            "layers": len(encoder.layers), "width": encoder.width, "frame_rate": encoder.frame_rate,
+            "norm": DEFAULT_NORM[encoder.spec.kind]}
+
+
+def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
+                     runs_dir: str | Path, progress: bool = True,
+                     loaded: dict[str, FrozenEncoder] | None = None) -> FeatureIndex:
+    """Fill the cache for every utterance of ``corpus`` and return where each one's features are."""
+    loaded = loaded or load_encoders(corpus, encoders, features, modalities, runs_dir)
+    store = FeatureStore(features["dir"])
+    index = FeatureIndex(cache_dir=str(store.root))
+    verify = bool(features.get("verify", True))
+    for modality, encoder in loaded.items():
+        index.encoders[modality] = describe(encoder)
+        if modality == "speech":
+            hashes = AudioHashes(store.root / "audio_hashes.json")
+            augment = dict(features.get("augment") or {})
+            jobs = speech_jobs(encoder.key, corpus.train, corpus.audio, corpus.norm, hashes,
+                               int(features.get("variants", 4)), augment)
+            jobs |= speech_jobs(encoder.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
+            hashes.save()
+            report = build(encoder, [j for row in jobs.values() for j in row], store, corpus.norm,
+                           make_augmenter(augment), verify=verify, progress=progress)
+            index.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
+        else:
+            jobs_text = text_jobs(encoder.key, corpus.train + corpus.dev + corpus.test)
+            report = build(encoder, list(jobs_text.values()), store, verify=verify, progress=progress)
+            index.text = {uid: job.key for uid, job in jobs_text.items()}
+        index.reports.append(report.line())
+        if progress:
+            print(report.line())
+    return index
+
+
+def feature_statistics(index: FeatureIndex, modality: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation over the clean features of ``ids`` (the training side)."""
+    store = FeatureStore(index.cache_dir)
+    total = total_sq = None
+    count = 0
+    for uid in ids:
+        key = index.speech[uid][0] if modality == "speech" else index.text[uid]
+        x = store.read(key).astype(np.float64).reshape(-1, index.encoders[modality]["width"])
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x**2).sum(0) if total_sq is None else total_sq + (x**2).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-10))
+    return mean.astype(np.float32), std.astype(np.float32)

@@ -1,0 +1,147 @@
+"""MLflow: the only module that talks to it. One run per trial, one parent run per search.
+
+The default store is an SQLite file at an absolute path in the runs folder, with artifacts in a folder
+next to it (both absolute, because Ray trials run in their own working directories). SQLite allows one
+writer at a time, so every call retries with backoff while the database is busy: concurrent trials wait
+instead of losing writes. A server URI (``tracking.uri=http://...``) works the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from emotune.errors import EmotuneError  # noqa: E402
+
+TAG_KIND = "emotune.kind"  # trial | search | ensemble
+TAG_RUN_KEY = "emotune.run_key"  # stable identity (e.g. the Ray trial id) that lets a resumed trial reuse its run
+TAG_PARENT = "mlflow.parentRunId"
+_PARAM_LIMIT = 6000  # MLflow's limit on a parameter value's length
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("database is locked", "database table is locked", "busy", "connection refused",
+                                   "temporarily unavailable", "max retries exceeded"))
+
+
+def retry(call: Callable, *args, attempts: int = 12, **kwargs):
+    """Run an MLflow call, waiting and retrying while the store is busy (SQLite locks, a restarting server)."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not _is_busy(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"dropout": 0.1}}`` to ``{"model.dropout": 0.1}``, for MLflow parameters."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(tracking: dict) -> str:
+    """The id of ``tracking.experiment``, created (with its artifact folder) on first use."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking["uri"])
+    try:
+        found = retry(mlflow_client.get_experiment_by_name, tracking["experiment"])
+    except MlflowException as exc:
+        raise EmotuneError(f"cannot reach the MLflow store {tracking['uri']}: {str(exc).splitlines()[0]}") from None
+    if found is not None:
+        return found.experiment_id
+    artifacts = tracking.get("artifacts")
+    location = Path(artifacts).resolve().as_uri() if artifacts else None
+    try:
+        return retry(mlflow_client.create_experiment, tracking["experiment"], artifact_location=location)
+    except MlflowException:  # another process created it first
+        return retry(mlflow_client.get_experiment_by_name, tracking["experiment"]).experiment_id
+
+
+class TrackedRun:
+    """One MLflow run; ``run_key`` makes ``start`` reuse the unfinished run of a resumed trial."""
+
+    def __init__(self, tracking: dict, run_id: str) -> None:
+        self.tracking = tracking
+        self.client = client(tracking["uri"])
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, tracking: dict, name: str, kind: str, run_key: str | None = None, parent_run_id: str | None = None,
+              tags: dict | None = None) -> "TrackedRun":
+        experiment_id = ensure_experiment(tracking)
+        mlflow_client = client(tracking["uri"])
+        if run_key:
+            existing = retry(mlflow_client.search_runs, [experiment_id],
+                             filter_string=f"tags.`{TAG_RUN_KEY}` = '{run_key}'", max_results=5)
+            if existing:  # a retried or resumed trial continues its own run instead of leaving an orphan
+                run = cls(tracking, existing[0].info.run_id)
+                retry(mlflow_client.update_run, run.run_id, status="RUNNING")
+                return run
+        all_tags = {TAG_KIND: kind, **(tags or {})}
+        if run_key:
+            all_tags[TAG_RUN_KEY] = run_key
+        if parent_run_id:
+            all_tags[TAG_PARENT] = parent_run_id
+        created = retry(mlflow_client.create_run, experiment_id, tags=all_tags, run_name=name)
+        return cls(tracking, created.info.run_id)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        existing = retry(self.client.get_run, self.run_id).data.params
+        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in sorted(flat.items()) if k not in existing]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 parameters per batch
+            retry(self.client.log_batch, self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            retry(self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_json(self, data: Any, name: str, artifact_path: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+            self.log_artifacts([path], artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        retry(self.client.set_terminated, self.run_id, status)

@@ -1,0 +1,100 @@
+"""One trial end to end on real (tiny) assets: it learns, logs to MLflow, checkpoints, resumes, repeats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import trial_config
+from emotune.trial import TrainerState, load_checkpoint, run_trial, save_checkpoint
+
+QUIET = {"reporter": lambda metrics, checkpoint: None, "progress": False}
+
+
+def history(summary: dict, key: str) -> list[float]:
+    return [h[key] for h in summary["history"]]
+
+
+def test_trial_learns_and_is_logged_to_mlflow(separable, tmp_path):
+    from mlflow import MlflowClient
+
+    corpus, runs = separable
+    cfg = trial_config(corpus, runs, "trial.max_epochs=12", "trial.early_stop=null")
+    summary = run_trial(cfg, workdir=tmp_path / "trial", **QUIET)
+    assert summary["best_val_f1"] >= 0.8  # six separable classes: chance is about 0.17
+    assert summary["epochs_trained"] == 12 and len(summary["history"]) == 12
+
+    client = MlflowClient(cfg["tracking"]["uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.dropout"] == "0.1" and run.data.params["encoders.speech"] == "fbank"
+    assert run.data.metrics["best_val_f1"] == pytest.approx(summary["best_val_f1"])
+    curve = client.get_metric_history(run.info.run_id, "val_f1")
+    assert sorted(m.step for m in curve) == list(range(1, 13))
+    best = {a.path for a in client.list_artifacts(run.info.run_id, "best")}
+    for name in ("model.safetensors", "model_card.json", "dev_predictions.csv", "test_predictions.csv",
+                 "dev_confusion_matrix.png", "dev_classification_report.txt"):
+        assert f"best/{name}" in best
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "history.json"} <= top
+    # the dev predictions carry ids, the true label and one probability per class
+    header = (tmp_path / "trial" / "best" / "dev_predictions.csv").read_text().splitlines()[0]
+    assert header == "id,label,prediction,p_neutral,p_disgust,p_anger,p_sadness,p_joy,p_fear"
+    test_header = (tmp_path / "trial" / "best" / "test_predictions.csv").read_text().splitlines()[0]
+    assert "label" not in test_header.split(",")  # test labels are never written by a trial
+
+
+def test_same_seed_same_result(separable, tmp_path):
+    corpus, runs = separable
+    cfg = trial_config(corpus, runs, "trial.max_epochs=3", "trial.aug_prob=0.5")
+    first = run_trial(cfg, workdir=tmp_path / "a", **QUIET)
+    second = run_trial(cfg, workdir=tmp_path / "b", **QUIET)
+    assert history(first, "train_loss") == history(second, "train_loss")
+    assert history(first, "val_f1") == history(second, "val_f1")
+    other = run_trial(trial_config(corpus, runs, "trial.max_epochs=3", "trial.aug_prob=0.5", "trial.seed=5"),
+                      workdir=tmp_path / "c", **QUIET)
+    assert history(other, "train_loss") != history(first, "train_loss")
+
+
+def test_resumed_trial_continues_exactly(separable, tmp_path):
+    corpus, runs = separable
+    straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
+                         workdir=tmp_path / "straight", **QUIET)
+    run_trial(trial_config(corpus, runs, "trial.max_epochs=2", "trial.aug_prob=0.5"), workdir=tmp_path / "part", **QUIET)
+    resumed = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
+                        resume_dir=tmp_path / "part" / "checkpoint", workdir=tmp_path / "resumed", **QUIET)
+    assert resumed["epochs_trained"] == 4
+    assert history(resumed, "train_loss") == history(straight, "train_loss")
+    assert history(resumed, "val_f1") == history(straight, "val_f1")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).sum().backward()
+        optimizer.step()
+    state = TrainerState(epoch=3, best_f1=0.5, best_epoch=2, ema=0.4, lr=1e-2, history=[{"epoch": 1}])
+    save_checkpoint(tmp_path, model, optimizer, state)
+    assert not list(tmp_path.glob("*.pt")) and (tmp_path / "state.safetensors").is_file()
+
+    clone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    clone_opt = torch.optim.AdamW(clone.parameters(), lr=1.0)
+    restored = load_checkpoint(tmp_path, clone, clone_opt)
+    assert restored == state
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), clone(x))
+    for a, b in zip(optimizer.state.values(), clone_opt.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert clone_opt.param_groups[0]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("overrides", [["features=live"], ["model=cognicic"], ["model.modalities=[text]"],
+                                       ["encoders.speech=tiny-wavlm", "model.modalities=[speech]"]])
+def test_other_modes_and_families_run(separable, tmp_path, overrides):
+    corpus, runs = separable
+    summary = run_trial(trial_config(corpus, runs, "trial.max_epochs=1", *overrides), workdir=tmp_path, **QUIET)
+    assert 0.0 <= summary["best_val_f1"] <= 1.0 and np.isfinite(history(summary, "train_loss")).all()
