@@ -59,6 +59,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from emotune.config import load_config
+
+    cfg = load_config(args.overrides)
+    uri = cfg["tracking"]["uri"]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise EmotuneError(f"no MLflow store yet at {uri}: run a search or `emotune train` first.")
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emotune",
@@ -95,10 +113,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
     train.set_defaults(func=_cmd_train)
+
+    search = sub.add_parser(
+        "search",
+        help="run or resume a hyperparameter search (same as python -m emotune.search)",
+        description="Run a Ray Tune + Optuna + ASHA search; running the same search name again resumes it. "
+        "Example: emotune search space=encoders search.num_samples=20. `python -m emotune.search --help` "
+        "lists the spaces and the main keys.",
+    )
+    search.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+
+    ui = sub.add_parser(
+        "ui",
+        help="open the MLflow UI for the project's runs (on 127.0.0.1)",
+        description="Start the MLflow UI on the project's tracking store. It listens on 127.0.0.1 unless --host "
+        "says otherwise; 0.0.0.0 exposes it to your network.",
+    )
+    ui.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (e.g. paths.runs_dir)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ui.set_defaults(func=_cmd_ui)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["search"]:  # everything after `search` belongs to the search (its own --help included)
+        from emotune.search import main as search_main
+
+        return search_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -39,6 +39,12 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config"):
         finally:
             GlobalHydra.instance().clear()
 
+    overrides = list(overrides)
+    local_spaces = Path.cwd() / "search_spaces"
+    if config_name == "search" and (local_spaces / "space").is_dir() and not any(
+            o.startswith("hydra.searchpath") for o in overrides):
+        # spaces of the launch folder come after emotune's own, so a user's file of the same name wins
+        overrides.append(f"hydra.searchpath=[pkg://emotune.search_spaces,file://{local_spaces.resolve()}]")
     try:
         return run(overrides)
     except MissingConfigException as exc:

@@ -128,6 +128,11 @@ class TrackedRun:
         if items:
             retry(self.client.log_batch, self.run_id, metrics=items)
 
+    def last_step(self, metric: str) -> int:
+        """The highest step logged for ``metric`` (0 if none): a resumed trial does not log those epochs again."""
+        history = retry(self.client.get_metric_history, self.run_id, metric)
+        return max((m.step for m in history), default=0)
+
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
@@ -145,3 +150,19 @@ class TrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         retry(self.client.set_terminated, self.run_id, status)
+
+
+def child_runs(tracking: dict, parent_run_id: str) -> list:
+    """The active runs whose parent is ``parent_run_id``."""
+    mlflow_client = client(tracking["uri"])
+    experiment_id = ensure_experiment(tracking)
+    return retry(mlflow_client.search_runs, [experiment_id],
+                 filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=50000)
+
+
+def discard_run(tracking: dict, run_id: str, reason: str) -> None:
+    """Soft-delete a run that belongs to nothing (MLflow keeps it in its trash, out of searches and the UI)."""
+    mlflow_client = client(tracking["uri"])
+    retry(mlflow_client.set_tag, run_id, "emotune.discarded", reason)
+    retry(mlflow_client.set_terminated, run_id, "KILLED")
+    retry(mlflow_client.delete_run, run_id)

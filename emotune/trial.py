@@ -63,6 +63,7 @@ class TrainerState:
     rng: dict = field(default_factory=dict)
     run_id: str | None = None
     train_seconds: float = 0.0
+    logged_upto: int = 0
 
 
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle anywhere) ------------------------------
@@ -234,6 +235,9 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
                                run_key=run_key, parent_run_id=search.get("parent_run_id"),
                                tags={"emotune.search": search.get("name", "")})
         state.run_id = run.run_id
+        # A trial killed after logging an epoch but before its checkpoint was kept retrains that epoch on
+        # resume (with identical results, as the RNG state is restored); MLflow already has it.
+        state.logged_upto = run.last_step("val_f1")
         if state.epoch == 0:
             run.log_params(params_of(cfg, corpus, dims, norms))
             run.log_json(cfg, "config.json")
@@ -241,7 +245,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     try:
         summary = _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths, device, state, rng,
                               reporter, workdir, run, dims, norms, described, feature_seconds)
-    except BaseException:
+    except Exception:  # not SystemExit: that is Ray stopping the trial (ASHA), which the search records itself
         if run is not None:
             run.finish("FAILED")
         raise
@@ -272,7 +276,7 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
     dev_true = [labels.index(u.label) for u in corpus.dev]
     if not corpus.dev:
         raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
-    stopped_early = False
+    summary: dict = {}
     while state.epoch < int(t["max_epochs"]):
         epoch_start = time.perf_counter()
         model.train()
@@ -306,29 +310,53 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
                    "train_loss": float(np.mean(losses)), "lr": state.lr,
                    "epoch_seconds": time.perf_counter() - epoch_start}
         state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
+        _maybe_fail_once(cfg, state.epoch)
         if improved:
             _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, device, eval_batch, workdir,
                        run, cfg, dims, norms, described, state)
-        if run is not None:
+        if run is not None and state.epoch > state.logged_upto:
             run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
         state.rng = rng.bit_generator.state
         checkpoint = workdir / "checkpoint"
         save_checkpoint(checkpoint, model, optimizer, state)
         if (workdir / "best" / "model.safetensors").is_file():
             (checkpoint / "model.safetensors").write_bytes((workdir / "best" / "model.safetensors").read_bytes())
+        stopped_early = early_stop is not None and state.since_best >= int(early_stop)
+        last = stopped_early or state.epoch >= int(t["max_epochs"])
+        if last:  # close the run before the last report: Ray may end the process as soon as it has it
+            summary = _finish_run(run, state, stopped_early, feature_seconds)
         reporter(metrics | ({"mlflow_run_id": run.run_id} if run is not None else {}), str(checkpoint))
-        if early_stop is not None and state.since_best >= int(early_stop):
-            stopped_early = True
+        if last:
             break
+    else:  # resumed at or beyond max_epochs: nothing left to train
+        summary = _finish_run(run, state, False, feature_seconds)
+    return summary | {"run_id": state.run_id, "history": state.history, "workdir": str(workdir)}
+
+
+def _maybe_fail_once(cfg: dict, epoch: int) -> None:
+    """Testing aid (``trial.fail_once_at_epoch``): the first trial of the search to reach this epoch crashes once."""
+    target = cfg["trial"].get("fail_once_at_epoch")
+    if target is None or epoch != int(target):
+        return
+    marker = Path(cfg["paths"]["runs_dir"]) / f"failed-once-{(cfg.get('search') or {}).get('name', 'train')}"
+    try:
+        with open(marker, "x"):
+            pass
+    except FileExistsError:
+        return
+    raise RuntimeError(f"trial.fail_once_at_epoch={target}: deliberate crash to exercise retries")
+
+
+def _finish_run(run, state: TrainerState, stopped_early: bool, feature_seconds: float) -> dict:
     summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
-               "stopped_early": float(stopped_early), "train_seconds": state.train_seconds,
+               "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
                "seconds_per_epoch": state.train_seconds / max(1, len(state.history)),
                "feature_seconds": feature_seconds}
     if run is not None:
         run.log_metrics(summary, step=state.epoch)
         run.log_json(state.history, "history.json")
         run.finish("FINISHED")
-    return summary | {"run_id": state.run_id, "history": state.history, "workdir": str(workdir)}
+    return summary
 
 
 def _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, device, eval_batch, workdir: Path, run,
@@ -371,15 +399,21 @@ def trainable(config: dict) -> dict | None:
         return run_trial(copy.deepcopy(config))
     checkpoint = tune.get_checkpoint()
 
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, checkpoint_dir: str) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        tune.report(metrics | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     run_key = f"{context.get_experiment_name()}/{trial_id}"
+    # scratch space of our own: Ray's trial folder moves between staging and storage with reused actors
+    workdir = Path(config["paths"]["runs_dir"]) / "trials" / context.get_experiment_name() / trial_id
     if checkpoint is not None:
         with checkpoint.as_directory() as resume_dir:
-            run_trial(config, report, resume_dir, workdir=context.get_trial_dir(), run_key=run_key,
+            run_trial(config, report, resume_dir, workdir=workdir, run_key=run_key,
                       run_name=context.get_trial_name(), progress=False)
     else:
-        run_trial(config, report, None, workdir=context.get_trial_dir(), run_key=run_key,
-                  run_name=context.get_trial_name(), progress=False)
+        run_trial(config, report, None, workdir=workdir, run_key=run_key, run_name=context.get_trial_name(),
+                  progress=False)
     return None

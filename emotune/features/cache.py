@@ -213,6 +213,19 @@ def _prepare_input(job: SpeechJob | TextJob, norm: NormStats | None, augmenter: 
     return wave
 
 
+def missing_jobs(jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
+                 verify: bool) -> tuple[list[SpeechJob | TextJob], int, int]:
+    """The jobs whose array is absent or (with ``verify``) damaged, plus the counts of hits and damaged files."""
+    todo, hits, damaged = [], 0, 0
+    for job in {j.key: j for j in jobs}.values():
+        if store.exists(job.key) and (not verify or store.is_intact(job.key)):
+            hits += 1
+        else:
+            damaged += store.exists(job.key)
+            todo.append(job)
+    return todo, hits, damaged
+
+
 def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
           norm: NormStats | None = None, augmenter: Augmenter | None = None, verify: bool = True,
           progress: bool = True, label: str | None = None) -> BuildReport:
@@ -220,14 +233,7 @@ def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: Fe
     label = label or f"{encoder.modality} encoder {encoder.spec.name}"
     report = BuildReport(encoder=label)
     start = time.perf_counter()
-    unique = list({j.key: j for j in jobs}.values())
-    todo = []
-    for job in unique:
-        if store.exists(job.key) and (not verify or store.is_intact(job.key)):
-            report.hits += 1
-        else:
-            report.rebuilt_damaged += store.exists(job.key)
-            todo.append(job)
+    todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify)
     if todo:
         check_disk(store, estimate_bytes(encoder, todo), label)
         bar = None

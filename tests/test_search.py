@@ -1,0 +1,157 @@
+"""The search on real Ray Tune, Optuna, ASHA and MLflow: pruning, retries, SIGKILL and resume, two nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from emotune.config import load_config
+from emotune.search import run_search
+
+
+def search_args(corpus: Path, runs: Path, cache: Path, *extra: str) -> list[str]:
+    return ["space=smoke", "data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
+            f"paths.runs_dir={runs}", f"features.dir={cache}", "data.dev_fraction=0.25", "trial.batch_size=8",
+            "trial.crop_seconds=1.0", "features.variants=1", *extra]
+
+
+def mlflow_runs(runs: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("emotune")
+    found = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in found if r.data.tags.get("emotune.kind") == "search"]
+    children = [r for r in found if r.data.tags.get("emotune.kind") == "trial"]
+    return client, parents, children
+
+
+def assert_one_tree(client, parents, children, n_trials: int) -> None:
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == n_trials
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.data.tags["emotune.run_key"] for c in children}) == n_trials  # no duplicated trial runs
+    assert all(c.info.status == "FINISHED" for c in children)  # none orphaned in RUNNING
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_f1")]
+        assert sorted(steps) == list(range(1, len(steps) + 1))  # every epoch logged exactly once
+
+
+def test_search_prunes_retries_and_logs_one_tree(separable, tmp_path):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
+                                  "trial.fail_once_at_epoch=2", "search.max_failures=1"), "search")
+    summary = run_search(cfg)
+    assert summary["trials"] == 6 and summary["failed"] == 0 and summary["best"]["best_val_f1"] >= 0.8
+
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, 6)
+    stopped = [c for c in children if c.data.tags.get("emotune.stopped_by") == "asha"]
+    assert stopped and all(c.data.metrics["epochs_trained"] < 4 for c in stopped)  # ASHA stopped some early
+    complete = [c for c in children if c not in stopped]
+    for child in complete:
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "best")}
+        assert {"best/model.safetensors", "best/dev_predictions.csv"} <= artifacts
+    # the conditional parameter: only attention trials sample hidden_layers
+    import csv
+
+    with (runs / "ray" / "smoke" / "summary" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    families = {r["param:model.family"] for r in rows}
+    assert families == {"attention", "cognicic"}
+    assert all((r["param:model.hidden_layers"] != "") == (r["param:model.family"] == "attention") for r in rows)
+    # the deliberately crashed trial was retried from its checkpoint and finished
+    errors = list((runs / "ray" / "smoke").glob("*/error.txt"))
+    assert len(errors) == 1 and "deliberate crash" in errors[0].read_text()
+    assert parents[0].data.metrics["trials"] == 6
+    assert parents[0].data.tags["emotune.space"] == "smoke"
+
+
+def _ray_trial_ids(experiment: Path) -> list[str]:
+    ids = []
+    for result in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            ids.append(lines[-1]["trial_id"])
+    return ids
+
+
+def test_search_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "emotune.search",
+            *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=5",
+                         "search.max_concurrent=1", "trial.max_epochs=6", "search.grace_period=6")]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             env=env, cwd=tmp_path)
+    experiment = runs / "ray" / "smoke"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it once two trials are done and a third is under way
+        finished = [p for p in experiment.glob("*/result.json")
+                    if sum(1 for line in p.read_text().splitlines() if line.strip()) >= 6]
+        if len(finished) >= 2 and len(list(experiment.glob("*/result.json"))) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(first.pid, signal.SIGKILL)
+        pytest.fail("the search did not get far enough to be interrupted")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    time.sleep(2)
+
+    resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    ids = _ray_trial_ids(experiment)
+    assert len(ids) == len(set(ids)) == 5  # every trial exactly once in Ray's results
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, 5)
+
+
+def test_search_on_a_two_node_cluster(separable, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    corpus, shared_runs = separable
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        runs = tmp_path / "runs"
+        cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=4",
+                                      "search.max_concurrent=2", f"ray.address={cluster.address}"), "search")
+        summary = run_search(cfg)
+        assert summary["trials"] == 4 and summary["failed"] == 0
+        nodes = set()
+        for result in (runs / "ray" / "smoke").glob("*/result.json"):
+            nodes |= {json.loads(line).get("node_id") for line in result.read_text().splitlines() if line.strip()}
+        assert len(nodes - {None}) == 2  # trials ran on both nodes
+        client, parents, children = mlflow_runs(runs)
+        assert_one_tree(client, parents, children, 4)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("search.num_sample=3", ["num_sample", "num_samples", "under 'search'"]),
+    ("space=nope", ["Could not find 'space/nope'", "encoders", "smoke"]),
+    ("encoders.speech=wavlm-huge", ["unknown speech encoder 'wavlm-huge'", "xlsr", "fbank"]),
+    ("encoders.speech_choices=[fbank,whisper]", ["unknown speech encoder 'whisper'"]),
+    ("search.metric=accuracy", ["search.metric must be one of val_f1, val_f1_ema, best_val_f1"]),
+])
+def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
+    result = subprocess.run([sys.executable, "-m", "emotune.search", override, f"paths.runs_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr, result.stderr
