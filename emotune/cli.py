@@ -59,6 +59,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select_top(args: argparse.Namespace) -> int:
+    from emotune.config import load_config
+    from emotune.ensemble import select_top
+
+    cfg = load_config(args.overrides)
+    select_top(cfg, k=args.k, method=args.method, search=args.search, exclude_stopped=args.exclude_stopped,
+               steps=args.steps, calibrate=args.calibrate, out_dir=args.out)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from emotune.predict import Ensemble, read_inputs, write_output
+
+    ensemble = Ensemble(args.ensemble_dir)
+    utterances, report = read_inputs(args.csv, args.audio_dir, args.audio, args.text, args.on_error)
+    if len(report):
+        print(report.summary(), file=sys.stderr)
+    if not utterances:
+        raise EmotuneError("nothing to predict: every input row was skipped")
+    predicted, scores = ensemble.predict(utterances)
+    text = write_output(args.out, utterances, predicted, scores, ensemble.labels)
+    if args.out:
+        print(f"{len(utterances)} predictions written to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -122,6 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
         "lists the spaces and the main keys.",
     )
     search.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+
+    select = sub.add_parser(
+        "select-top",
+        help="ensemble the best trials of a search, evaluate it, write predictions",
+        description="Pick the best trials of a search by dev macro-F1, combine them (hard vote, soft vote or "
+        "greedy ensemble selection), score the ensemble on data not used to choose it, and save a folder that "
+        "`emotune predict` can use. Example: emotune select-top --k 3 --method soft",
+    )
+    select.add_argument("--k", type=int, default=3, help="members for hard/soft voting (default 3)")
+    select.add_argument("--method", choices=("hard", "soft", "greedy"), default="hard",
+                        help="hard: majority vote, ties to the best member (the paper's); soft: mean probabilities; "
+                        "greedy: Caruana ensemble selection over all trials (default hard)")
+    select.add_argument("--search", default=None, help="search name or parent run id (default: the latest search)")
+    select.add_argument("--exclude-stopped", action="store_true", help="leave out trials that ASHA stopped early")
+    select.add_argument("--steps", type=int, default=25, help="greedy selection steps (default 25)")
+    select.add_argument("--calibrate", action="store_true",
+                        help="also tune per-class logit offsets on dev and report them beside the plain result")
+    select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK)")
+    select.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (paths, tracking)")
+    select.set_defaults(func=_cmd_select_top)
+
+    predict = sub.add_parser(
+        "predict",
+        help="predict emotions of new clips with a saved ensemble",
+        description="Run an ensemble on a CSV of clips (id,transcription + an audio folder) or on one clip. "
+        "Output: id, prediction and class probabilities, as CSV or JSON (by --out's suffix), or on stdout.",
+    )
+    predict.add_argument("ensemble_dir", metavar="ENSEMBLE_DIR", help="a folder written by emotune select-top")
+    predict.add_argument("--csv", help="CSV with id,transcription (a label column is ignored)")
+    predict.add_argument("--audio-dir", help="folder with the audio files named by id")
+    predict.add_argument("--audio", help="one audio file (with --text)")
+    predict.add_argument("--text", help="the transcript of --audio")
+    predict.add_argument("--out", help="output file: .csv or .json (default: print CSV)")
+    predict.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                         help="bad rows: stop (raise) or leave out and report them (skip)")
+    predict.set_defaults(func=_cmd_predict)
 
     ui = sub.add_parser(
         "ui",

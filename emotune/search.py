@@ -184,8 +184,21 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool):
             name=experiment_dir.name, storage_path=str(experiment_dir.parent),
             failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_mlflow_callback(cfg["tracking"], max_epochs)], verbose=1),
+            callbacks=[_mlflow_callback(cfg["tracking"], max_epochs)], verbose=1,
+            progress_reporter=_progress_table(cfg)),
     )
+
+
+def _progress_table(cfg: dict):
+    """Tune's table, every 20 s: each trial's sampled values and its latest dev macro-F1 figures."""
+    from ray.tune import CLIReporter
+
+    # conditional parameters are left out: Tune's table fails on trials that lack a column's key
+    params = {key: key.split(".")[-1] for key, spec in cfg["space"]["params"].items() if not spec.get("when")}
+    return CLIReporter(metric_columns={"epoch": "epoch", "val_f1": "val_f1", "val_f1_ema": "ema",
+                                       "best_val_f1": "best"},
+                       parameter_columns=params, max_report_frequency=20, max_progress_rows=30,
+                       metric="best_val_f1", mode="max", sort_by_metric=True, print_intermediate_tables=True)
 
 
 def trial_table(results) -> list[dict]:

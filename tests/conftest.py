@@ -108,3 +108,23 @@ def trial_config(corpus: Path, runs: Path, *overrides: str) -> dict:
     return load_config(["data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
                         f"paths.runs_dir={runs}", "data.dev_fraction=0.25", "trial.batch_size=8",
                         "trial.crop_seconds=1.0", "features.variants=1", *overrides])
+
+
+def search_args(corpus: Path, runs: Path, cache: Path, *extra: str) -> list[str]:
+    """Overrides for a `smoke` search on the separable corpus (the shared cache keeps encoders' work once)."""
+    return ["space=smoke", "data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
+            f"paths.runs_dir={runs}", f"features.dir={cache}", "data.dev_fraction=0.25", "trial.batch_size=8",
+            "trial.crop_seconds=1.0", "features.variants=1", *extra]
+
+
+@pytest.fixture(scope="session")
+def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
+    """One real smoke search (6 trials, one crashing once and retried), shared by the search and ensemble tests."""
+    from emotune.config import load_config
+    from emotune.search import run_search
+
+    corpus, shared_runs = separable
+    runs = tmp_path_factory.mktemp("smoke") / "runs"
+    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
+                                  "trial.fail_once_at_epoch=2", "search.max_failures=1"), "search")
+    return runs, run_search(cfg)

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import search_args
 from emotune.config import load_config
 from emotune.search import run_search
-
-
-def search_args(corpus: Path, runs: Path, cache: Path, *extra: str) -> list[str]:
-    return ["space=smoke", "data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
-            f"paths.runs_dir={runs}", f"features.dir={cache}", "data.dev_fraction=0.25", "trial.batch_size=8",
-            "trial.crop_seconds=1.0", "features.variants=1", *extra]
 
 
 def mlflow_runs(runs: Path):
@@ -44,12 +39,8 @@ def assert_one_tree(client, parents, children, n_trials: int) -> None:
         assert sorted(steps) == list(range(1, len(steps) + 1))  # every epoch logged exactly once
 
 
-def test_search_prunes_retries_and_logs_one_tree(separable, tmp_path):
-    corpus, shared_runs = separable
-    runs = tmp_path / "runs"
-    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                                  "trial.fail_once_at_epoch=2", "search.max_failures=1"), "search")
-    summary = run_search(cfg)
+def test_search_prunes_retries_and_logs_one_tree(smoke_search):
+    runs, summary = smoke_search
     assert summary["trials"] == 6 and summary["failed"] == 0 and summary["best"]["best_val_f1"] >= 0.8
 
     client, parents, children = mlflow_runs(runs)

@@ -189,9 +189,11 @@ def estimate_bytes(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob]) 
     return steps * per_step + 200 * len(jobs)  # safetensors header and file-system slack
 
 
-def check_disk(store: FeatureStore, needed: int, what: str) -> None:
+def check_disk(store: FeatureStore, needed: int, what: str, announce: bool = True) -> None:
+    """Say how much the build will write and refuse to start one that would not fit."""
     free = shutil.disk_usage(store.root).free
-    print(f"feature cache: {what} needs about {needed / 1e6:,.1f} MB; {free / 1e9:,.1f} GB free in {store.root}")
+    if announce:
+        print(f"feature cache: {what} needs about {needed / 1e6:,.1f} MB; {free / 1e9:,.1f} GB free in {store.root}")
     if needed > 0.95 * free:
         raise EmotuneError(
             f"the feature cache for {what} needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free "
@@ -235,7 +237,7 @@ def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: Fe
     start = time.perf_counter()
     todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify)
     if todo:
-        check_disk(store, estimate_bytes(encoder, todo), label)
+        check_disk(store, estimate_bytes(encoder, todo), label, announce=progress)
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -76,6 +76,7 @@ class FrozenEncoder(ABC):
     n_layers: int  # hidden-state layers available to choose from
     width: int
     frame_hop: int = 0  # input samples per output frame (speech only)
+    folder: Path | None = None  # the Hugging Face folder it was loaded from (None for classic features)
 
     def __init__(self, spec: EncoderSpec, layers="all", batch_size: int = 8, device: str = "auto") -> None:
         self.spec = spec
@@ -159,6 +160,7 @@ class HFSpeechEncoder(FrozenEncoder):
         # Padding changes group-norm front-ends' outputs even with a mask (NOTES: up to about 1.0).
         self.one_at_a_time = getattr(config, "feat_extract_norm", "layer") == "group"
         self.identity = folder_identity(folder)
+        self.folder = Path(folder)
 
     @torch.inference_mode()
     def encode(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -198,6 +200,7 @@ class HFTextEncoder(FrozenEncoder):
         # RoBERTa reserves two positions for the padding offset
         self.max_tokens = int(min(max_tokens, limit - 2 if config.model_type in ("roberta", "xlm-roberta") else limit))
         self.identity = f"{folder_identity(folder)}-t{self.max_tokens}"
+        self.folder = Path(folder)
 
     @torch.inference_mode()
     def encode(self, inputs: Sequence[str]) -> list[np.ndarray]:

@@ -46,8 +46,9 @@ def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modali
 
 def describe(encoder: FrozenEncoder) -> dict:
     return {"name": encoder.spec.name, "kind": encoder.spec.kind, "source": encoder.spec.source, "key": encoder.key,
-            "layers": len(encoder.layers), "width": encoder.width, "frame_rate": encoder.frame_rate,
-            "norm": DEFAULT_NORM[encoder.spec.kind]}
+            "layers": len(encoder.layers), "layer_indices": encoder.layers, "width": encoder.width,
+            "frame_rate": encoder.frame_rate, "norm": DEFAULT_NORM[encoder.spec.kind],
+            "folder": str(encoder.folder) if encoder.folder else None}
 
 
 def plan_jobs(corpus: PreparedCorpus, encoder: FrozenEncoder, features: dict, store: FeatureStore) -> dict[str, list]:

@@ -1,0 +1,376 @@
+"""Ensembles of a search's best trials: choose members on dev, combine them, score on data not used to choose.
+
+``emotune select-top --k 3`` (see :func:`select_top`) reads a finished search from MLflow, takes its trials
+ranked by their final ``best_val_f1`` (dev macro-F1), combines them and evaluates the ensemble:
+
+- ``hard`` (the paper's): majority vote of the members' labels; a tie goes to the best-ranked member that
+  voted for one of the tied labels;
+- ``soft``: the mean of the members' class probabilities;
+- ``greedy``: ensemble selection with replacement (Caruana et al., ICML 2004) over all the search's trials,
+  on dev probabilities, starting from the best trial; a trial may be picked several times (its weight).
+
+Members are chosen on dev only. The ensemble is scored on the labelled test split when there is one;
+otherwise dev is split in two and the second half, never used for choosing, is the evaluation data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from emotune import evaluation
+from emotune.errors import EmotuneError
+
+METHODS = ("hard", "soft", "greedy")
+
+
+# --- combining predictions ----------------------------------------------------------------------------------
+
+def hard_vote(member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """Majority vote of the members' argmax labels (members ordered best first); ties go to the best member.
+
+    On a tie the winner is the label of the highest-ranked member whose own vote is one of the tied labels.
+    Returns class indices.
+    """
+    votes = np.stack([p.argmax(axis=1) for p in member_probs])  # members x items
+    n_classes = member_probs[0].shape[1]
+    out = np.empty(votes.shape[1], dtype=np.int64)
+    for i in range(votes.shape[1]):
+        counts = np.bincount(votes[:, i], minlength=n_classes)
+        tied = set(np.flatnonzero(counts == counts.max()).tolist())
+        out[i] = next(int(v) for v in votes[:, i] if int(v) in tied)
+    return out
+
+
+def soft_vote(member_probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """The (weighted) mean of the members' probabilities."""
+    stacked = np.stack(member_probs)
+    w = np.ones(len(member_probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return np.tensordot(w / w.sum(), stacked, axes=1)
+
+
+def greedy_selection(candidate_probs: Sequence[np.ndarray], y_true: Sequence[int], n_classes: int, steps: int = 25,
+                     start: int = 0) -> tuple[list[int], list[float]]:
+    """Caruana's forward selection with replacement on macro-F1 of the averaged probabilities.
+
+    Starts from candidate ``start`` and adds, ``steps`` times, the candidate (repeats allowed) that makes the
+    averaged ensemble best; ties prefer the earlier (better-ranked) candidate. Returns the bag with the best
+    score seen along the way (as a list of candidate indices, repeats meaning weight) and the score curve.
+    """
+    bag = [start]
+    total = candidate_probs[start].copy()
+    curve = [evaluation.macro_f1(y_true, total.argmax(1), n_classes)]
+    best_bag, best_score = list(bag), curve[0]
+    for _ in range(steps):
+        scores = [evaluation.macro_f1(y_true, ((total + p) / (len(bag) + 1)).argmax(1), n_classes)
+                  for p in candidate_probs]
+        pick = int(np.argmax(scores))  # argmax returns the first of equal scores: the better-ranked candidate
+        bag.append(pick)
+        total += candidate_probs[pick]
+        curve.append(scores[pick])
+        if scores[pick] > best_score:
+            best_bag, best_score = list(bag), scores[pick]
+    return best_bag, curve
+
+
+def tune_offsets(log_probs: np.ndarray, y_true: Sequence[int], n_classes: int, rounds: int = 3) -> np.ndarray:
+    """Per-class offsets added to log-probabilities, found by coordinate search to maximise macro-F1."""
+    offsets = np.zeros(n_classes)
+    grid = np.linspace(-2.0, 2.0, 41)
+    best = evaluation.macro_f1(y_true, (log_probs + offsets).argmax(1), n_classes)
+    for _ in range(rounds):
+        for c in range(n_classes):
+            for value in grid:
+                trial = offsets.copy()
+                trial[c] = value
+                score = evaluation.macro_f1(y_true, (log_probs + trial).argmax(1), n_classes)
+                if score > best + 1e-12:
+                    best, offsets = score, trial
+    return offsets
+
+
+def combine(method: str, member_probs: Sequence[np.ndarray], weights: Sequence[float],
+            offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's class indices and class scores for ``method`` (hard votes score as vote shares)."""
+    if method == "hard":
+        labels = hard_vote(member_probs)
+        n_classes = member_probs[0].shape[1]
+        shares = np.mean([np.eye(n_classes)[p.argmax(1)] for p in member_probs], axis=0)
+        return labels, shares
+    probs = soft_vote(member_probs, weights)
+    scores = np.log(np.clip(probs, 1e-12, 1.0)) + (offsets if offsets is not None else 0.0)
+    return scores.argmax(1), probs
+
+
+# --- reading a search from MLflow ------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One finished trial of the search: its MLflow run, dev score and downloaded best artifacts."""
+
+    run_id: str
+    name: str
+    dev_f1: float
+    stopped_by_asha: bool
+    folder: Path | None = None
+    params: dict = field(default_factory=dict)
+
+
+def find_search(tracking: dict, search: str | None):
+    """The parent run of search ``search`` (a name or a run id), or of the latest search."""
+    from emotune.tracking import TAG_KIND, client, ensure_experiment, retry
+
+    mlflow_client = client(tracking["uri"])
+    experiment_id = ensure_experiment(tracking)
+    parents = retry(mlflow_client.search_runs, [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'search'",
+                    order_by=["attributes.start_time DESC"], max_results=1000)
+    if not parents:
+        raise EmotuneError(f"no search found in {tracking['uri']} (experiment {tracking['experiment']}): "
+                           "run `python -m emotune.search` first, or point tracking.uri / paths.runs_dir at its store.")
+    if search is None:
+        return parents[0]
+    for run in parents:
+        if search in (run.info.run_id, run.data.tags.get("emotune.search")):
+            return run
+    names = sorted({r.data.tags.get("emotune.search", "?") for r in parents})
+    raise EmotuneError(f"no search named '{search}' in {tracking['uri']}. Searches there: {', '.join(names)}.")
+
+
+def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candidate]:
+    """The search's finished trials, best dev macro-F1 first."""
+    from emotune.tracking import TAG_KIND, child_runs
+
+    found = []
+    for run in child_runs(tracking, parent.info.run_id):
+        if run.data.tags.get(TAG_KIND) != "trial" or run.info.status != "FINISHED":
+            continue
+        if "best_val_f1" not in run.data.metrics:
+            continue
+        stopped = run.data.tags.get("emotune.stopped_by") == "asha"
+        if exclude_stopped and stopped:
+            continue
+        found.append(Candidate(run.info.run_id, run.info.run_name, float(run.data.metrics["best_val_f1"]), stopped,
+                               params=dict(run.data.params)))
+    return sorted(found, key=lambda c: (-c.dev_f1, c.name))
+
+
+def download(tracking: dict, candidate: Candidate, into: Path) -> Path:
+    """The trial's best checkpoint, model card, predictions and config, copied to ``into``."""
+    from emotune.tracking import client, retry
+
+    into.mkdir(parents=True, exist_ok=True)
+    mlflow_client = client(tracking["uri"])
+    retry(mlflow_client.download_artifacts, candidate.run_id, "best", str(into))
+    retry(mlflow_client.download_artifacts, candidate.run_id, "config.json", str(into))
+    candidate.folder = into / "best"
+    return candidate.folder
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+def _truth(ids: Sequence[str], utterances, labels: Sequence[str]) -> list[int]:
+    by_id = {u.id: u.label for u in utterances}
+    return [list(labels).index(by_id[i]) for i in ids]
+
+
+def _aligned(folder: Path, split: str, ids: Sequence[str]) -> np.ndarray:
+    found_ids, probs, _ = evaluation.read_predictions(folder / f"{split}_predictions.csv")
+    row = {uid: i for i, uid in enumerate(found_ids)}
+    missing = [i for i in ids if i not in row]
+    if missing:
+        raise EmotuneError(f"{folder / f'{split}_predictions.csv'} lacks {len(missing)} ids (e.g. {missing[0]}): "
+                           "the trial was trained on a different corpus or split.")
+    return probs[[row[i] for i in ids]]
+
+
+def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None = None, exclude_stopped: bool = False,
+               steps: int = 25, calibrate: bool = False, out_dir: str | Path | None = None) -> dict:
+    """Build, evaluate and save an ensemble of the best trials of a search; returns its summary."""
+    from emotune.data.prepare import prepare_corpus
+    from emotune.tracking import TrackedRun
+
+    if method not in METHODS:
+        raise EmotuneError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if k < 1:
+        raise EmotuneError("--k must be at least 1")
+    tracking = cfg["tracking"]
+    parent = find_search(tracking, search)
+    name = parent.data.tags.get("emotune.search", parent.info.run_id)
+    candidates = candidates_of(tracking, parent, exclude_stopped)
+    if len(candidates) < (1 if method == "greedy" else k):
+        note = " (trials stopped by ASHA left out)" if exclude_stopped else ""
+        raise EmotuneError(f"asked for {k} members but search '{name}' has only {len(candidates)} finished trials"
+                           f"{note}. Lower --k, or run more trials (search.num_samples).")
+
+    search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
+    corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
+    labels = list(corpus.labels)
+    n_classes = len(labels)
+    dev_ids = [u.id for u in corpus.dev]
+
+    out = Path(out_dir) if out_dir else Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}"
+    if out.exists():
+        shutil.rmtree(out)
+    pool_dir = out / ".candidates"
+    pool = candidates if method == "greedy" else candidates[:k]
+    for i, candidate in enumerate(pool):
+        download(tracking, candidate, pool_dir / f"{i:02d}")
+    dev_probs = [_aligned(c.folder, "dev", dev_ids) for c in pool]
+    dev_true = _truth(dev_ids, corpus.dev, labels)
+
+    # what the members are chosen on, and what the ensemble is scored on
+    if corpus.test_labelled:
+        select_idx, eval_ids = np.arange(len(dev_ids)), [u.id for u in corpus.test]
+        eval_name = "test split (labelled)"
+        eval_true = _truth(eval_ids, corpus.test, labels)
+        eval_probs_of = lambda c: _aligned(c.folder, "test", eval_ids)  # noqa: E731
+    else:
+        rng = np.random.default_rng(int(search_cfg.get("seed", 0)))
+        order = rng.permutation(len(dev_ids))
+        select_idx, held = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+        eval_ids = [dev_ids[i] for i in held]
+        eval_name = (f"held-out half of dev ({len(eval_ids)} clips, seed {search_cfg.get('seed', 0)}); members were "
+                     "ranked on the other half, but each trial picked its best epoch on all of dev")
+        eval_true = [dev_true[i] for i in held]
+        eval_probs_of = lambda c: _aligned(c.folder, "dev", eval_ids)  # noqa: E731
+    sel_true = [dev_true[i] for i in select_idx]
+    sel_probs = [p[select_idx] for p in dev_probs]
+    if not corpus.test_labelled:  # rank on the selection half only
+        order = sorted(range(len(pool)), key=lambda i: -evaluation.macro_f1(sel_true, sel_probs[i].argmax(1), n_classes))
+        pool, sel_probs = [pool[i] for i in order], [sel_probs[i] for i in order]
+
+    if method == "greedy":
+        bag, curve = greedy_selection(sel_probs, sel_true, n_classes, steps=steps, start=0)
+        counts = {i: bag.count(i) for i in dict.fromkeys(bag)}
+        members = [pool[i] for i in counts]
+        weights = [float(counts[i]) for i in counts]
+        member_sel = [sel_probs[i] for i in counts]
+    else:
+        members, weights, curve = pool[:k], [1.0] * k, []
+        member_sel = sel_probs[:k]
+
+    offsets = None
+    if calibrate and method != "hard":
+        sel_scores = np.log(np.clip(soft_vote(member_sel, weights), 1e-12, 1.0))
+        offsets = tune_offsets(sel_scores, sel_true, n_classes)
+
+    eval_member_probs = [eval_probs_of(m) for m in members]
+    predicted, _ = combine(method, eval_member_probs, weights)
+    report = evaluation.class_report(eval_true, predicted, labels)
+    result = {"macro_f1": evaluation.macro_f1(eval_true, predicted, n_classes)}
+    if offsets is not None:
+        calibrated, _ = combine(method, eval_member_probs, weights, offsets)
+        result["macro_f1_calibrated"] = evaluation.macro_f1(eval_true, calibrated, n_classes)
+    member_scores = [{"run_id": m.run_id, "name": m.name, "weight": w, "dev_f1": m.dev_f1,
+                      "eval_macro_f1": evaluation.macro_f1(eval_true, p.argmax(1), n_classes),
+                      "stopped_by_asha": m.stopped_by_asha}
+                     for m, w, p in zip(members, weights, eval_member_probs)]
+
+    saved = _save(out, cfg, corpus, parent, name, method, k, members, weights, offsets, labels, steps)
+    files = _write_evaluation(out, eval_true, predicted, labels, report, result, member_scores, eval_name, method)
+    files += _write_predictions(out, corpus, members, weights, method, offsets, labels)
+    shutil.rmtree(pool_dir, ignore_errors=True)
+
+    run = TrackedRun.start(tracking, name=f"ensemble-{name}-{method}-k{k}", kind="ensemble",
+                           parent_run_id=parent.info.run_id, tags={"emotune.search": name})
+    run.log_params({"method": method, "k": k, "greedy_steps": steps if method == "greedy" else None,
+                    "exclude_stopped": exclude_stopped, "calibrate": calibrate, "evaluation": eval_name[:250],
+                    "members": ",".join(f"{m.run_id}x{int(w)}" for m, w in zip(members, weights))})
+    run.log_metrics({f"ensemble_{k_}": v for k_, v in result.items()} |
+                    {f"member{i + 1}_macro_f1": s["eval_macro_f1"] for i, s in enumerate(member_scores)} |
+                    {"best_member_macro_f1": max(s["eval_macro_f1"] for s in member_scores)})
+    run.log_artifacts(files + [saved])
+    run.finish()
+    summary = {"search": name, "method": method, "k": k, "evaluation": eval_name, **result,
+               "members": member_scores, "out_dir": str(out), "run_id": run.run_id, "greedy_curve": curve}
+    _print_summary(summary, report, labels)
+    return summary
+
+
+def _download_text(tracking: dict, run_id: str, path: str) -> str:
+    import tempfile
+
+    from emotune.tracking import client, retry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = retry(client(tracking["uri"]).download_artifacts, run_id, path, tmp)
+        return Path(local).read_text()
+
+
+def _save(out: Path, cfg, corpus, parent, name, method, k, members, weights, offsets, labels, steps) -> Path:
+    """The ensemble folder: everything ``emotune predict`` needs, with no access to MLflow or the corpus."""
+    entries, encoder_folders = [], {}
+    for i, (member, weight) in enumerate(zip(members, weights)):
+        target = out / "members" / f"{i + 1:02d}"
+        target.mkdir(parents=True)
+        for fname in ("model.safetensors", "model_card.json"):
+            shutil.copy2(member.folder / fname, target / fname)
+        shutil.copy2(member.folder.parent / "config.json", target / "config.json")
+        card = json.loads((target / "model_card.json").read_text())
+        for modality, enc in card["encoders"].items():
+            if enc.get("kind") == "tiny" and enc.get("folder"):  # built here, not downloadable: ship it
+                local = f"encoders/{Path(enc['folder']).name}"
+                if local not in encoder_folders.values() and Path(enc["folder"]).is_dir():
+                    shutil.copytree(enc["folder"], out / local)
+                encoder_folders[enc["folder"]] = local
+        entries.append({"folder": f"members/{i + 1:02d}", "run_id": member.run_id, "name": member.name,
+                        "weight": weight, "dev_f1": member.dev_f1})
+    manifest = {"format": 1, "method": method, "k": k, "greedy_steps": steps if method == "greedy" else None,
+                "labels": labels, "members": entries, "encoder_folders": encoder_folders,
+                "calibration_offsets": offsets.tolist() if offsets is not None else None,
+                "norm_stats": corpus.norm.to_dict(), "search": name, "search_run_id": parent.info.run_id,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = out / "ensemble.json"
+    path.write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def _write_evaluation(out, eval_true, predicted, labels, report, result, member_scores, eval_name, method) -> list:
+    files = [evaluation.confusion_png(eval_true, predicted, labels, out / "confusion_matrix.png",
+                                      title=f"{method} ensemble on {eval_name.split(';')[0]}: "
+                                            f"macro-F1 {result['macro_f1']:.3f}")]
+    text = [f"evaluation data: {eval_name}", f"ensemble ({method}) macro-F1 {result['macro_f1']:.4f}"]
+    if "macro_f1_calibrated" in result:
+        text.append(f"with calibration offsets: {result['macro_f1_calibrated']:.4f}")
+    text += ["", evaluation.report_text(report, labels), "", "members on the same data:"]
+    text += [f"  {s['name']}  weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  evaluation {s['eval_macro_f1']:.4f}"
+             for s in member_scores]
+    (out / "evaluation.txt").write_text("\n".join(text) + "\n")
+    files.append(out / "evaluation.txt")
+    files.append(evaluation.save_json({"evaluation": eval_name, **result, "report": report, "members": member_scores},
+                                      out / "evaluation.json"))
+    return files
+
+
+def _write_predictions(out, corpus, members, weights, method, offsets, labels) -> list:
+    """Test-split predictions with probabilities, and the challenge submission ``id,label``."""
+    if not corpus.test:
+        return []
+    ids = [u.id for u in corpus.test]
+    probs = [_aligned(m.folder, "test", ids) for m in members]
+    predicted, scores = combine(method, probs, weights, offsets)
+    files = [evaluation.write_predictions(out / "test_predictions.csv", ids, scores, labels)]
+    with (out / "submission.csv").open("w", encoding="utf-8") as f:
+        f.write("id,label\n")
+        f.writelines(f"{uid},{labels[int(p)]}\n" for uid, p in zip(ids, predicted))
+    files.append(out / "submission.csv")
+    return files
+
+
+def _print_summary(summary: dict, report: dict, labels) -> None:
+    print(f"{summary['method']} ensemble of search '{summary['search']}' "
+          f"({len(summary['members'])} members), scored on the {summary['evaluation']}:")
+    print(f"  ensemble macro-F1 {summary['macro_f1']:.4f}" + (
+        f"  (calibrated {summary['macro_f1_calibrated']:.4f})" if "macro_f1_calibrated" in summary else ""))
+    for s in summary["members"]:
+        print(f"  member {s['name']:<28} weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  "
+              f"evaluation {s['eval_macro_f1']:.4f}{'  (stopped by ASHA)' if s['stopped_by_asha'] else ''}")
+    print(f"Ensemble folder: {summary['out_dir']}  (predict with: emotune predict {summary['out_dir']} --csv FILE "
+          "--audio-dir DIR)")
+    print(f"MLflow run {summary['run_id']}")

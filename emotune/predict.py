@@ -1,0 +1,156 @@
+"""Predict new clips with a saved ensemble: run its encoders on the audio and text, combine its members.
+
+    emotune predict runs/ensembles/encoders-hard-k3 --csv new.csv --audio-dir clips/ --out predictions.csv
+    emotune predict runs/ensembles/encoders-hard-k3 --audio clip.wav --text "¡Qué alegría verte!"
+
+The ensemble folder holds everything needed (member checkpoints and model cards, the normalisation
+statistics, the label order, the tiny encoders built offline); hub encoders come from the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from emotune.data.audio import NormStats, load_audio
+from emotune.data.corpus import Utterance
+from emotune.errors import DataError, EmotuneError
+
+
+@dataclass
+class Member:
+    model: torch.nn.Module
+    card: dict
+    weight: float
+
+
+class Ensemble:
+    """A loaded ensemble folder (see ``emotune.ensemble``)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser().resolve()
+        manifest_path = self.folder / "ensemble.json"
+        if not manifest_path.is_file():
+            raise EmotuneError(f"{self.folder} is not an ensemble folder (no ensemble.json); create one with "
+                               "`emotune select-top`.")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.labels = list(self.manifest["labels"])
+        self.method = self.manifest["method"]
+        offsets = self.manifest.get("calibration_offsets")
+        self.offsets = np.asarray(offsets) if offsets is not None else None
+        self.norm = NormStats(**self.manifest["norm_stats"])
+        self.members = [self._load_member(entry) for entry in self.manifest["members"]]
+        self._encoders: dict[str, object] = {}
+
+    def _load_member(self, entry: dict) -> Member:
+        from emotune.model import build_model
+        from emotune.trial import load_weights
+
+        folder = self.folder / entry["folder"]
+        missing = [f for f in ("model.safetensors", "model_card.json") if not (folder / f).is_file()]
+        if missing:
+            raise EmotuneError(f"ensemble member {entry['folder']} ({entry.get('name', '?')}) is incomplete: "
+                               f"{', '.join(missing)} missing in {folder}. Recreate the ensemble with "
+                               "`emotune select-top`.")
+        card = json.loads((folder / "model_card.json").read_text())
+        dims = {m: tuple(d) for m, d in card["dims"].items()}
+        model = build_model(card["model"], dims, len(card["labels"]), card["norms"])
+        load_weights(model, folder / "model.safetensors").eval()
+        return Member(model, card, float(entry.get("weight", 1.0)))
+
+    def _encoder(self, modality: str, description: dict, max_tokens: int):
+        from emotune.features.catalog import EncoderSpec
+        from emotune.features.encode import (ClassicSpeechEncoder, HFSpeechEncoder, HFTextEncoder,
+                                             locate_hf_folder)
+
+        key = description["key"]
+        if key in self._encoders:
+            return self._encoders[key]
+        spec = EncoderSpec(description["name"], modality, description["kind"], description["source"])
+        layers = description.get("layer_indices") or "all"
+        if spec.kind == "classic":
+            encoder = ClassicSpeechEncoder(spec, layers)
+        else:
+            shipped = self.manifest.get("encoder_folders", {}).get(description.get("folder") or "")
+            folder = self.folder / shipped if shipped else locate_hf_folder(spec)
+            if not Path(folder).is_dir():
+                raise EmotuneError(f"the {modality} encoder of this ensemble is missing: {folder}")
+            encoder = (HFSpeechEncoder(spec, Path(folder), layers) if modality == "speech"
+                       else HFTextEncoder(spec, Path(folder), layers, max_tokens=max_tokens))
+        if encoder.key != key:
+            raise EmotuneError(f"the {modality} encoder '{spec.name}' found now ({encoder.key}) differs from the one "
+                               f"the ensemble was trained with ({key}); its predictions would be meaningless.")
+        self._encoders[key] = encoder
+        return encoder
+
+    @torch.inference_mode()
+    def predict(self, utterances: Sequence[Utterance], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class scores (probabilities, or vote shares for ``hard``) per utterance."""
+        from emotune.ensemble import combine
+        from emotune.features.source import pad_batch
+
+        member_probs = []
+        waves = None
+        for member in self.members:
+            features: dict[str, list[np.ndarray]] = {}
+            for modality in member.model.modalities:
+                description = member.card["encoders"][modality]
+                encoder = self._encoder(modality, description,
+                                        int((member.card.get("features") or {}).get("max_text_tokens") or 256))
+                if modality == "speech":
+                    if waves is None:
+                        waves = [self.norm.apply(load_audio(u.audio)) for u in utterances]
+                    features[modality] = encoder.encode(waves)
+                else:
+                    features[modality] = encoder.encode([u.text for u in utterances])
+            probs = []
+            for start in range(0, len(utterances), batch_size):
+                batch = {}
+                for modality, arrays in features.items():
+                    batch[modality], batch[f"{modality}_mask"] = pad_batch(arrays[start : start + batch_size])
+                probs.append(torch.softmax(member.model(batch), dim=-1).numpy().astype(np.float64))
+            member_probs.append(np.concatenate(probs))
+        return combine(self.method, member_probs, [m.weight for m in self.members], self.offsets)
+
+
+def read_inputs(csv_path: str | None, audio_dir: str | None, audio: str | None, text: str | None,
+                on_error: str = "raise"):
+    """The utterances to predict and the report of rows left out (``on_error=skip``)."""
+    from emotune.data.corpus import ErrorPolicy, SkipReport, read_split_csv, scan_audio
+
+    report = SkipReport()
+    policy = ErrorPolicy(on_error, report)
+    if csv_path:
+        if not audio_dir:
+            raise EmotuneError("--csv needs --audio-dir: the folder holding the audio files named by id")
+        utterances = read_split_csv(csv_path, audio_dir, require_labels=False, policy=policy)
+    elif audio:
+        if text is None or not text.strip():
+            raise EmotuneError("--audio needs --text with the clip's transcript (the model uses both)")
+        path = Path(audio).expanduser().resolve()
+        if not path.is_file():
+            raise DataError("audio file not found", file=path, fix="Check the path.")
+        utterances = [Utterance(path.name, path, " ".join(text.split()), None, "(command line)", 0)]
+    else:
+        raise EmotuneError("give either --csv FILE --audio-dir DIR or --audio FILE --text TEXT")
+    utterances, _ = scan_audio(utterances, policy, progress=False)
+    return utterances, report
+
+
+def write_output(path: str | None, utterances, predicted: np.ndarray, scores: np.ndarray, labels) -> str:
+    """CSV (``id,prediction,p_<class>...``) or JSON, chosen by the file suffix; to stdout without a path."""
+    rows = [{"id": u.id, "prediction": labels[int(p)], **{f"p_{c}": round(float(s), 6) for c, s in zip(labels, row)}}
+            for u, p, row in zip(utterances, predicted, scores)]
+    if path and path.endswith(".json"):
+        text = json.dumps(rows, indent=2, ensure_ascii=False)
+    else:
+        header = ["id", "prediction", *(f"p_{c}" for c in labels)]
+        text = "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows])
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+    return text

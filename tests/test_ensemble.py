@@ -1,0 +1,140 @@
+"""Ensembles: voting rules on constructed predictions, then select-top and predict on a real smoke search."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emotune.config import load_config
+from emotune.ensemble import greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
+from emotune.errors import EmotuneError
+
+
+def one_hot(labels, n=3, confidence=0.8):
+    probs = np.full((len(labels), n), (1 - confidence) / (n - 1))
+    probs[np.arange(len(labels)), labels] = confidence
+    return probs
+
+
+def test_hard_vote_majority_and_tie_break_by_the_best_member():
+    best, second, third, fourth = one_hot([0, 1, 2, 2]), one_hot([1, 1, 0, 1]), one_hot([1, 2, 1, 0]), one_hot([2, 2, 0, 0])
+    # three members: item 0 votes 0,1,1 -> 1; item 1 votes 1,1,2 -> 1; items 2 and 3 are three-way ties,
+    # which the best member (listed first) decides: 2 and 2
+    assert hard_vote([best, second, third]).tolist() == [1, 1, 2, 2]
+    # four members: item 1 votes 1,1,2,2 -> a tie the best member is part of -> 1; items 2, 3 -> 0 outright
+    assert hard_vote([best, second, third, fourth]).tolist() == [1, 1, 0, 0]
+    # a tie the best member is not part of: votes 2 | 0,0 | 1,1 -> the best-ranked member voting 0 or 1 wins
+    assert hard_vote([one_hot([2]), one_hot([0]), one_hot([1]), one_hot([0]), one_hot([1])]).tolist() == [0]
+    # the order of members decides ties, not their labels
+    assert hard_vote([one_hot([1]), one_hot([2])]).tolist() == [1]
+    assert hard_vote([one_hot([2]), one_hot([1])]).tolist() == [2]
+
+
+def test_soft_vote_is_the_mean():
+    rng = np.random.default_rng(0)
+    members = [rng.dirichlet(np.ones(4), size=5) for _ in range(3)]
+    np.testing.assert_allclose(soft_vote(members), np.mean(members, axis=0))
+    np.testing.assert_allclose(soft_vote(members, [2, 1, 1]), (2 * members[0] + members[1] + members[2]) / 4)
+
+
+def test_greedy_selection_picks_what_helps_and_may_repeat_a_member():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    strong = one_hot([0, 0, 1, 1, 2, 1], confidence=0.6)  # wrong on the last item only
+    # right on the last item, confidently wrong elsewhere: it helps only next to two copies of `strong`
+    fixer = np.array([[0.15, 0.7, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7], [0.15, 0.15, 0.7],
+                      [0.7, 0.15, 0.15], [0.05, 0.05, 0.9]])
+    useless = one_hot([2, 2, 2, 2, 2, 2], confidence=0.9)
+    bag, curve = greedy_selection([strong, useless, fixer], y, 3, steps=4, start=0)
+    assert bag == [0, 0, 2]  # strong twice (a repeat), then the fixer; the useless model never
+    combined = np.mean([[strong, useless, fixer][i] for i in bag], axis=0).argmax(1)
+    assert (combined == y).all() and curve[2] == 1.0 and curve[0] < 1.0
+
+
+def test_calibration_offsets_never_lower_dev_macro_f1():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=60)
+    logits = np.log(rng.dirichlet(np.ones(3), size=60)) + 1.5 * np.eye(3)[y] - 1.0 * np.eye(3)[np.zeros(60, int)]
+    from emotune.evaluation import macro_f1
+
+    offsets = tune_offsets(logits, y, 3)
+    assert macro_f1(y, (logits + offsets).argmax(1), 3) >= macro_f1(y, logits.argmax(1), 3)
+
+
+# --- end to end on a real search ---------------------------------------------------------------------------
+
+def config_for(runs) -> dict:
+    return load_config([f"paths.runs_dir={runs}"])
+
+
+@pytest.mark.parametrize("method", ["hard", "soft", "greedy"])
+def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smoke_search, separable, method,
+                                                                               tmp_path):
+    from mlflow import MlflowClient
+
+    runs, search = smoke_search
+    corpus, _ = separable
+    summary = select_top(config_for(runs), k=3, method=method, out_dir=tmp_path / "ens", calibrate=True)
+    assert summary["evaluation"] == "test split (labelled)"
+    assert 0.0 <= summary["macro_f1"] <= 1.0 and len(summary["members"]) >= (3 if method != "greedy" else 1)
+    out = tmp_path / "ens"
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    with (out / "submission.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    test_ids = [r[0] for r in csv.reader((corpus / "test.csv").open()) if r and r[0] != "id"]
+    assert sorted(r["id"] for r in rows) == sorted(test_ids)  # every test id exactly once
+    assert {r["label"] for r in rows} <= {"neutral", "disgust", "anger", "sadness", "joy", "fear"}
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert manifest["method"] == method and manifest["labels"][0] == "neutral"
+    assert manifest["encoder_folders"]  # the tiny text encoder ships with the ensemble
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["emotune.kind"] == "ensemble"
+    assert run.data.tags["mlflow.parentRunId"] == search["parent_run_id"]
+    assert "ensemble_macro_f1" in run.data.metrics and "member1_macro_f1" in run.data.metrics
+    assert {"confusion_matrix.png", "submission.csv", "ensemble.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    if method != "hard":
+        return
+    # a fresh process loads the folder and predicts the test clips again, identically
+    predicted = tmp_path / "predicted.csv"
+    result = subprocess.run([sys.executable, "-m", "emotune", "predict", str(out), "--csv", str(corpus / "test.csv"),
+                             "--audio-dir", str(corpus / "audio"), "--out", str(predicted)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with predicted.open() as f:
+        again = {r["id"]: r["prediction"] for r in csv.DictReader(f)}
+    assert again == {r["id"]: r["label"] for r in rows}
+    single = subprocess.run([sys.executable, "-m", "emotune", "predict", str(out), "--audio",
+                             str(corpus / "audio" / rows[0]["id"]), "--text", "qué alegría", "--out",
+                             str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    (answer,) = json.loads((tmp_path / "one.json").read_text())
+    assert answer["prediction"] in manifest["labels"]
+    assert abs(sum(v for k, v in answer.items() if k.startswith("p_")) - 1.0) < 1e-3
+
+
+def test_select_top_errors_are_clear(smoke_search, tmp_path):
+    runs, _ = smoke_search
+    cfg = config_for(runs)
+    with pytest.raises(EmotuneError, match=r"asked for 40 members but search 'smoke' has only \d finished trials"):
+        select_top(cfg, k=40, out_dir=tmp_path / "x")
+    with pytest.raises(EmotuneError, match="no search named 'nope'.*Searches there: smoke"):
+        select_top(cfg, k=2, search="nope", out_dir=tmp_path / "x")
+    with pytest.raises(EmotuneError, match="no search found"):
+        select_top(config_for(tmp_path / "empty"), k=2)
+
+
+def test_predict_with_a_missing_member_is_a_clear_error(smoke_search, tmp_path):
+    runs, _ = smoke_search
+    select_top(config_for(runs), k=2, method="soft", out_dir=tmp_path / "ens")
+    (tmp_path / "ens" / "members" / "02" / "model.safetensors").unlink()
+    result = subprocess.run([sys.executable, "-m", "emotune", "predict", str(tmp_path / "ens"), "--audio", "x.wav",
+                             "--text", "hola"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ensemble member members/02" in result.stderr and "model.safetensors missing" in result.stderr
