@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 import time
@@ -83,7 +84,7 @@ def _init_ray(ray_cfg: dict) -> bool:
     return True
 
 
-def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> list[str]:
+def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> list[dict]:
     """Build the feature cache of every encoder the space can pick, before any trial starts."""
     import ray
 
@@ -101,7 +102,7 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> list[str]:
             report = fill_cache(encoder, jobs, corpus, cfg["features"], progress=True, workers=workers,
                                 runs_dir=cfg["paths"]["runs_dir"])
             print(report.line(), flush=True)
-            lines.append(report.line())
+            lines.append(asdict(report))
             del encoder
     return lines
 
@@ -251,6 +252,10 @@ def run_search(cfg: dict) -> dict:
     from emotune.data.prepare import prepare_corpus
     from emotune.tracking import TrackedRun, ensure_experiment
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic progress table
+    # per-epoch checkpoints are small and intended; Tune would warn about their frequency on every epoch
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = time.perf_counter()
     encoders = _validate(cfg)
     search = cfg["search"]
@@ -278,14 +283,17 @@ def run_search(cfg: dict) -> dict:
         base["search"] = {**search, "parent_run_id": parent.run_id, "name": name}
         base["trial"]["cpus"] = max(1, int(float(search["resources"]["cpu"])))
         tuner = _tuner(cfg, base, experiment_dir, restore)
+        fit_started = time.perf_counter()
         results = tuner.fit()
+        fit_seconds = time.perf_counter() - fit_started
     except KeyboardInterrupt:
         parent.finish("KILLED")
         raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    return _summarise(cfg, results, parent, experiment_dir, time.perf_counter() - started, reports)
+    summary = _summarise(cfg, results, parent, experiment_dir, time.perf_counter() - started, reports)
+    return summary | {"fit_seconds": fit_seconds}
 
 
 def _reconcile_runs(cfg: dict, parent, rows: list[dict]) -> int:
@@ -306,7 +314,7 @@ def _reconcile_runs(cfg: dict, parent, rows: list[dict]) -> int:
     return discarded
 
 
-def _summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, reports: list[str]) -> dict:
+def _summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, reports: list[dict]) -> dict:
     from emotune.tracking import TrackedRun
 
     rows = trial_table(results)
@@ -367,10 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         spaces = sorted(p.stem for p in spaces_dir().glob("*.yaml"))
         print(USAGE.format(spaces=", ".join(spaces), metrics=" | ".join(ASHA_METRICS)))
         return 0
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic progress table
-    # per-epoch checkpoints are small and intended; Tune would warn about their frequency on every epoch
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         if "--cfg" in args:
             from omegaconf import OmegaConf

@@ -242,9 +242,10 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
             run.log_params(params_of(cfg, corpus, dims, norms))
             run.log_json(cfg, "config.json")
 
+    setup_seconds = time.perf_counter() - started
     try:
         summary = _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths, device, state, rng,
-                              reporter, workdir, run, dims, norms, described, feature_seconds)
+                              reporter, workdir, run, dims, norms, described, feature_seconds, setup_seconds)
     except Exception:  # not SystemExit: that is Ray stopping the trial (ASHA), which the search records itself
         if run is not None:
             run.finish("FAILED")
@@ -267,7 +268,7 @@ def params_of(cfg: dict, corpus, dims, norms) -> dict:
 
 
 def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths, device, state: TrainerState, rng,
-                reporter, workdir: Path, run, dims, norms, described, feature_seconds) -> dict:
+                reporter, workdir: Path, run, dims, norms, described, feature_seconds, setup_seconds) -> dict:
     t = cfg["trial"]
     batch_size, eval_batch = int(t["batch_size"]), int(t.get("eval_batch_size", 32))
     patience, decay = int(t["patience"]), float(t["lr_decay"])
@@ -325,7 +326,8 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
         last = stopped_early or state.epoch >= int(t["max_epochs"])
         if last:  # close the run before the last report: Ray may end the process as soon as it has it
             summary = _finish_run(run, state, stopped_early, feature_seconds)
-        reporter(metrics | ({"mlflow_run_id": run.run_id} if run is not None else {}), str(checkpoint))
+        extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
+        reporter(metrics | extra, str(checkpoint))
         if last:
             break
     else:  # resumed at or beyond max_epochs: nothing left to train

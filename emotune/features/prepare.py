@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from emotune.data.augment import Augmenter
 from emotune.data.prepare import PreparedCorpus
 from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, build, speech_jobs,
@@ -98,19 +96,3 @@ def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, mod
         if progress:
             print(report.line())
     return index
-
-
-def feature_statistics(index: FeatureIndex, modality: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and standard deviation over the clean features of ``ids`` (the training side)."""
-    store = FeatureStore(index.cache_dir)
-    total = total_sq = None
-    count = 0
-    for uid in ids:
-        key = index.speech[uid][0] if modality == "speech" else index.text[uid]
-        x = store.read(key).astype(np.float64).reshape(-1, index.encoders[modality]["width"])
-        total = x.sum(0) if total is None else total + x.sum(0)
-        total_sq = (x**2).sum(0) if total_sq is None else total_sq + (x**2).sum(0)
-        count += x.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-10))
-    return mean.astype(np.float32), std.astype(np.float32)
