@@ -96,18 +96,21 @@ class Ensemble:
 
         member_probs = []
         waves = None
+        encoded: dict[str, list[np.ndarray]] = {}  # members sharing an encoder share its outputs
         for member in self.members:
             features: dict[str, list[np.ndarray]] = {}
             for modality in member.model.modalities:
                 description = member.card["encoders"][modality]
-                encoder = self._encoder(modality, description,
-                                        int((member.card.get("features") or {}).get("max_text_tokens") or 256))
-                if modality == "speech":
-                    if waves is None:
-                        waves = [self.norm.apply(load_audio(u.audio)) for u in utterances]
-                    features[modality] = encoder.encode(waves)
-                else:
-                    features[modality] = encoder.encode([u.text for u in utterances])
+                if description["key"] not in encoded:
+                    encoder = self._encoder(modality, description,
+                                            int((member.card.get("features") or {}).get("max_text_tokens") or 256))
+                    if modality == "speech":
+                        if waves is None:
+                            waves = [self.norm.apply(load_audio(u.audio)) for u in utterances]
+                        encoded[description["key"]] = encoder.encode(waves)
+                    else:
+                        encoded[description["key"]] = encoder.encode([u.text for u in utterances])
+                features[modality] = encoded[description["key"]]
             probs = []
             for start in range(0, len(utterances), batch_size):
                 batch = {}

@@ -262,6 +262,7 @@ def run_search(cfg: dict) -> dict:
     name = str(search["name"])
     experiment_dir = Path(cfg["ray"]["storage"]) / name
     restore = tune.Tuner.can_restore(str(experiment_dir))
+    _check_same_settings(cfg, experiment_dir, restore)
     print(f"emotune search '{name}' (space {cfg['space']['name']}): "
           f"{'resuming from' if restore else 'results in'} {experiment_dir}", flush=True)
 
@@ -290,10 +291,50 @@ def run_search(cfg: dict) -> dict:
         parent.finish("KILLED")
         raise
     finally:
+        _end_running_trials(cfg["tracking"], parent.run_id)
         if started_ray and ray.is_initialized():
             ray.shutdown()
     summary = _summarise(cfg, results, parent, experiment_dir, time.perf_counter() - started, reports)
     return summary | {"fit_seconds": fit_seconds}
+
+
+# Settings that may change when a search resumes: where and how fast it runs, not what it searches.
+RESUMABLE_CHANGES = ("ray.", "search.max_concurrent", "search.resources.", "features.batch_size", "features.device",
+                     "features.verify", "trial.device", "trial.cpus", "trial.fail_once_at_epoch")
+
+
+def _check_same_settings(cfg: dict, experiment_dir: Path, restore: bool) -> None:
+    """Refuse to resume a search with other settings: its trials would mix two configurations."""
+    import json
+
+    from emotune.tracking import flatten
+
+    saved = experiment_dir / "emotune_config.json"
+    current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+    if restore and saved.is_file():
+        before = {k: v for k, v in flatten(json.loads(saved.read_text())).items() if not k.startswith(RESUMABLE_CHANGES)}
+        changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+            raise EmotuneError(
+                f"search '{cfg['search']['name']}' already exists in {experiment_dir} with other settings ({shown}"
+                f"{'; ...' if len(changed) > 6 else ''}). Running it again resumes it, which needs the same "
+                "settings: repeat them, or start a new search with search.name=NEW_NAME.")
+    elif not restore:  # a new search (or one killed before Tune saved anything): these are its settings
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(cfg, indent=1, default=str))
+
+
+def _end_running_trials(tracking: dict, parent_run_id: str) -> None:
+    """Once Tune has returned no trial runs any more: end runs an interruption left RUNNING (as KILLED).
+
+    Resuming the search reuses them (and sets them running again), so nothing is duplicated or orphaned.
+    """
+    from emotune.tracking import TAG_KIND, TrackedRun, child_runs
+
+    for run in child_runs(tracking, parent_run_id):
+        if run.data.tags.get(TAG_KIND) == "trial" and run.info.status == "RUNNING":
+            TrackedRun(tracking, run.info.run_id).finish("KILLED")
 
 
 def _reconcile_runs(cfg: dict, parent, rows: list[dict]) -> int:

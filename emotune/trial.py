@@ -168,6 +168,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     search); ``resume_dir`` is a checkpoint folder written by an earlier attempt of the same trial.
     """
     from emotune.data.prepare import prepare_corpus
+    from emotune.features.encode import pick_device
     from emotune.features.prepare import describe, load_encoders, make_augmenter, prepare_features
     from emotune.features.source import CachedFeatures, LiveFeatures
     from emotune.model import build_model
@@ -178,8 +179,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     seed = int(trial_cfg["seed"])
     seed_everything(seed)
     torch.set_num_threads(max(1, int(trial_cfg.get("cpus", 1))))
-    device = torch.device("cuda" if trial_cfg.get("device", "auto") == "auto" and torch.cuda.is_available()
-                          else ("cpu" if trial_cfg.get("device", "auto") == "auto" else trial_cfg["device"]))
+    device = pick_device(trial_cfg.get("device", "auto"))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runs_dir = cfg["paths"]["runs_dir"]
@@ -205,12 +205,12 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
 
     dims = {m: (described[m]["layers"], described[m]["width"]) for m in modalities}
     norms = {m: described[m]["norm"] for m in modalities}
-    model = build_model(model_cfg, dims, len(labels), norms).to(device)
+    model = build_model(model_cfg, dims, len(labels), norms)
     for m in modalities:
         adapter = model.adapters[m]
-        if getattr(adapter, "needs_statistics", False):
-            mean, std = feature_statistics(source, corpus.train, m)
-            adapter.set_statistics(mean, std)
+        if getattr(adapter, "needs_statistics", False):  # global standardisation from the training side only
+            adapter.set_statistics(*feature_statistics(source, corpus.train, m))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(trial_cfg["lr"]),
                                   weight_decay=float(trial_cfg["weight_decay"]))
     weights = class_weights(corpus.train, labels, trial_cfg.get("class_weights", "inverse"))

@@ -9,6 +9,7 @@
 
     python scripts/bench_asha.py                       # 12 trials x 40 epochs recorded, 20 orders per metric
     python scripts/bench_asha.py --trials 8 --epochs 20 --orders 5
+    python scripts/bench_asha.py --reuse --graces 5 10 15   # replay the curves already in benchmarks/asha.json
 
 Writes benchmarks/asha.json and benchmarks/asha.md.
 """
@@ -59,23 +60,27 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12, help="trials recorded at the full budget (default 12)")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per recorded trial (default 40)")
     parser.add_argument("--orders", type=int, default=20, help="shuffled arrival orders per metric (default 20)")
-    parser.add_argument("--grace", type=int, default=5, help="ASHA grace period (default 5, the search default)")
+    parser.add_argument("--graces", type=int, nargs="+", default=[5], help="ASHA grace periods to compare (default 5)")
+    parser.add_argument("--reuse", action="store_true", help="replay the curves recorded in benchmarks/asha.json")
     parser.add_argument("--factor", type=float, default=3, help="ASHA reduction factor (default 3)")
     parser.add_argument("--concurrent", type=int, default=2, help="trials at once during replay (default 2)")
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    summary = run_search(["space=encoders", "search.name=bench-asha-record", f"search.num_samples={args.trials}",
-                          f"trial.max_epochs={args.epochs}", "trial.early_stop=null",
-                          f"search.grace_period={args.epochs}"])  # grace = budget: ASHA stops nobody
-    record_seconds = time.perf_counter() - start
-    recorded = trial_results(summary["experiment_dir"])
-    alpha = 0.5  # trial.ema_alpha's default, the smoothing the search reports
-    curves = []
-    for trial in recorded:
-        rows = trial["rows"][: args.epochs]
-        curves.append([{"val_f1": r["val_f1"], "val_f1_ema": r["val_f1_ema"], "best_val_f1": r["best_val_f1"]}
-                       for r in rows])
+    if args.reuse:
+        from _bench import BENCH_DIR
+        import json
+
+        saved = json.loads((BENCH_DIR / "asha.json").read_text())
+        curves, record_seconds = saved["curves"], saved.get("record_seconds", 0.0)
+        args.epochs = len(curves[0])
+    else:
+        start = time.perf_counter()
+        summary = run_search(["space=encoders", f"search.name=bench-asha-record-{int(time.time())}",
+                              f"search.num_samples={args.trials}", f"trial.max_epochs={args.epochs}",
+                              "trial.early_stop=null", f"search.grace_period={args.epochs}"])  # nobody is stopped
+        record_seconds = time.perf_counter() - start
+        curves = [[{k: r[k] for k in METRICS} for r in trial["rows"][: args.epochs]]
+                  for trial in trial_results(summary["experiment_dir"])]
     final = np.array([c[-1]["best_val_f1"] for c in curves])
     noise = float(np.mean([np.std(np.diff([r["val_f1"] for r in c])) for c in curves]))
     best = int(np.argmax(final))
@@ -86,40 +91,42 @@ def main() -> int:
     rng = np.random.default_rng(0)
     orders = [rng.permutation(len(curves)).tolist() for _ in range(args.orders)]
     outcomes = {}
-    for metric in METRICS:
-        rows = []
-        for order in orders:
-            epochs = replay(curves, metric, order, args.epochs, args.grace, args.factor, args.concurrent)
-            survivors = [i for i, e in epochs.items() if e >= args.epochs]
-            best_survivor = max((final[i] for i in survivors), default=0.0)
-            rows.append({"order": order, "epochs": epochs, "best_survives": best in survivors,
-                         "regret": float(final[best] - best_survivor),
-                         "epoch_share": sum(epochs.values()) / (len(curves) * args.epochs)})
-        outcomes[metric] = rows
-        print(f"{metric}: best survives {np.mean([r['best_survives'] for r in rows]):.2f}, "
-              f"regret {np.mean([r['regret'] for r in rows]):.4f}", flush=True)
+    for grace in args.graces:
+        for metric in METRICS:
+            rows = []
+            for order in orders:
+                epochs = replay(curves, metric, order, args.epochs, grace, args.factor, args.concurrent)
+                survivors = [i for i, e in epochs.items() if e >= args.epochs]
+                best_survivor = max((final[i] for i in survivors), default=0.0)
+                rows.append({"order": order, "epochs": epochs, "best_survives": best in survivors,
+                             "regret": float(final[best] - best_survivor),
+                             "epoch_share": sum(epochs.values()) / (len(curves) * args.epochs)})
+            outcomes[f"{metric}@{grace}"] = rows
+            print(f"grace {grace} {metric}: best survives {np.mean([r['best_survives'] for r in rows]):.2f}, "
+                  f"regret {np.mean([r['regret'] for r in rows]):.4f}", flush=True)
     ray.shutdown()
 
     lines = [f"# ASHA on noisy dev macro-F1 ({len(curves)} recorded trials, {args.epochs} epochs, "
-             f"{args.orders} shuffled orders per metric)", "",
+             f"{args.orders} shuffled orders per setting)", "",
              f"Recorded with a real search on the demo corpus (no pruning, {record_seconds / 60:.1f} min); "
              f"the mean epoch-to-epoch standard deviation of a trial's val_f1 is {noise:.3f}. Replayed through "
-             f"the real ASHAScheduler (grace {args.grace}, reduction factor {args.factor:g}, "
-             f"{args.concurrent} trials at a time). The best trial's final best F1 is {final[best]:.3f}; "
-             f"the median trial's is {np.median(final):.3f}.", "",
-             "| ASHA judges by | best trial survives | mean regret (± sd) | epochs spent vs no pruning |",
-             "|---|---|---|---|"]
-    for metric in METRICS:
-        rows = outcomes[metric]
-        regret = mean_sd(r["regret"] for r in rows)
-        share = np.mean([r["epoch_share"] for r in rows])
-        lines.append(f"| `{metric}` | {np.mean([r['best_survives'] for r in rows]):.0%} | "
-                     f"{regret[0]:.4f} ± {regret[1]:.4f} | {share:.0%} |")
+             f"the real ASHAScheduler (reduction factor {args.factor:g}, {args.concurrent} trials at a time). "
+             f"The best trial's final best F1 is {final[best]:.3f}; the median trial's is {np.median(final):.3f}.", "",
+             "| grace period | ASHA judges by | best trial survives | mean regret (± sd) | epochs spent vs no pruning |",
+             "|---|---|---|---|---|"]
+    for grace in args.graces:
+        for metric in METRICS:
+            rows = outcomes[f"{metric}@{grace}"]
+            regret = mean_sd(r["regret"] for r in rows)
+            share = np.mean([r["epoch_share"] for r in rows])
+            lines.append(f"| {grace} | `{metric}` | {np.mean([r['best_survives'] for r in rows]):.0%} | "
+                         f"{regret[0]:.4f} ± {regret[1]:.4f} | {share:.0%} |")
     lines += ["", "Regret = best final F1 of all trials minus the best final F1 among trials ASHA let finish.",
-              f"Command: `python scripts/bench_asha.py --trials {args.trials} --epochs {args.epochs} "
-              f"--orders {args.orders}`"]
-    write("asha", {"args": vars(args), "final_best_f1": final.tolist(), "curves": curves, "noise": noise,
-                   "outcomes": outcomes}, lines)
+              f"Command: `python scripts/bench_asha.py --trials {len(curves)} --epochs {args.epochs} "
+              f"--orders {args.orders} --graces {' '.join(map(str, args.graces))}`"
+              + (" (replaying the recorded curves with --reuse)" if args.reuse else "")]
+    write("asha", {"args": vars(args), "record_seconds": record_seconds, "final_best_f1": final.tolist(),
+                   "curves": curves, "noise": noise, "outcomes": outcomes}, lines)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from _bench import ROOT, mean_sd, run_search, write
 
@@ -33,7 +34,7 @@ def main() -> int:
 
     rows = []
     for seed in args.seeds:
-        name = f"bench-ensemble-seed{seed}"
+        name = f"bench-ensemble-seed{seed}-{int(time.time())}"  # a new search, not the resumption of an old one
         run_search(["space=encoders", f"search.name={name}", f"search.sampler_seed={seed}", f"trial.seed={seed}",
                     f"search.num_samples={args.samples}"])
         row = {"seed": seed}

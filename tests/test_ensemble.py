@@ -138,3 +138,19 @@ def test_predict_with_a_missing_member_is_a_clear_error(smoke_search, tmp_path):
                              "--text", "hola"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ensemble member members/02" in result.stderr and "model.safetensors missing" in result.stderr
+
+
+def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path):
+    from conftest import search_args
+    from emotune.search import run_search
+
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    run_search(load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
+                                       "data.test_labels=null", "search.name=unlabelled"), "search"))
+    summary = select_top(config_for(runs), k=2, method="soft", out_dir=tmp_path / "ens")
+    assert summary["evaluation"].startswith("held-out half of dev (6 clips")  # 12 dev clips, half held out
+    assert "ranked on the other half" in summary["evaluation"]
+    assert "held-out half of dev" in (tmp_path / "ens" / "evaluation.txt").read_text()
+    lines = (tmp_path / "ens" / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == 1 + 12  # the unlabelled test split gets its submission

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import search_args
 from emotune.config import load_config
+from emotune.errors import EmotuneError
 from emotune.search import run_search
 
 
@@ -64,6 +65,18 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     assert len(errors) == 1 and "deliberate crash" in errors[0].read_text()
     assert parents[0].data.metrics["trials"] == 6
     assert parents[0].data.tags["emotune.space"] == "smoke"
+
+
+def test_resuming_with_other_settings_is_refused(smoke_search, separable):
+    runs, _ = smoke_search
+    corpus, shared_runs = separable
+    args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
+                       "trial.fail_once_at_epoch=2", "search.max_failures=1")
+    with pytest.raises(EmotuneError, match=r"already exists .*trial\.max_epochs: 4 -> 9.*search\.name=NEW_NAME"):
+        run_search(load_config(args + ["trial.max_epochs=9"], "search"))
+    # where it runs may change: a finished search resumed elsewhere just reports again
+    again = run_search(load_config(args + ["search.max_concurrent=1"], "search"))
+    assert again["trials"] == 6
 
 
 def _ray_trial_ids(experiment: Path) -> list[str]:
