@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from emotune.errors import EmotuneError
+from emotune.errors import EmotuneError, run_command
 
 
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
@@ -207,14 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return search_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EmotuneError as exc:
-        print(f"emotune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("emotune: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

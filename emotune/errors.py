@@ -7,7 +7,9 @@ the CSV row and the utterance id so that the message always says where the probl
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 class EmotuneError(Exception):
@@ -55,3 +57,15 @@ class DataError(EmotuneError):
         if self.fix:
             message = f"{message.rstrip('.')}. {self.fix}"
         return message
+
+
+def run_command(action: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run a command-line action: an :class:`EmotuneError` becomes its message on stderr and exit status 2."""
+    try:
+        return int(action() or 0)
+    except EmotuneError as exc:
+        print(f"emotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"emotune: {interrupted}", file=sys.stderr)
+        return 130

@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from emotune.errors import EmotuneError
+from emotune.errors import EmotuneError, run_command
 
 ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1")
 USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
@@ -416,20 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         spaces = sorted(p.stem for p in spaces_dir().glob("*.yaml"))
         print(USAGE.format(spaces=", ".join(spaces), metrics=" | ".join(ASHA_METRICS)))
         return 0
-    try:
+
+    def act() -> None:
         if "--cfg" in args:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(compose([a for a in args if a != "--cfg"], "search"), resolve=True))
-            return 0
-        run_search(load_config(args, "search"))
-    except EmotuneError as exc:
-        print(f"emotune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("emotune: search interrupted; run the same command again to resume it.", file=sys.stderr)
-        return 130
-    return 0
+        else:
+            run_search(load_config(args, "search"))
+
+    return run_command(act, "search interrupted; run the same command again to resume it.")
 
 
 def spaces_dir() -> Path:
