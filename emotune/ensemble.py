@@ -218,7 +218,9 @@ def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None =
     if out.exists():
         shutil.rmtree(out)
     pool_dir = out / ".candidates"
-    pool = candidates if method == "greedy" else candidates[:k]
+    # Without test labels, dev is halved and the ranking must use the selection half only: every finished
+    # trial is a candidate, since the order by best_val_f1 was measured on all of dev, the held-out half too.
+    pool = candidates if method == "greedy" or not corpus.test_labelled else candidates[:k]
     for i, candidate in enumerate(pool):
         download(tracking, candidate, pool_dir / f"{i:02d}")
     dev_probs = [_aligned(c.folder, "dev", dev_ids) for c in pool]
@@ -241,9 +243,11 @@ def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None =
         eval_probs_of = lambda c: _aligned(c.folder, "dev", eval_ids)  # noqa: E731
     sel_true = [dev_true[i] for i in select_idx]
     sel_probs = [p[select_idx] for p in dev_probs]
+    sel_f1 = [evaluation.macro_f1(sel_true, p.argmax(1), n_classes) for p in sel_probs]
     if not corpus.test_labelled:  # rank on the selection half only
-        order = sorted(range(len(pool)), key=lambda i: -evaluation.macro_f1(sel_true, sel_probs[i].argmax(1), n_classes))
-        pool, sel_probs = [pool[i] for i in order], [sel_probs[i] for i in order]
+        order = sorted(range(len(pool)), key=lambda i: -sel_f1[i])
+        pool, sel_probs, sel_f1 = [pool[i] for i in order], [sel_probs[i] for i in order], [sel_f1[i] for i in order]
+    ranking = [{"name": c.name, "run_id": c.run_id, "selection_macro_f1": f} for c, f in zip(pool, sel_f1)]
 
     if method == "greedy":
         bag, curve = greedy_selection(sel_probs, sel_true, n_classes, steps=steps, start=0)
@@ -288,7 +292,8 @@ def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None =
     run.log_artifacts(files + [saved])
     run.finish()
     summary = {"search": name, "method": method, "k": k, "evaluation": eval_name, **result,
-               "members": member_scores, "out_dir": str(out), "run_id": run.run_id, "greedy_curve": curve}
+               "members": member_scores, "ranking": ranking, "out_dir": str(out), "run_id": run.run_id,
+               "greedy_curve": curve}
     _print_summary(summary, report, labels)
     return summary
 

@@ -151,6 +151,11 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
     summary = select_top(config_for(runs), k=2, method="soft", out_dir=tmp_path / "ens")
     assert summary["evaluation"].startswith("held-out half of dev (6 clips")  # 12 dev clips, half held out
     assert "ranked on the other half" in summary["evaluation"]
+    # every finished trial competed on the selection half, and the members are its two best there
+    assert len(summary["ranking"]) == 3
+    scores = [r["selection_macro_f1"] for r in summary["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+    assert [m["run_id"] for m in summary["members"]] == [r["run_id"] for r in summary["ranking"][:2]]
     assert "held-out half of dev" in (tmp_path / "ens" / "evaluation.txt").read_text()
     lines = (tmp_path / "ens" / "submission.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 1 + 12  # the unlabelled test split gets its submission
