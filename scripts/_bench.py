@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCH_DIR = ROOT / "benchmarks"
+RUNS_DIR = ROOT / "runs"  # the project's runs folder, wherever the script is started from
 
 
 def run_search(overrides: list[str]) -> dict:
@@ -17,7 +18,7 @@ def run_search(overrides: list[str]) -> dict:
     from emotune.config import load_config
     from emotune.search import run_search as run
 
-    return run(load_config(overrides, "search"))
+    return run(load_config([f"paths.runs_dir={RUNS_DIR}", *overrides], "search"))
 
 
 def trial_results(experiment_dir: str | Path) -> list[dict]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import ROOT, run_search, trial_results, write
+from _bench import RUNS_DIR, run_search, trial_results, write
 
 # Parameter counts of the paper's best pair (the hub models' published sizes).
 LARGE = {"speech": ("facebook/wav2vec2-large-xlsr-53", 315_000_000),
@@ -88,7 +88,7 @@ def main() -> int:
     from emotune.config import load_config
     from emotune.data.prepare import prepare_corpus
 
-    runs = ROOT / "runs"
+    runs = RUNS_DIR
     base_cfg = load_config([f"paths.runs_dir={runs}"])
     corpus = prepare_corpus(base_cfg["data"], runs, progress=False)
     folders = build_encoders(runs, corpus, args.width, args.layers)

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from _bench import ROOT, mean_sd, run_search, write
+from _bench import RUNS_DIR, mean_sd, run_search, write
 
 METHODS = ("hard", "soft", "greedy")
 
@@ -39,9 +39,9 @@ def main() -> int:
                     f"search.num_samples={args.samples}"])
         row = {"seed": seed}
         for method in METHODS:
-            cfg = load_config([f"paths.runs_dir={ROOT / 'runs'}"])
+            cfg = load_config([f"paths.runs_dir={RUNS_DIR}"])
             summary = select_top(cfg, k=args.k, method=method, search=name,
-                                 out_dir=ROOT / "runs" / "ensembles" / f"{name}-{method}")
+                                 out_dir=RUNS_DIR / "ensembles" / f"{name}-{method}")
             row[method] = summary["macro_f1"]
             if method == "hard":  # members are ranked by dev F1: the first is the best single trial
                 row["best_single"] = summary["members"][0]["eval_macro_f1"]
