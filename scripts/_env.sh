@@ -16,7 +16,9 @@ fi
 stamp="$VENV/.emotune-pyproject"
 if [ ! -f "$stamp" ] || ! cmp -s "$ROOT/pyproject.toml" "$stamp"; then
     echo "Installing emotune and its dependencies into $VENV (a few minutes the first time) ..."
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+    # some machines' pip.conf names local index folders that lack most packages: pip warns once per package
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     cp "$ROOT/pyproject.toml" "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
