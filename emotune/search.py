@@ -401,9 +401,12 @@ def _summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float,
             print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
         print(f"  MLflow run {best['mlflow_run_id']}; checkpoint and predictions: {artifacts}")
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
+    # the next commands, spelled so that they find this search from the current folder
+    runs_dir = cfg["paths"]["runs_dir"]
+    where = "" if Path(runs_dir) == Path("runs").resolve() else f" paths.runs_dir={runs_dir}"
     print("Next:")
-    print(f"  emotune ui                         # compare the trials in MLflow ({cfg['tracking']['uri']})")
-    print(f"  emotune select-top --k 3           # ensemble the best trials and evaluate them")
+    print(f"  emotune ui{where}    # compare the trials in MLflow ({cfg['tracking']['uri']})")
+    print(f"  emotune select-top --k 3 --search {cfg['search']['name']}{where}    # ensemble the best trials")
     return summary
 
 

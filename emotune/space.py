@@ -21,7 +21,7 @@ set fixed keys for its trials (``trial.max_epochs``, ``search.num_samples``, ...
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 from emotune.errors import EmotuneError
 
