@@ -84,39 +84,52 @@ def _init_ray(ray_cfg: dict) -> bool:
     return True
 
 
-def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> list[dict]:
-    """Build the feature cache of every encoder the space can pick, before any trial starts."""
+def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list[dict], dict[str, object]]:
+    """Build the feature cache of every encoder the space can pick, before any trial starts.
+
+    Returns the build reports and, per ``"modality/name"``, the index part a trial reads that encoder's
+    features with (so trials never load an encoder).
+    """
     import ray
 
-    from emotune.features.prepare import fill_cache, load_named_encoder, plan_jobs
     from emotune.features.cache import FeatureStore
+    from emotune.features.prepare import fill_cache, index_part, load_named_encoder, plan_jobs
 
     if not cfg["features"].get("cache", True):
-        return []
+        return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
-    lines = []
+    store = FeatureStore(cfg["features"]["dir"])
+    lines, parts = [], {}
     for modality, names in encoders.items():
         for name in names:
             encoder = load_named_encoder(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
-            jobs = plan_jobs(corpus, encoder, cfg["features"], FeatureStore(cfg["features"]["dir"]))
+            jobs = plan_jobs(corpus, encoder, cfg["features"], store)
             report = fill_cache(encoder, jobs, corpus, cfg["features"], progress=True, workers=workers,
                                 runs_dir=cfg["paths"]["runs_dir"])
             print(report.line(), flush=True)
             lines.append(asdict(report))
+            parts[f"{modality}/{name}"] = index_part(encoder, jobs, store, report)
             del encoder
-    return lines
+    return lines, parts
 
 
-def search_trainable(sampled: dict, base: dict) -> None:
-    """What each Ray trial runs: the base config with this trial's sampled values written in."""
+def search_trainable(sampled: dict, base: dict, cached: dict | None = None) -> None:
+    """What each Ray trial runs: the base config with this trial's sampled values written in.
+
+    ``cached`` holds the driver's index part of every encoder whose cache it filled; a trial whose encoders
+    are all there reads their features without loading the encoders.
+    """
     import logging
 
+    from emotune.features.cache import FeatureIndex
     from emotune.space import apply_sampled
     from emotune.trial import trainable
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
     cfg = apply_sampled(base, sampled)
-    trainable(cfg)
+    wanted = [f"{m}/{cfg['encoders'][m]}" for m in cfg["model"].get("modalities") or ["speech", "text"]]
+    index = FeatureIndex.merge([cached[w] for w in wanted]) if cached and all(w in cached for w in wanted) else None
+    trainable(cfg, index=index)
 
 
 def _mlflow_callback(tracking: dict, max_epochs: int):
@@ -150,7 +163,7 @@ def _mlflow_callback(tracking: dict, max_epochs: int):
     return EndTrialRuns()
 
 
-def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool):
+def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: dict):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -161,7 +174,7 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool):
 
     search = cfg["search"]
     resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"].get("gpu", 0) or 0)}
-    trainable = tune.with_resources(tune.with_parameters(search_trainable, base=base), resources)
+    trainable = tune.with_resources(tune.with_parameters(search_trainable, base=base, cached=cached), resources)
     if restore:
         return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
     sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
@@ -278,12 +291,12 @@ def run_search(cfg: dict) -> dict:
 
     started_ray = _init_ray(cfg["ray"])
     try:
-        reports = fill_caches(cfg, corpus, encoders)
+        reports, cached = fill_caches(cfg, corpus, encoders)
         base = copy.deepcopy(cfg)
         base["features"]["verify"] = False  # the driver just verified every cached file
         base["search"] = {**search, "parent_run_id": parent.run_id, "name": name}
         base["trial"]["cpus"] = max(1, int(float(search["resources"]["cpu"])))
-        tuner = _tuner(cfg, base, experiment_dir, restore)
+        tuner = _tuner(cfg, base, experiment_dir, restore, cached)
         fit_started = time.perf_counter()
         results = tuner.fit()
         fit_seconds = time.perf_counter() - fit_started

@@ -161,11 +161,13 @@ def _print_reporter(metrics: dict, _checkpoint: str) -> None:
 
 def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Path | None = None,
               workdir: str | Path | None = None, run_key: str | None = None, run_name: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, index=None) -> dict:
     """Train one model as ``cfg`` says and return its summary (``best_val_f1``, ``best_epoch``, ...).
 
     ``reporter(metrics, checkpoint_dir)`` is called after every epoch (Ray's ``tune.report`` inside a
-    search); ``resume_dir`` is a checkpoint folder written by an earlier attempt of the same trial.
+    search); ``resume_dir`` is a checkpoint folder written by an earlier attempt of the same trial;
+    ``index`` is the feature index of an already filled cache (the search passes it), else the trial loads
+    its encoders and fills the cache itself.
     """
     from emotune.data.prepare import prepare_corpus
     from emotune.features.encode import pick_device
@@ -191,7 +193,8 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     corpus = prepare_corpus(cfg["data"], runs_dir, progress=progress)
     labels = corpus.labels
     if features_cfg.get("cache", True):
-        index = prepare_features(corpus, cfg["encoders"], features_cfg, modalities, runs_dir, progress=progress)
+        if index is None:
+            index = prepare_features(corpus, cfg["encoders"], features_cfg, modalities, runs_dir, progress=progress)
         source = CachedFeatures(index, modalities, labels, float(trial_cfg["aug_prob"]), float(trial_cfg["crop_seconds"]),
                                 float(features_cfg.get("preload_mb", 4096)))
         described = index.encoders
@@ -389,8 +392,11 @@ def _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, devi
         run.log_artifacts(files, "best")
 
 
-def trainable(config: dict) -> dict | None:
-    """The Ray Tune trainable (also runs alone): ``config`` is the full plain config dict."""
+def trainable(config: dict, index=None) -> dict | None:
+    """The Ray Tune trainable (also runs alone): ``config`` is the full plain config dict.
+
+    ``index``: the feature index of a cache the search already filled (see :func:`run_trial`).
+    """
     from ray import tune
 
     with warnings.catch_warnings():
@@ -398,7 +404,7 @@ def trainable(config: dict) -> dict | None:
         context = tune.get_context()
         trial_id = context.get_trial_id()
     if trial_id is None:
-        return run_trial(copy.deepcopy(config))
+        return run_trial(copy.deepcopy(config), index=index)
     checkpoint = tune.get_checkpoint()
 
     import ray
@@ -414,8 +420,8 @@ def trainable(config: dict) -> dict | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as resume_dir:
             run_trial(config, report, resume_dir, workdir=workdir, run_key=run_key,
-                      run_name=context.get_trial_name(), progress=False)
+                      run_name=context.get_trial_name(), progress=False, index=index)
     else:
         run_trial(config, report, None, workdir=workdir, run_key=run_key, run_name=context.get_trial_name(),
-                  progress=False)
+                  progress=False, index=index)
     return None

@@ -69,6 +69,28 @@ def test_resumed_trial_continues_exactly(separable, tmp_path):
     assert history(resumed, "val_f1") == history(straight, "val_f1")
 
 
+def test_a_trial_given_the_cache_index_never_loads_an_encoder(separable, tmp_path):
+    """The search fills the cache once and hands its index to trials: they read features, not encoders."""
+    import shutil
+
+    from emotune.data.prepare import prepare_corpus
+    from emotune.errors import EmotuneError
+    from emotune.features.prepare import load_named_encoder, prepare_features
+
+    corpus, runs = separable
+    base = trial_config(corpus, runs)
+    prepared = prepare_corpus(base["data"], runs, progress=False)
+    preset = load_named_encoder("tiny-bert", "text", prepared, base["features"], runs).folder
+    folder = shutil.copytree(preset, tmp_path / "my-text-encoder")  # a local folder, as a user would pass
+    cfg = trial_config(corpus, runs, f"encoders.text={folder}", "trial.max_epochs=2")
+    index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], runs, progress=False)
+    shutil.rmtree(folder)  # from here on the text encoder cannot be loaded
+    summary = run_trial(cfg, workdir=tmp_path / "with-index", index=index, **QUIET)
+    assert summary["epochs_trained"] == 2 and 0.0 <= summary["best_val_f1"] <= 1.0
+    with pytest.raises(EmotuneError, match="my-text-encoder"):  # without the index it needs the encoder
+        run_trial(cfg, workdir=tmp_path / "without-index", **QUIET)
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))

@@ -275,6 +275,17 @@ class FeatureIndex:
     encoders: dict[str, dict] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
 
+    @classmethod
+    def merge(cls, parts: Sequence["FeatureIndex"]) -> "FeatureIndex":
+        """One index from per-encoder parts (each holding one modality) of the same cache folder."""
+        merged = cls(cache_dir=parts[0].cache_dir)
+        for part in parts:
+            merged.speech.update(part.speech)
+            merged.text.update(part.text)
+            merged.encoders.update(part.encoders)
+            merged.reports += part.reports
+        return merged
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__))
 

@@ -77,22 +77,33 @@ def fill_cache(encoder: FrozenEncoder, jobs: dict[str, list], corpus: PreparedCo
                  verify=verify, progress=progress)
 
 
+def index_part(encoder: FrozenEncoder, jobs: dict[str, list], store: FeatureStore,
+               report: BuildReport | None = None) -> FeatureIndex:
+    """What a trial needs to read one encoder's cached features: its description and each clip's keys.
+
+    Parts are small and picklable: the search builds one per encoder before trials start and hands them
+    to the trials, which then never load an encoder themselves.
+    """
+    part = FeatureIndex(cache_dir=str(store.root), encoders={encoder.modality: describe(encoder)},
+                        reports=[report.line()] if report else [])
+    if encoder.modality == "speech":
+        part.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
+    else:
+        part.text = {uid: row[0].key for uid, row in jobs.items()}
+    return part
+
+
 def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
                      runs_dir: str | Path, progress: bool = True,
                      loaded: dict[str, FrozenEncoder] | None = None) -> FeatureIndex:
     """Fill the cache for every utterance of ``corpus`` and return where each one's features are."""
     loaded = loaded or load_encoders(corpus, encoders, features, modalities, runs_dir)
     store = FeatureStore(features["dir"])
-    index = FeatureIndex(cache_dir=str(store.root))
-    for modality, encoder in loaded.items():
-        index.encoders[modality] = describe(encoder)
+    parts = []
+    for encoder in loaded.values():
         jobs = plan_jobs(corpus, encoder, features, store)
         report = fill_cache(encoder, jobs, corpus, features, progress)
-        if modality == "speech":
-            index.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
-        else:
-            index.text = {uid: row[0].key for uid, row in jobs.items()}
-        index.reports.append(report.line())
+        parts.append(index_part(encoder, jobs, store, report))
         if progress:
             print(report.line())
-    return index
+    return FeatureIndex.merge(parts)
