@@ -214,7 +214,8 @@ def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None =
     n_classes = len(labels)
     dev_ids = [u.id for u in corpus.dev]
 
-    out = Path(out_dir) if out_dir else Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}"
+    default_out = Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}"
+    out = Path(out_dir).resolve() if out_dir else default_out
     if out.exists():
         shutil.rmtree(out)
     pool_dir = out / ".candidates"
