@@ -48,6 +48,7 @@ def code_version() -> str:
 def _validate(cfg: dict) -> dict[str, list[str]]:
     """Check the space and the search settings before anything starts; return the encoders in play."""
     from emotune.features.catalog import resolve_encoder
+    from emotune.model import modalities_of
     from emotune.space import choices_of, validate_space
 
     space, search = cfg["space"], cfg["search"]
@@ -56,9 +57,8 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
-    modalities = cfg["model"].get("modalities") or ["speech", "text"]
     encoders = {}
-    for modality in modalities:
+    for modality in modalities_of(cfg["model"]):
         names = [str(n) for n in choices_of(space, f"encoders.{modality}", cfg)]
         for name in names + [str(cfg["encoders"][modality])]:
             resolve_encoder(name, modality)  # an unknown name fails here, listing the known ones
@@ -122,12 +122,13 @@ def search_trainable(sampled: dict, base: dict, cached: dict | None = None) -> N
     import logging
 
     from emotune.features.cache import FeatureIndex
+    from emotune.model import modalities_of
     from emotune.space import apply_sampled
     from emotune.trial import trainable
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
     cfg = apply_sampled(base, sampled)
-    wanted = [f"{m}/{cfg['encoders'][m]}" for m in cfg["model"].get("modalities") or ["speech", "text"]]
+    wanted = [f"{m}/{cfg['encoders'][m]}" for m in modalities_of(cfg["model"])]
     index = FeatureIndex.merge([cached[w] for w in wanted]) if cached and all(w in cached for w in wanted) else None
     trainable(cfg, index=index)
 

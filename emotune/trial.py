@@ -173,7 +173,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     from emotune.features.encode import pick_device
     from emotune.features.prepare import describe, load_encoders, make_augmenter, prepare_features
     from emotune.features.source import CachedFeatures, LiveFeatures
-    from emotune.model import build_model
+    from emotune.model import build_model, modalities_of
     from emotune.tracking import TrackedRun
 
     trial_cfg, model_cfg, features_cfg = cfg["trial"], cfg["model"], cfg["features"]
@@ -185,9 +185,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     workdir = Path(workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runs_dir = cfg["paths"]["runs_dir"]
-    modalities = list(model_cfg.get("modalities") or ["speech", "text"])
-    if not modalities or set(modalities) - {"speech", "text"}:
-        raise EmotuneError(f"model.modalities must be a non-empty subset of [speech, text], got {modalities}")
+    modalities = modalities_of(model_cfg)
 
     started = time.perf_counter()
     corpus = prepare_corpus(cfg["data"], runs_dir, progress=progress)

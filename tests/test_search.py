@@ -152,6 +152,7 @@ def test_search_on_a_two_node_cluster(separable, tmp_path):
     ("encoders.speech=wavlm-huge", ["unknown speech encoder 'wavlm-huge'", "xlsr", "fbank"]),
     ("encoders.speech_choices=[fbank,whisper]", ["unknown speech encoder 'whisper'"]),
     ("search.metric=accuracy", ["search.metric must be one of val_f1, val_f1_ema, best_val_f1"]),
+    ("model.modalities=[speech,video]", ["model.modalities must be a non-empty subset of [speech, text]"]),
 ])
 def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     result = subprocess.run([sys.executable, "-m", "emotune.search", override, f"paths.runs_dir={tmp_path}"],

@@ -11,9 +11,11 @@ from emotune.model.heads import AttentionPoolingModel, ClassifierHead, CogniCICM
 from emotune.model.pooling import AttentionPooling, LayerMix, masked_mean
 
 FAMILIES = ("attention", "cognicic")
+MODALITIES = ("speech", "text")
 
 __all__ = [
     "FAMILIES",
+    "MODALITIES",
     "AttentionPooling",
     "AttentionPoolingModel",
     "ClassifierHead",
@@ -22,7 +24,16 @@ __all__ = [
     "LayerMix",
     "build_model",
     "masked_mean",
+    "modalities_of",
 ]
+
+
+def modalities_of(cfg: Mapping[str, Any]) -> list[str]:
+    """The modalities a model config uses (both when unset); an unknown one is a clear error."""
+    modalities = list(cfg.get("modalities") or MODALITIES)
+    if set(modalities) - set(MODALITIES):
+        raise EmotuneError(f"model.modalities must be a non-empty subset of [speech, text], got {modalities}")
+    return modalities
 
 
 def build_model(
