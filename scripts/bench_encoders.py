@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _bench import BENCH_DIR, RUNS_DIR
 
 SPEECH_ENCODERS = ["fbank", "mfcc", "tiny-wav2vec2", "tiny-wav2vec2-base", "tiny-wavlm", "tiny-hubert"]
 
@@ -39,8 +38,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="trial seeds per configuration (default 3)")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per trial, no early stopping (default 40)")
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the demo corpus lives (default runs/)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks"), help="output folder (default benchmarks/)")
+    parser.add_argument("--runs-dir", default=str(RUNS_DIR), help="where the demo corpus lives (default runs/)")
+    parser.add_argument("--out", default=str(BENCH_DIR), help="output folder (default benchmarks/)")
     args = parser.parse_args()
 
     from emotune.config import load_config

@@ -77,15 +77,14 @@ def fill_cache(encoder: FrozenEncoder, jobs: dict[str, list], corpus: PreparedCo
                  verify=verify, progress=progress)
 
 
-def index_part(encoder: FrozenEncoder, jobs: dict[str, list], store: FeatureStore,
-               report: BuildReport | None = None) -> FeatureIndex:
+def index_part(encoder: FrozenEncoder, jobs: dict[str, list], store: FeatureStore, report: BuildReport) -> FeatureIndex:
     """What a trial needs to read one encoder's cached features: its description and each clip's keys.
 
     Parts are small and picklable: the search builds one per encoder before trials start and hands them
     to the trials, which then never load an encoder themselves.
     """
     part = FeatureIndex(cache_dir=str(store.root), encoders={encoder.modality: describe(encoder)},
-                        reports=[report.line()] if report else [])
+                        reports=[report.line()])
     if encoder.modality == "speech":
         part.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
     else:
