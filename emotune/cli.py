@@ -87,6 +87,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from emotune.config import load_config
+    from emotune.features.plan import DEFAULT_TEST_SHARE, ClipSplits, plan_cache
+    from emotune.space import encoders_in_play, validate_space
+
+    cfg = load_config(args.overrides, "search")
+    validate_space(cfg["space"], cfg)
+    encoders = encoders_in_play(cfg)
+    if (args.clips is None) != (args.hours is None):
+        raise EmotuneError("--clips and --hours go together: the number of clips and their total hours")
+    if args.clips is not None:
+        splits = ClipSplits.described(args.clips, args.hours, float(cfg["data"]["dev_fraction"]),
+                                      DEFAULT_TEST_SHARE if args.test_share is None else args.test_share)
+    else:
+        from emotune.data.prepare import prepare_corpus
+
+        splits = ClipSplits.of_corpus(prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"]))
+    plan = plan_cache(cfg["features"], cfg["paths"]["runs_dir"], splits, encoders)
+    if not plan.encoders:
+        print("features.cache=false: encoders run inside the trials and nothing is stored.")
+        return 0
+    print(plan.table())
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=1))
+        print(f"plan written to {Path(args.json).resolve()}")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -186,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                          help="bad rows: stop (raise) or leave out and report them (skip)")
     predict.set_defaults(func=_cmd_predict)
+
+    plan = sub.add_parser(
+        "plan",
+        help="size the feature cache of a search before anything is downloaded or encoded",
+        description="Print, per encoder the search may use and in total: the cache size, the encoder passes, what "
+        "the cache already holds, whether the rest fits the disk, and an encoding-time estimate. Nothing is "
+        "downloaded or encoded. Takes the search's overrides. Examples: emotune plan space=encoders encoders=hub "
+        "data=folder data.root=/data/meacorpus;  emotune plan space=encoders encoders=hub --clips 5129 --hours 13.16",
+    )
+    plan.add_argument("--clips", type=int, help="plan for a corpus you describe: its number of clips (with --hours)")
+    plan.add_argument("--hours", type=float, help="the described corpus' total hours of audio (with --clips)")
+    plan.add_argument("--test-share", type=float, default=None,
+                      help="share of a described corpus in the test split (default 0.2, as EmoSPeech 2024: 750 of "
+                      "3,750); dev is data.dev_fraction of the rest")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for the search")
+    plan.set_defaults(func=_cmd_plan)
 
     ui = sub.add_parser(
         "ui",

@@ -64,61 +64,86 @@ class Ensemble:
         return Member(model, card, float(entry.get("weight", 1.0)))
 
     def _encoder(self, modality: str, description: dict, max_tokens: int):
+        """The encoder a member was trained on, rebuilt from its card; refused if it no longer matches."""
         from emotune.features.catalog import EncoderSpec
-        from emotune.features.encode import (ClassicSpeechEncoder, HFSpeechEncoder, HFTextEncoder,
-                                             locate_hf_folder)
+        from emotune.features.encode import locate_hf_folder, make_recipe, open_encoder
 
         key = description["key"]
         if key in self._encoders:
             return self._encoders[key]
         spec = EncoderSpec(description["name"], modality, description["kind"], description["source"])
-        layers = description.get("layer_indices") or "all"
-        if spec.kind == "classic":
-            encoder = ClassicSpeechEncoder(spec, layers)
-        else:
+        folder = None
+        if spec.kind != "classic":
             shipped = self.manifest.get("encoder_folders", {}).get(description.get("folder") or "")
             folder = self.folder / shipped if shipped else locate_hf_folder(spec)
             if not Path(folder).is_dir():
                 raise EmotuneError(f"the {modality} encoder of this ensemble is missing: {folder}")
-            encoder = (HFSpeechEncoder(spec, Path(folder), layers) if modality == "speech"
-                       else HFTextEncoder(spec, Path(folder), layers, max_tokens=max_tokens))
-        if encoder.key != key:
-            raise EmotuneError(f"the {modality} encoder '{spec.name}' found now ({encoder.key}) differs from the one "
+        # cards written before these settings existed were trained on the corpus-wide normalisation only
+        recipe = make_recipe(spec, folder, description.get("layer_indices") or "all",
+                             max_tokens=int(description.get("max_tokens") or max_tokens),
+                             waveform_norm=description.get("waveform_norm", "global"),
+                             storage=description.get("storage", "float16"))
+        if recipe.key != key:
+            raise EmotuneError(f"the {modality} encoder '{spec.name}' found now ({recipe.key}) differs from the one "
                                f"the ensemble was trained with ({key}); its predictions would be meaningless.")
-        self._encoders[key] = encoder
-        return encoder
+        self._encoders[key] = open_encoder(recipe)
+        return self._encoders[key]
+
+    def _features(self, member: Member, chunk: Sequence[Utterance], encoded: dict, waves: list) -> dict:
+        """A member's inputs for ``chunk``, as its trials read them from the cache (same storage rounding)."""
+        from emotune.features.cache import as_stored
+
+        features: dict[str, list[np.ndarray]] = {}
+        for modality in member.model.modalities:
+            description = member.card["encoders"][modality]
+            if description["key"] not in encoded:  # members sharing an encoder share its outputs
+                encoder = self._encoder(modality, description,
+                                        int((member.card.get("features") or {}).get("max_text_tokens") or 256))
+                if modality == "speech":
+                    if not waves:
+                        waves.extend(self.norm.apply(load_audio(u.audio)) for u in chunk)
+                    outputs = encoder.encode(waves)
+                else:
+                    outputs = encoder.encode([u.text for u in chunk])
+                encoded[description["key"]] = [as_stored(a, description.get("storage", "float16")) for a in outputs]
+            features[modality] = encoded[description["key"]]
+        return features
 
     @torch.inference_mode()
-    def predict(self, utterances: Sequence[Utterance], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """Class indices and class scores (probabilities, or vote shares for ``hard``) per utterance."""
+    def predict(self, utterances: Sequence[Utterance], batch_size: int = 16, chunk_size: int = 64,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class scores (probabilities, or vote shares for ``hard``) per utterance.
+
+        Clips go through in chunks: load, encode, run every member, keep the probabilities, and drop the
+        waveforms and features before the next chunk, so memory does not grow with the number of clips.
+        """
         from emotune.ensemble import combine
         from emotune.features.source import pad_batch
 
-        member_probs = []
-        waves = None
-        encoded: dict[str, list[np.ndarray]] = {}  # members sharing an encoder share its outputs
-        for member in self.members:
-            features: dict[str, list[np.ndarray]] = {}
-            for modality in member.model.modalities:
-                description = member.card["encoders"][modality]
-                if description["key"] not in encoded:
-                    encoder = self._encoder(modality, description,
-                                            int((member.card.get("features") or {}).get("max_text_tokens") or 256))
-                    if modality == "speech":
-                        if waves is None:
-                            waves = [self.norm.apply(load_audio(u.audio)) for u in utterances]
-                        encoded[description["key"]] = encoder.encode(waves)
-                    else:
-                        encoded[description["key"]] = encoder.encode([u.text for u in utterances])
-                features[modality] = encoded[description["key"]]
-            probs = []
-            for start in range(0, len(utterances), batch_size):
-                batch = {}
-                for modality, arrays in features.items():
-                    batch[modality], batch[f"{modality}_mask"] = pad_batch(arrays[start : start + batch_size])
-                probs.append(torch.softmax(member.model(batch), dim=-1).numpy().astype(np.float64))
-            member_probs.append(np.concatenate(probs))
-        return combine(self.method, member_probs, [m.weight for m in self.members], self.offsets)
+        member_probs: list[list[np.ndarray]] = [[] for _ in self.members]
+        bar = None
+        if progress and len(utterances) > chunk_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(utterances), desc="predicting", unit="clip")
+        for start in range(0, len(utterances), chunk_size):
+            chunk = utterances[start : start + chunk_size]
+            encoded: dict[str, list[np.ndarray]] = {}
+            waves: list[np.ndarray] = []
+            for member, probs in zip(self.members, member_probs):
+                features = self._features(member, chunk, encoded, waves)
+                for first in range(0, len(chunk), batch_size):
+                    batch = {}
+                    for modality, arrays in features.items():
+                        batch[modality], batch[f"{modality}_mask"] = pad_batch(arrays[first : first + batch_size])
+                    probs.append(torch.softmax(member.model(batch), dim=-1).numpy().astype(np.float64))
+            del encoded, waves
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return combine(self.method, [np.concatenate(p) for p in member_probs], [m.weight for m in self.members],
+                       self.offsets)
 
 
 def read_inputs(csv_path: str | None, audio_dir: str | None, audio: str | None, text: str | None,

@@ -47,9 +47,7 @@ def code_version() -> str:
 
 def _validate(cfg: dict) -> dict[str, list[str]]:
     """Check the space and the search settings before anything starts; return the encoders in play."""
-    from emotune.features.catalog import resolve_encoder
-    from emotune.model import modalities_of
-    from emotune.space import choices_of, validate_space
+    from emotune.space import encoders_in_play, validate_space
 
     space, search = cfg["space"], cfg["search"]
     validate_space(space, cfg)
@@ -57,13 +55,18 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
-    encoders = {}
-    for modality in modalities_of(cfg["model"]):
-        names = [str(n) for n in choices_of(space, f"encoders.{modality}", cfg)]
-        for name in names + [str(cfg["encoders"][modality])]:
-            resolve_encoder(name, modality)  # an unknown name fails here, listing the known ones
-        encoders[modality] = list(dict.fromkeys(names))
-    return encoders
+    return encoders_in_play(cfg)
+
+
+def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):
+    """The feature-cache plan of this search, printed; stops the search when the missing part cannot fit."""
+    from emotune.features.plan import ClipSplits, plan_cache, refuse_if_too_big
+
+    plan = plan_cache(cfg["features"], cfg["paths"]["runs_dir"], ClipSplits.of_corpus(corpus), encoders)
+    if plan.encoders:
+        print(plan.table(), flush=True)
+    refuse_if_too_big(plan)
+    return plan
 
 
 def _init_ray(ray_cfg: dict) -> bool:
@@ -88,12 +91,13 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list
     """Build the feature cache of every encoder the space can pick, before any trial starts.
 
     Returns the build reports and, per ``"modality/name"``, the index part a trial reads that encoder's
-    features with (so trials never load an encoder).
+    features with (so trials never load an encoder). The driver itself only reads the encoders' recipes;
+    encoders are loaded where something is missing, by the cache workers.
     """
     import ray
 
     from emotune.features.cache import FeatureStore
-    from emotune.features.prepare import fill_cache, index_part, load_named_encoder, plan_jobs
+    from emotune.features.prepare import encoder_recipe, fill_cache, index_part, plan_jobs
 
     if not cfg["features"].get("cache", True):
         return [], {}
@@ -102,14 +106,12 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list
     lines, parts = [], {}
     for modality, names in encoders.items():
         for name in names:
-            encoder = load_named_encoder(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
-            jobs = plan_jobs(corpus, encoder, cfg["features"], store)
-            report = fill_cache(encoder, jobs, corpus, cfg["features"], progress=True, workers=workers,
-                                runs_dir=cfg["paths"]["runs_dir"])
+            recipe = encoder_recipe(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
+            jobs = plan_jobs(corpus, recipe, cfg["features"], store)
+            report = fill_cache(recipe, jobs, corpus, cfg["features"], progress=True, workers=workers)
             print(report.line(), flush=True)
             lines.append(asdict(report))
-            parts[f"{modality}/{name}"] = index_part(encoder, jobs, store, report)
-            del encoder
+            parts[f"{modality}/{name}"] = index_part(recipe, jobs, store, report)
     return lines, parts
 
 
@@ -276,12 +278,13 @@ def run_search(cfg: dict) -> dict:
     name = str(search["name"])
     experiment_dir = Path(cfg["ray"]["storage"]) / name
     restore = tune.Tuner.can_restore(str(experiment_dir))
-    _check_same_settings(cfg, experiment_dir, restore)
     print(f"emotune search '{name}' (space {cfg['space']['name']}): "
           f"{'resuming from' if restore else 'results in'} {experiment_dir}", flush=True)
 
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"])
     print(corpus.summary(), flush=True)
+    plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
+    _check_same_settings(cfg, experiment_dir, restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
     parent = TrackedRun.start(cfg["tracking"], name=f"search-{name}", kind="search", run_key=f"search/{name}",
                               tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
@@ -289,6 +292,7 @@ def run_search(cfg: dict) -> dict:
     parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")
+    parent.log_json(plan.to_dict(), "cache_plan.json")
 
     started_ray = _init_ray(cfg["ray"])
     try:
@@ -314,19 +318,38 @@ def run_search(cfg: dict) -> dict:
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
 RESUMABLE_CHANGES = ("ray.", "search.max_concurrent", "search.resources.", "features.batch_size", "features.device",
-                     "features.verify", "trial.device", "trial.cpus", "trial.fail_once_at_epoch")
+                     "features.verify", "features.gpu_per_worker", "features.max_cache_gb", "features.plan_tflops",
+                     "trial.device", "trial.cpus", "trial.fail_once_at_epoch")
+# Keys added after searches already existed, with the value that reproduces what those searches did: a search
+# saved without them resumes with these, so its cache keys and trials stay what they were.
+ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16",
+              "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 
 
 def _check_same_settings(cfg: dict, experiment_dir: Path, restore: bool) -> None:
     """Refuse to resume a search with other settings: its trials would mix two configurations."""
     import json
 
+    from emotune.space import get_path, set_path
     from emotune.tracking import flatten
 
     saved = experiment_dir / "emotune_config.json"
-    current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
     if restore and saved.is_file():
-        before = {k: v for k, v in flatten(json.loads(saved.read_text())).items() if not k.startswith(RESUMABLE_CHANGES)}
+        before_cfg = json.loads(saved.read_text())
+        for key, old in ADDED_KEYS.items():
+            try:
+                get_path(before_cfg, key)
+            except KeyError:  # started before the key existed: resume as it ran
+                if old is None:
+                    set_path(before_cfg, key, get_path(cfg, key))
+                    continue
+                set_path(before_cfg, key, old)
+                if get_path(cfg, key) != old:
+                    print(f"search '{cfg['search']['name']}' was started before {key} existed: it resumes with "
+                          f"{key}={old}, as it ran.", flush=True)
+                set_path(cfg, key, old)
+        current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+        before = {k: v for k, v in flatten(before_cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
         changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
         if changed:
             shown = "; ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])

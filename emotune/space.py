@@ -162,3 +162,18 @@ def choices_of(space: dict, key: str, cfg: dict) -> list:
     if spec and "choice" in spec:
         return list(spec["choice"])
     return [get_path(cfg, key)]
+
+
+def encoders_in_play(cfg: dict) -> dict[str, list[str]]:
+    """Per modality of the model, every encoder the search may pick (its choices, or the fixed one), checked."""
+    from emotune.features.catalog import resolve_encoder
+    from emotune.model import modalities_of
+
+    space = cfg["space"]
+    encoders = {}
+    for modality in modalities_of(cfg["model"]):
+        names = [str(n) for n in choices_of(space, f"encoders.{modality}", cfg)]
+        for name in names + [str(cfg["encoders"][modality])]:
+            resolve_encoder(name, modality)  # an unknown name fails here, listing the known ones
+        encoders[modality] = list(dict.fromkeys(names))
+    return encoders

@@ -161,17 +161,19 @@ def _print_reporter(metrics: dict, _checkpoint: str) -> None:
 
 def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Path | None = None,
               workdir: str | Path | None = None, run_key: str | None = None, run_name: str | None = None,
-              progress: bool = True, index=None) -> dict:
+              progress: bool = True, index=None, device: str | None = None) -> dict:
     """Train one model as ``cfg`` says and return its summary (``best_val_f1``, ``best_epoch``, ...).
 
     ``reporter(metrics, checkpoint_dir)`` is called after every epoch (Ray's ``tune.report`` inside a
     search); ``resume_dir`` is a checkpoint folder written by an earlier attempt of the same trial;
     ``index`` is the feature index of an already filled cache (the search passes it), else the trial loads
-    its encoders and fills the cache itself.
+    its encoders and fills the cache itself. ``device`` overrides ``trial.device`` (a Ray trial passes the
+    device Ray gave it).
     """
+    from emotune.data.augment import Augmenter
     from emotune.data.prepare import prepare_corpus
     from emotune.features.encode import pick_device
-    from emotune.features.prepare import describe, load_encoders, make_augmenter, prepare_features
+    from emotune.features.prepare import describe, load_encoders, prepare_features
     from emotune.features.source import CachedFeatures, LiveFeatures
     from emotune.model import build_model, modalities_of
     from emotune.tracking import TrackedRun
@@ -181,7 +183,7 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
     seed = int(trial_cfg["seed"])
     seed_everything(seed)
     torch.set_num_threads(max(1, int(trial_cfg.get("cpus", 1))))
-    device = pick_device(trial_cfg.get("device", "auto"))
+    device = pick_device(device or trial_cfg.get("device", "auto"))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runs_dir = cfg["paths"]["runs_dir"]
@@ -197,11 +199,12 @@ def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Pat
                                 float(features_cfg.get("preload_mb", 4096)))
         described = index.encoders
     else:
-        encoders = load_encoders(corpus, cfg["encoders"], features_cfg, modalities, runs_dir)
-        augmenter = make_augmenter(dict(features_cfg.get("augment") or {}))
+        # live encoders run where the trial runs: on the device it was given, not wherever features.device says
+        encoders = load_encoders(corpus, cfg["encoders"], {**features_cfg, "device": str(device)}, modalities, runs_dir)
+        augmenter = Augmenter.from_settings(features_cfg.get("augment"))
         source = LiveFeatures(encoders, labels, corpus.norm, augmenter, float(trial_cfg["aug_prob"]),
                               float(trial_cfg["crop_seconds"]))
-        described = {m: describe(e) for m, e in encoders.items()}
+        described = {m: describe(e) | {"storage": "float32"} for m, e in encoders.items()}  # never stored
     feature_seconds = time.perf_counter() - started
 
     dims = {m: (described[m]["layers"], described[m]["width"]) for m in modalities}
@@ -408,18 +411,24 @@ def trainable(config: dict, index=None) -> dict | None:
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    # only the GPUs Ray assigned (CUDA_VISIBLE_DEVICES holds just those); none assigned: the CPU, even on a GPU box
+    device = config["trial"].get("device", "auto")
+    if device == "auto":
+        device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
-        tune.report(metrics | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        where = {"node_id": node_id, "gpu_ids": ",".join(gpu_ids), "cuda_initialized": torch.cuda.is_initialized()}
+        tune.report(metrics | where, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     run_key = f"{context.get_experiment_name()}/{trial_id}"
     # scratch space of our own: Ray's trial folder moves between staging and storage with reused actors
     workdir = Path(config["paths"]["runs_dir"]) / "trials" / context.get_experiment_name() / trial_id
+    common = {"workdir": workdir, "run_key": run_key, "run_name": context.get_trial_name(), "progress": False,
+              "index": index, "device": device}
     if checkpoint is not None:
         with checkpoint.as_directory() as resume_dir:
-            run_trial(config, report, resume_dir, workdir=workdir, run_key=run_key,
-                      run_name=context.get_trial_name(), progress=False, index=index)
+            run_trial(config, report, resume_dir, **common)
     else:
-        run_trial(config, report, None, workdir=workdir, run_key=run_key, run_name=context.get_trial_name(),
-                  progress=False, index=index)
+        run_trial(config, report, None, **common)
     return None

@@ -119,6 +119,34 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     assert abs(sum(v for k, v in answer.items() if k.startswith("p_")) - 1.0) < 1e-3
 
 
+def test_predict_in_chunks_equals_all_at_once_and_old_cards_still_load(smoke_search, separable, tmp_path):
+    import shutil
+
+    from emotune.predict import Ensemble, read_inputs
+
+    runs, _ = smoke_search
+    corpus, _ = separable
+    select_top(config_for(runs), k=3, method="soft", out_dir=tmp_path / "ens")
+    utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
+    ensemble = Ensemble(tmp_path / "ens")
+    whole, whole_scores = ensemble.predict(utterances, chunk_size=10**9)
+    chunked, chunked_scores = ensemble.predict(utterances, chunk_size=2, batch_size=1)
+    assert chunked.tolist() == whole.tolist() and len(whole) == len(utterances)
+    np.testing.assert_allclose(chunked_scores, whole_scores, atol=1e-6)
+    # an ensemble saved before cards recorded input normalisation and storage still loads and predicts the same
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "ens", old)
+    for card_path in old.glob("members/*/model_card.json"):
+        card = json.loads(card_path.read_text())
+        for description in card["encoders"].values():
+            for key in ("waveform_norm", "storage", "max_tokens"):
+                description.pop(key)
+        card_path.write_text(json.dumps(card))
+    again, again_scores = Ensemble(old).predict(utterances)
+    assert again.tolist() == whole.tolist()
+    np.testing.assert_allclose(again_scores, whole_scores, atol=1e-6)
+
+
 def test_select_top_errors_are_clear(smoke_search, tmp_path):
     runs, _ = smoke_search
     cfg = config_for(runs)

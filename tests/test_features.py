@@ -29,7 +29,7 @@ class CountingEncoder:
 
 
 def test_catalog_knows_the_papers_encoders_and_explains_mistakes(tmp_path):
-    assert resolve_encoder("xlsr", "speech").source == "facebook/wav2vec2-large-xlsr-53"
+    assert resolve_encoder("xlsr", "speech").source == "facebook/wav2vec2-xls-r-300m"
     assert resolve_encoder("roberta-es", "text").source == "llange/xlm-roberta-large-spanish"
     assert resolve_encoder("beto", "text").source == "dccuchile/bert-base-spanish-wwm-uncased"
     assert resolve_encoder("someorg/some-model", "speech").kind == "hf"
@@ -45,7 +45,7 @@ def test_catalog_knows_the_papers_encoders_and_explains_mistakes(tmp_path):
 
 def test_hub_model_missing_offline_names_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EmotuneError, match=r"huggingface-cli download facebook/wav2vec2-large-xlsr-53.*encoders\.speech="):
+    with pytest.raises(EmotuneError, match=r"huggingface-cli download facebook/wav2vec2-xls-r-300m.*encoders\.speech="):
         load_encoder(resolve_encoder("xlsr", "speech"), tmp_path)
 
 
@@ -93,9 +93,9 @@ def test_second_build_is_a_cache_hit_that_never_calls_the_encoder(tiny_corpus, t
     norm = NormStats(0.0, 0.1, 1, 1)
     store = FeatureStore(tmp_path / "cache")
     hashes = AudioHashes(tmp_path / "hashes.json")
-    from emotune.features.prepare import make_augmenter
+    from emotune.data.augment import Augmenter
 
-    augmenter = make_augmenter({})
+    augmenter = Augmenter.from_settings({})
     encoder = CountingEncoder(load_encoder(resolve_encoder("fbank", "speech"), tmp_path))
     jobs = speech_jobs(encoder.key, utts, corpus.audio, norm, hashes, 2, {"seed": 0})
     flat = [j for row in jobs.values() for j in row]

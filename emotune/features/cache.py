@@ -1,8 +1,8 @@
 """The feature cache shared by all trials and searches: content-addressed encoder outputs on disk.
 
-Encoders are frozen, so their outputs depend only on the encoder, its layer choice and the input. Each
-array is stored once, in float16, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly
-those things: for speech the encoder key, the audio file's bytes, the normalisation statistics and the
+Encoders are frozen, so their outputs depend only on the encoder, its layer choice, its input normalisation
+and the input. Each array is stored once, in float16 or (``features.storage=int8``) as int8 with one scale
+per layer and frame, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly those things: for speech the encoder key, the audio file's bytes, the normalisation statistics and the
 augmentation variant; for text the encoder key and the transcript. A trial, another search, or a rerun
 after a crash finds the same keys and never runs the encoder again. Each file carries a CRC32 of its data,
 checked when the cache is built, so a damaged file is found and rebuilt instead of trained on.
@@ -37,12 +37,51 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def pack(array: np.ndarray, storage: str = "float16") -> dict[str, np.ndarray]:
+    """The tensors a ``(layers, time, width)`` array is stored as.
+
+    ``float16``: the array itself. ``int8``: values scaled by their frame's largest magnitude (one float32
+    scale per layer and frame, so quiet and loud frames keep the same relative precision), a quarter of
+    float32's size plus 4 bytes per layer and frame.
+    """
+    if storage == "int8":
+        x = np.asarray(array, dtype=np.float32)
+        scale = np.abs(x).max(axis=-1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
+        return {"x": np.ascontiguousarray(q), "s": np.ascontiguousarray(scale)}
+    return {"x": np.ascontiguousarray(array, dtype=np.float16)}
+
+
+def unpack(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The stored array as float16, whatever the storage (int8 values are multiplied back by their scales)."""
+    if "s" in tensors:
+        return (tensors["x"].astype(np.float32) * tensors["s"][..., None]).astype(np.float16)
+    return tensors["x"]
+
+
+def as_stored(array: np.ndarray, storage: str) -> np.ndarray:
+    """``array`` as a trial reads it back from the cache: what ``predict`` must feed the models it trained.
+
+    Any other ``storage`` (``float32``: a model trained on live features) leaves the array as it is.
+    """
+    if storage not in ("float16", "int8"):
+        return np.asarray(array, dtype=np.float32)
+    return unpack(pack(array, storage)).astype(np.float32)
+
+
+def _crc(tensors: dict[str, np.ndarray]) -> str:
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(np.ascontiguousarray(tensors[name]).tobytes(), crc)
+    return f"{crc:08x}"
+
+
 class FeatureStore:
-    """Content-addressed float16 arrays in safetensors files, written atomically, checked by CRC32."""
+    """Content-addressed arrays in safetensors files (float16, or int8 with scales), written atomically, CRC-checked."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).expanduser().resolve()  # created by the first write, not before: plans write nothing
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -50,14 +89,14 @@ class FeatureStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def write(self, key: str, array: np.ndarray) -> int:
+    def write(self, key: str, array: np.ndarray, storage: str = "float16") -> int:
         from safetensors.numpy import save_file
 
-        data = np.ascontiguousarray(array, dtype=np.float16)
+        tensors = pack(array, storage)
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"x": data}, str(tmp), metadata={"crc32": f"{zlib.crc32(data.tobytes()):08x}", "format": CACHE_FORMAT})
+        save_file(tensors, str(tmp), metadata={"crc32": _crc(tensors), "format": CACHE_FORMAT, "storage": storage})
         os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
         return path.stat().st_size
 
@@ -69,8 +108,8 @@ class FeatureStore:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 if frames is None:
-                    return f.get_tensor("x")
-                return f.get_slice("x")[:, frames]
+                    return unpack({name: f.get_tensor(name) for name in f.keys()})
+                return unpack({name: f.get_slice(name)[:, frames] for name in f.keys()})
         except Exception as exc:  # missing, truncated or overwritten
             raise EmotuneError(
                 f"cannot read cached features {path} ({str(exc).splitlines()[0][:120]}). The cache was changed "
@@ -83,10 +122,10 @@ class FeatureStore:
         try:
             with safe_open(str(self.path(key)), framework="numpy") as f:
                 expected = (f.metadata() or {}).get("crc32")
-                data = f.get_tensor("x")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception:
             return False
-        return expected == f"{zlib.crc32(np.ascontiguousarray(data).tobytes()):08x}"
+        return expected == _crc(tensors)
 
     def frames(self, key: str) -> int:
         from safetensors import safe_open
@@ -121,6 +160,7 @@ class BuildReport:
     bytes_written: int = 0
     seconds: float = 0.0
     encoder_calls: int = 0
+    workers: list = field(default_factory=list)  # what each Ray worker that filled the cache ran on
 
     def line(self) -> str:
         return (f"{self.encoder}: {self.hits} cached, {self.built} encoded"
@@ -183,15 +223,34 @@ def text_jobs(encoder_key: str, utterances) -> dict[str, TextJob]:
     return {u.id: TextJob(_digest("text", encoder_key, u.text), u.text) for u in utterances}
 
 
-def estimate_bytes(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob]) -> int:
-    per_step = len(encoder.layers) * encoder.width * 2  # float16
-    steps = sum(encoder.estimate_steps(j.n_samples if isinstance(j, SpeechJob) else j.text) for j in jobs)
-    return steps * per_step + 200 * len(jobs)  # safetensors header and file-system slack
+# safetensors' JSON header (shapes, dtype, CRC metadata) per file, measured on files this cache writes
+HEADER_BYTES = {"float16": 152, "int8": 232}
+
+
+def bytes_per_step(recipe, storage: str | None = None) -> int:
+    """Stored bytes per frame or token of one encoder: every stored layer's values (and scales)."""
+    storage = storage or recipe.storage
+    layers = len(recipe.layers)
+    return layers * recipe.width * (1 if storage == "int8" else 2) + (4 * layers if storage == "int8" else 0)
+
+
+def estimate_bytes(recipe, jobs: Sequence[SpeechJob | TextJob]) -> int:
+    """What writing ``jobs`` will add to the cache, from clip lengths and transcripts (nothing is encoded)."""
+    steps = sum(recipe.steps(j.n_samples if isinstance(j, SpeechJob) else j.text) for j in jobs)
+    return steps * bytes_per_step(recipe) + HEADER_BYTES[recipe.storage] * len(jobs)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or would hold it: the nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def check_disk(store: FeatureStore, needed: int, what: str, announce: bool = True) -> None:
     """Say how much the build will write and refuse to start one that would not fit."""
-    free = shutil.disk_usage(store.root).free
+    free = free_bytes(store.root)
     if announce:
         print(f"feature cache: {what} needs about {needed / 1e6:,.1f} MB; {free / 1e9:,.1f} GB free in {store.root}")
     if needed > 0.95 * free:
@@ -228,6 +287,23 @@ def missing_jobs(jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
     return todo, hits, damaged
 
 
+def encode_jobs(encoder: FrozenEncoder, todo: Sequence[SpeechJob | TextJob], store: FeatureStore,
+                norm: NormStats | None = None, augmenter: Augmenter | None = None, bar=None) -> tuple[int, int]:
+    """Encode ``todo`` and write each array; returns (inputs encoded, bytes written). ``bar`` is a progress bar."""
+    chunk = max(1, encoder.batch_size) * 4
+    decoded: dict[str, np.ndarray] = {}
+    calls = written = 0
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        arrays = encoder.encode([_prepare_input(j, norm, augmenter, decoded) for j in part])
+        calls += len(part)
+        for job, array in zip(part, arrays):
+            written += store.write(job.key, array, encoder.recipe.storage)
+        if bar is not None:
+            bar.update(len(part))
+    return calls, written
+
+
 def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
           norm: NormStats | None = None, augmenter: Augmenter | None = None, verify: bool = True,
           progress: bool = True, label: str | None = None) -> BuildReport:
@@ -237,22 +313,13 @@ def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: Fe
     start = time.perf_counter()
     todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify)
     if todo:
-        check_disk(store, estimate_bytes(encoder, todo), label, announce=progress)
+        check_disk(store, estimate_bytes(encoder.recipe, todo), label, announce=progress)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"encoding ({label})", unit="item")
-        chunk = max(1, encoder.batch_size) * 4
-        decoded: dict[str, np.ndarray] = {}
-        for start_i in range(0, len(todo), chunk):
-            part = todo[start_i : start_i + chunk]
-            arrays = encoder.encode([_prepare_input(j, norm, augmenter, decoded) for j in part])
-            report.encoder_calls += len(part)
-            for job, array in zip(part, arrays):
-                report.bytes_written += store.write(job.key, array)
-            if bar:
-                bar.update(len(part))
+        report.encoder_calls, report.bytes_written = encode_jobs(encoder, todo, store, norm, augmenter, bar)
         if bar:
             bar.close()
     report.built = len(todo) - report.rebuilt_damaged

@@ -10,9 +10,11 @@ mask, so they run one clip at a time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,18 +37,25 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def resolve_layers(choice, n_layers: int) -> list[int]:
-    """``all``, ``last`` or a list of layer indices (negative ones count from the end) to sorted indices."""
+    """Layer indices, sorted, from ``all``, ``last``, ``every_K`` or a list (negative indices count from the end).
+
+    ``every_K`` keeps every K-th layer counted back from the last one (``every_3`` of 24 layers: 2, 5, ..., 23),
+    so the top layer is always kept and the rest of the depth is sampled evenly.
+    """
     if choice == "all":
         return list(range(n_layers))
     if choice == "last":
         return [n_layers - 1]
+    if isinstance(choice, str) and choice.startswith("every_") and choice[6:].isdigit() and int(choice[6:]) > 0:
+        return list(range(n_layers - 1, -1, -int(choice[6:])))[::-1]
     try:
         picked = sorted({int(i) % n_layers if -n_layers <= int(i) < n_layers else None for i in choice})
-    except TypeError:
+    except (TypeError, ValueError):
         picked = [None]
     if None in picked or not picked:
         raise EmotuneError(
-            f"layers must be 'all', 'last' or a list of indices between {-n_layers} and {n_layers - 1}, got {choice!r}"
+            f"layers must be 'all', 'last', 'every_K' (every K-th layer, ending with the last) or a list of "
+            f"indices between {-n_layers} and {n_layers - 1}, got {choice!r}"
         )
     return picked
 
@@ -72,25 +81,39 @@ def folder_identity(folder: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-class FrozenEncoder(ABC):
-    """A frozen encoder: ``encode`` maps inputs to ``(layers, time, width)`` arrays of the chosen layers."""
+WAVEFORM_NORMS = ("auto", "utterance", "global")
+STORAGES = ("float16", "int8")
+
+
+def conv_frames(n_samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Output frames of a strided convolution stack (no padding) for ``n_samples`` inputs, at least 1."""
+    n = int(n_samples)
+    for kernel, stride in zip(kernels, strides):
+        n = (n - kernel) // stride + 1
+    return max(1, n)
+
+
+@dataclass(frozen=True)
+class EncoderRecipe:
+    """What an encoder is and how its cached outputs are named, known without loading any weights.
+
+    Small and picklable: the driver computes cache keys from it, and a Ray worker gets it and loads the
+    encoder itself (:func:`open_encoder`), so no worker imports back up into the feature preparation.
+    """
 
     spec: EncoderSpec
-    identity: str  # changes whenever the outputs could change
-    n_layers: int  # hidden-state layers available to choose from
+    folder: str | None          # the Hugging Face folder (None for classic features)
+    identity: str               # changes whenever the outputs could change (content hash of the folder)
+    n_layers: int               # hidden-state layers available to choose from
     width: int
-    frame_hop: int = 0  # input samples per output frame (speech only)
-    folder: Path | None = None  # the Hugging Face folder it was loaded from (None for classic features)
-
-    def __init__(self, spec: EncoderSpec, layers="all", batch_size: int = 8, device: str = "auto") -> None:
-        self.spec = spec
-        self.batch_size = max(1, int(batch_size))
-        self.device = pick_device(device)
-        self._layer_choice = layers
-
-    @property
-    def layers(self) -> list[int]:
-        return resolve_layers(self._layer_choice, self.n_layers)
+    layers: tuple[int, ...]     # the stored layers
+    frame_hop: int = 0          # input samples per output frame (speech only)
+    conv: tuple = ()            # (kernels, strides) of an SSL front-end, for exact frame counts
+    waveform_norm: str = "global"  # "utterance": each input z-normalised before padding; "global": as given
+    storage: str = "float16"    # how the cache stores the outputs: float16 or int8 with per-frame scales
+    max_tokens: int = 0         # text: longer transcripts are truncated
+    batch_size: int = 8
+    one_at_a_time: bool = False  # group-norm front-ends change their output when a clip is padded
 
     @property
     def modality(self) -> str:
@@ -102,38 +125,134 @@ class FrozenEncoder(ABC):
 
     @property
     def key(self) -> str:
-        """Identity plus layer choice: what a cached array of this encoder depends on."""
-        return f"{self.identity}-L{'.'.join(map(str, self.layers))}"
+        """What a cached array of this encoder depends on: identity, stored layers, input and storage modes.
 
-    @abstractmethod
-    def encode(self, inputs: Sequence) -> list[np.ndarray]:
-        """Hidden states for each input (waveforms as float32 arrays at 16 kHz, or strings)."""
+        The modes added in later versions only appear when they differ from the original behaviour, so
+        caches built before them keep their keys.
+        """
+        key = f"{self.identity}-L{'.'.join(map(str, self.layers))}"
+        if self.waveform_norm == "utterance":
+            key += "-zu"
+        if self.storage == "int8":
+            key += "-q8"
+        return key
 
-    def estimate_steps(self, item: int | str) -> int:
-        """Expected time steps for a clip of ``item`` samples or for the text ``item`` (disk estimates)."""
+    def steps(self, item: int | str) -> int:
+        """Output time steps for a clip of ``item`` samples (exact), or for the text ``item`` (estimated)."""
         if self.modality == "speech":
+            if self.conv:
+                return conv_frames(int(item), *self.conv)
+            if self.spec.kind == "classic":  # Kaldi framing: 25 ms windows every 10 ms, edges snipped
+                return max(1, (int(item) - 400) // 160 + 1) if self.spec.source == "fbank" else 1 + int(item) // 160
             return max(1, int(item) // self.frame_hop)
         return min(self.max_tokens, 2 + len(str(item)) // 3)
+
+    def describe(self) -> dict:
+        """The encoder as trials and model cards record it (``predict`` rebuilds it from this)."""
+        return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source, "key": self.key,
+                "layers": len(self.layers), "layer_indices": list(self.layers), "width": self.width,
+                "frame_rate": self.frame_rate, "norm": DEFAULT_NORM[self.spec.kind], "folder": self.folder,
+                "waveform_norm": self.waveform_norm, "storage": self.storage, "max_tokens": self.max_tokens}
+
+
+# How each kind of encoder output is normalised in the model by default: SSL layers get a LayerNorm (as the
+# winners did); hand-crafted features get a global per-dimension standardisation, because a LayerNorm per
+# frame would erase their loudness information.
+DEFAULT_NORM = {"classic": "global", "tiny": "layer", "hf": "layer"}
+
+
+def resolve_waveform_norm(setting: str, spec: EncoderSpec, folder: Path | None) -> str:
+    """``features.waveform_norm`` for one encoder: ``auto`` follows how the encoder was pre-trained."""
+    from emotune.features.catalog import pretrained_with_utterance_norm
+
+    if setting not in WAVEFORM_NORMS:
+        raise EmotuneError(f"features.waveform_norm must be one of {', '.join(WAVEFORM_NORMS)}, got {setting!r}")
+    if spec.modality != "speech":
+        return "global"
+    if setting == "auto":
+        return "utterance" if pretrained_with_utterance_norm(spec, folder) else "global"
+    return setting
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise EmotuneError(f"features.storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    return storage
+
+
+def make_recipe(spec: EncoderSpec, folder: Path | None, layers=None, batch_size: int = 8, max_tokens: int = 256,
+                waveform_norm: str = "auto", storage: str = "float16") -> EncoderRecipe:
+    """The recipe of ``spec`` whose files are in ``folder``: shapes come from its config.json, not its weights."""
+    layers = layers if layers is not None else ("all" if spec.modality == "speech" else "last")
+    norm = resolve_waveform_norm(waveform_norm, spec, folder)
+    common = {"spec": spec, "waveform_norm": norm, "storage": check_storage(storage), "batch_size": max(1, int(batch_size))}
+    if spec.kind == "classic":
+        width = 80 if spec.source == "fbank" else 40
+        return EncoderRecipe(folder=None, identity=f"{spec.source}-v1-w{width}", n_layers=1, width=width,
+                             layers=tuple(resolve_layers(layers, 1)), frame_hop=160, **common)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    n_layers, width = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    picked = tuple(resolve_layers(layers, n_layers))
+    if spec.modality == "speech":
+        kernels, strides = tuple(config["conv_kernel"]), tuple(config["conv_stride"])
+        return EncoderRecipe(folder=str(folder), identity=folder_identity(Path(folder)), n_layers=n_layers,
+                             width=width, layers=picked, frame_hop=int(np.prod(strides)), conv=(kernels, strides),
+                             one_at_a_time=config.get("feat_extract_norm", "layer") == "group", **common)
+    limit = int(config.get("max_position_embeddings", max_tokens))
+    # RoBERTa reserves two positions for the padding offset
+    tokens = int(min(max_tokens, limit - 2 if config.get("model_type") in ("roberta", "xlm-roberta") else limit))
+    return EncoderRecipe(folder=str(folder), identity=f"{folder_identity(Path(folder))}-t{tokens}", n_layers=n_layers,
+                         width=width, layers=picked, max_tokens=tokens, **common)
+
+
+def zscore(wave: np.ndarray) -> np.ndarray:
+    """Per-utterance normalisation as the SSL checkpoints' feature extractors do it: zero mean, unit variance."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
+
+
+class FrozenEncoder(ABC):
+    """A loaded frozen encoder: ``encode`` maps inputs to ``(layers, time, width)`` arrays of the stored layers."""
+
+    def __init__(self, recipe: EncoderRecipe, device: str = "auto") -> None:
+        self.recipe = recipe
+        self.device = pick_device(device)
+
+    # the recipe's facts, read through the encoder for convenience
+    spec = property(lambda self: self.recipe.spec)
+    key = property(lambda self: self.recipe.key)
+    layers = property(lambda self: list(self.recipe.layers))
+    width = property(lambda self: self.recipe.width)
+    n_layers = property(lambda self: self.recipe.n_layers)
+    modality = property(lambda self: self.recipe.modality)
+    frame_rate = property(lambda self: self.recipe.frame_rate)
+    batch_size = property(lambda self: self.recipe.batch_size)
+    folder = property(lambda self: Path(self.recipe.folder) if self.recipe.folder else None)
+
+    def encode(self, inputs: Sequence) -> list[np.ndarray]:
+        """Hidden states for each input (waveforms as float32 arrays at 16 kHz, or strings)."""
+        if self.modality == "speech" and self.recipe.waveform_norm == "utterance":
+            inputs = [zscore(wave) for wave in inputs]  # each clip on its own, before any padding
+        return self._encode(inputs)
+
+    @abstractmethod
+    def _encode(self, inputs: Sequence) -> list[np.ndarray]:
+        ...
 
 
 class ClassicSpeechEncoder(FrozenEncoder):
     """80-bin log-mel filterbanks (Kaldi-compatible) or 40 MFCCs, 10 ms hop: one "layer"."""
 
-    n_layers = 1
-    frame_hop = 160
-
-    def __init__(self, spec: EncoderSpec, layers="all", batch_size: int = 8, device: str = "auto") -> None:
-        super().__init__(spec, layers, batch_size, "cpu")
-        self.width = 80 if spec.source == "fbank" else 40
-        self.identity = f"{spec.source}-v1-w{self.width}"
-        if spec.source == "mfcc":
+    def __init__(self, recipe: EncoderRecipe, device: str = "auto") -> None:
+        super().__init__(recipe, "cpu")
+        if recipe.spec.source == "mfcc":
             import torchaudio.transforms as T
 
             self._mfcc = T.MFCC(sample_rate=SAMPLE_RATE, n_mfcc=40,
                                 melkwargs={"n_fft": 400, "hop_length": 160, "n_mels": 80})
 
     @torch.inference_mode()
-    def encode(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _encode(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         from torchaudio.compliance import kaldi
 
         out = []
@@ -152,24 +271,16 @@ class ClassicSpeechEncoder(FrozenEncoder):
 class HFSpeechEncoder(FrozenEncoder):
     """A Hugging Face speech model (wav2vec2, WavLM, HuBERT, ...) whose transformer layers we read."""
 
-    def __init__(self, spec: EncoderSpec, folder: Path, layers="all", batch_size: int = 8, device: str = "auto"):
-        super().__init__(spec, layers, batch_size, device)
+    def __init__(self, recipe: EncoderRecipe, device: str = "auto") -> None:
+        super().__init__(recipe, device)
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
-        config = self.model.config
-        self.n_layers = int(config.num_hidden_layers)
-        self.width = int(config.hidden_size)
-        self.frame_hop = int(np.prod(config.conv_stride))
-        # Padding changes group-norm front-ends' outputs even with a mask (NOTES: up to about 1.0).
-        self.one_at_a_time = getattr(config, "feat_extract_norm", "layer") == "group"
-        self.identity = folder_identity(folder)
-        self.folder = Path(folder)
+        self.model = AutoModel.from_pretrained(recipe.folder, local_files_only=True).to(self.device).eval()
 
     @torch.inference_mode()
-    def encode(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _encode(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths share a batch
-        size = 1 if self.one_at_a_time else self.batch_size
+        size = 1 if self.recipe.one_at_a_time else self.batch_size
         results: list[np.ndarray | None] = [None] * len(inputs)
         for start in range(0, len(order), size):
             idx = order[start : start + size]
@@ -178,42 +289,32 @@ class HFSpeechEncoder(FrozenEncoder):
             for row, i in enumerate(idx):
                 batch[row, : lengths[row]] = torch.from_numpy(np.asarray(inputs[i], dtype=np.float32))
             mask = (torch.arange(batch.shape[1])[None] < lengths[:, None]).long()
-            kwargs = {} if self.one_at_a_time else {"attention_mask": mask.to(self.device)}
+            kwargs = {} if self.recipe.one_at_a_time else {"attention_mask": mask.to(self.device)}
             hidden = self.model(batch.to(self.device), output_hidden_states=True, **kwargs).hidden_states
             stacked = torch.stack([hidden[1 + layer] for layer in self.layers], dim=1).float().cpu()  # B,L,T,D
-            frames = self.model._get_feat_extract_output_lengths(lengths)
             for row, i in enumerate(idx):
-                results[i] = stacked[row, :, : max(1, int(frames[row]))].numpy()
+                results[i] = stacked[row, :, : self.recipe.steps(int(lengths[row]))].numpy()
         return results
 
 
 class HFTextEncoder(FrozenEncoder):
     """A Hugging Face text model (RoBERTa, BERT, BETO, ...) and its tokenizer."""
 
-    def __init__(self, spec: EncoderSpec, folder: Path, layers="last", batch_size: int = 8, device: str = "auto",
-                 max_tokens: int = 256):
-        super().__init__(spec, layers, batch_size, device)
+    def __init__(self, recipe: EncoderRecipe, device: str = "auto") -> None:
+        super().__init__(recipe, device)
         from transformers import AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
-        config = self.model.config
-        self.n_layers = int(config.num_hidden_layers)
-        self.width = int(config.hidden_size)
-        limit = getattr(config, "max_position_embeddings", max_tokens)
-        # RoBERTa reserves two positions for the padding offset
-        self.max_tokens = int(min(max_tokens, limit - 2 if config.model_type in ("roberta", "xlm-roberta") else limit))
-        self.identity = f"{folder_identity(folder)}-t{self.max_tokens}"
-        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(recipe.folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(recipe.folder, local_files_only=True).to(self.device).eval()
 
     @torch.inference_mode()
-    def encode(self, inputs: Sequence[str]) -> list[np.ndarray]:
+    def _encode(self, inputs: Sequence[str]) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(inputs)
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             tokens = self.tokenizer([inputs[i] for i in idx], padding=True, truncation=True,
-                                    max_length=self.max_tokens, return_tensors="pt")
+                                    max_length=self.recipe.max_tokens, return_tensors="pt")
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             hidden = self.model(**tokens, output_hidden_states=True).hidden_states
             stacked = torch.stack([hidden[1 + layer] for layer in self.layers], dim=1).float().cpu()
@@ -223,8 +324,20 @@ class HFTextEncoder(FrozenEncoder):
         return results
 
 
-def locate_hf_folder(spec: EncoderSpec) -> Path:
-    """The local folder of a hub model: the Hugging Face cache, downloading only when the hub is allowed."""
+def open_encoder(recipe: EncoderRecipe, device: str = "auto") -> FrozenEncoder:
+    """Load the encoder a recipe describes onto ``device`` (the only place weights are loaded)."""
+    if recipe.spec.kind == "classic":
+        return ClassicSpeechEncoder(recipe, device)
+    if recipe.modality == "speech":
+        return HFSpeechEncoder(recipe, device)
+    return HFTextEncoder(recipe, device)
+
+
+def locate_hf_folder(spec: EncoderSpec, download: bool = True) -> Path | None:
+    """The local folder of a hub model: the Hugging Face cache, downloading only when the hub is allowed.
+
+    With ``download=False`` nothing is fetched: the folder is returned if it is already here, else None.
+    """
     folder = Path(spec.source).expanduser()
     if folder.is_dir():
         return folder.resolve()
@@ -233,7 +346,8 @@ def locate_hf_folder(spec: EncoderSpec) -> Path:
     try:
         return Path(snapshot_download(spec.source, local_files_only=True))
     except Exception:  # not cached: fall through to a download if allowed
-        pass
+        if not download:
+            return None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         reason = "HF_HUB_OFFLINE is set"
     else:
@@ -249,16 +363,14 @@ def locate_hf_folder(spec: EncoderSpec) -> Path:
     )
 
 
-def load_encoder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str] | None = None, layers=None,
-                 batch_size: int = 8, device: str = "auto", max_tokens: int = 256) -> FrozenEncoder:
-    """Load (building first, for tiny presets) the encoder ``spec`` describes.
+def encoder_folder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str] | None = None,
+                   download: bool = True) -> Path | None:
+    """Where ``spec``'s files are: built first for tiny presets, found (or downloaded) for hub models.
 
-    ``models_dir`` holds built tiny presets; ``texts`` are the corpus texts a tiny tokenizer is trained on.
-    ``layers`` defaults to all transformer layers for speech and the last layer for text.
+    None for classic features, and for a hub model that is not here when ``download`` is False.
     """
-    layers = layers if layers is not None else ("all" if spec.modality == "speech" else "last")
     if spec.kind == "classic":
-        return ClassicSpeechEncoder(spec, layers, batch_size, device)
+        return None
     if spec.kind == "tiny":
         from emotune.features.tiny import build_tiny_encoder, tiny_text_hash
 
@@ -268,9 +380,17 @@ def load_encoder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str]
             folder = Path(models_dir) / f"{spec.source}-{tiny_text_hash(texts)[:12]}"
         else:
             folder = Path(models_dir) / spec.source
-        folder = build_tiny_encoder(spec.source, folder, texts=list(texts) if spec.modality == "text" else None)
-    else:
-        folder = locate_hf_folder(spec)
-    if spec.modality == "speech":
-        return HFSpeechEncoder(spec, Path(folder), layers, batch_size, device)
-    return HFTextEncoder(spec, Path(folder), layers, batch_size, device, max_tokens)
+        return build_tiny_encoder(spec.source, folder, texts=list(texts) if spec.modality == "text" else None)
+    return locate_hf_folder(spec, download)
+
+
+def load_encoder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str] | None = None, layers=None,
+                 batch_size: int = 8, device: str = "auto", max_tokens: int = 256, waveform_norm: str = "auto",
+                 storage: str = "float16") -> FrozenEncoder:
+    """Load (building first, for tiny presets) the encoder ``spec`` describes.
+
+    ``models_dir`` holds built tiny presets; ``texts`` are the corpus texts a tiny tokenizer is trained on.
+    ``layers`` defaults to all transformer layers for speech and the last layer for text.
+    """
+    folder = encoder_folder(spec, models_dir, texts)
+    return open_encoder(make_recipe(spec, folder, layers, batch_size, max_tokens, waveform_norm, storage), device)

@@ -1,39 +1,45 @@
 """From a prepared corpus and the encoder settings to a filled feature cache and its index.
 
 This is the features layer's entry point: the search calls it once before trials start, a standalone
-``emotune train`` calls it itself, and with ``features.cache=false`` it only loads the encoders.
+``emotune train`` calls it itself, and with ``features.cache=false`` it only loads the encoders. Encoders are
+known first as recipes (shapes and cache keys, read from their config files), and loaded only where
+something must be encoded.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
 from emotune.data.augment import Augmenter
 from emotune.data.prepare import PreparedCorpus
-from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, build, speech_jobs,
-                                    text_jobs)
+from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, check_disk, encode_jobs,
+                                    estimate_bytes, missing_jobs, speech_jobs, text_jobs)
 from emotune.features.catalog import resolve_encoder
-from emotune.features.encode import FrozenEncoder, load_encoder
-
-# How each kind of encoder output is normalised in the model by default: SSL layers get a LayerNorm (as the
-# winners did); hand-crafted features get a global per-dimension standardisation, because a LayerNorm per
-# frame would erase their loudness information.
-DEFAULT_NORM = {"classic": "global", "tiny": "layer", "hf": "layer"}
+from emotune.features.encode import EncoderRecipe, FrozenEncoder, encoder_folder, make_recipe, open_encoder
 
 
-def make_augmenter(augment: dict) -> Augmenter:
-    return Augmenter(rir_dir=augment.get("rir_dir"), noise_dir=augment.get("noise_dir"),
-                     snr_db=tuple(augment.get("snr_db", (15.0, 25.0))), speeds=tuple(augment.get("speeds", (0.9, 1.1))))
+def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
+                   download: bool = True) -> EncoderRecipe | None:
+    """The recipe of one named encoder (a tiny preset is built on first use, its tokenizer on the training text).
+
+    With ``download=False`` a hub model that is not on this machine gives None instead of a download.
+    """
+    spec = resolve_encoder(name, modality)
+    texts = [u.text for u in corpus.train + corpus.dev]  # the training CSV's text, never the test split's
+    folder = encoder_folder(spec, Path(runs_dir) / "encoders", texts, download)
+    if folder is None and spec.kind != "classic":
+        return None
+    return make_recipe(spec, folder, features.get(f"{modality}_layers"), int(features.get("batch_size", 8)),
+                       int(features.get("max_text_tokens", 256)), str(features.get("waveform_norm", "auto")),
+                       str(features.get("storage", "float16")) if modality == "speech" else "float16")
 
 
 def load_named_encoder(name: str, modality: str, corpus: PreparedCorpus, features: dict,
                        runs_dir: str | Path) -> FrozenEncoder:
-    """Resolve and load one encoder (a tiny preset is built on first use, its tokenizer on the training text)."""
-    texts = [u.text for u in corpus.train + corpus.dev]  # the training CSV's text, never the test split's
-    return load_encoder(resolve_encoder(name, modality), Path(runs_dir) / "encoders", texts=texts,
-                        layers=features.get(f"{modality}_layers"), batch_size=int(features.get("batch_size", 8)),
-                        device=features.get("device", "auto"), max_tokens=int(features.get("max_text_tokens", 256)))
+    """Resolve and load one encoder onto ``features.device``."""
+    return open_encoder(encoder_recipe(name, modality, corpus, features, runs_dir), features.get("device", "auto"))
 
 
 def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
@@ -43,49 +49,69 @@ def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modali
 
 
 def describe(encoder: FrozenEncoder) -> dict:
-    return {"name": encoder.spec.name, "kind": encoder.spec.kind, "source": encoder.spec.source, "key": encoder.key,
-            "layers": len(encoder.layers), "layer_indices": encoder.layers, "width": encoder.width,
-            "frame_rate": encoder.frame_rate, "norm": DEFAULT_NORM[encoder.spec.kind],
-            "folder": str(encoder.folder) if encoder.folder else None}
+    return encoder.recipe.describe()
 
 
-def plan_jobs(corpus: PreparedCorpus, encoder: FrozenEncoder, features: dict, store: FeatureStore) -> dict[str, list]:
+def plan_jobs(corpus: PreparedCorpus, recipe: EncoderRecipe, features: dict, store: FeatureStore,
+              save_hashes: bool = True) -> dict[str, list]:
     """For each utterance id, the cache jobs holding its features (speech: clean, then training variants)."""
-    if encoder.modality == "text":
-        return {uid: [job] for uid, job in text_jobs(encoder.key, corpus.train + corpus.dev + corpus.test).items()}
+    if recipe.modality == "text":
+        return {uid: [job] for uid, job in text_jobs(recipe.key, corpus.train + corpus.dev + corpus.test).items()}
     hashes = AudioHashes(store.root / "audio_hashes.json")
     augment = dict(features.get("augment") or {})
-    jobs = speech_jobs(encoder.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features.get("variants", 4)),
+    jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features.get("variants", 4)),
                        augment)
-    jobs |= speech_jobs(encoder.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
-    hashes.save()
+    jobs |= speech_jobs(recipe.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
+    if save_hashes:
+        hashes.save()
     return jobs
 
 
-def fill_cache(encoder: FrozenEncoder, jobs: dict[str, list], corpus: PreparedCorpus, features: dict,
-               progress: bool = True, workers: int = 0, runs_dir: str | Path | None = None) -> BuildReport:
-    """Encode what the cache lacks; with ``workers`` > 1 and Ray running, Ray actors share the work."""
+def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCorpus, features: dict,
+               progress: bool = True, workers: int = 0) -> BuildReport:
+    """Encode what the cache lacks; with ``workers`` > 1 and Ray running, Ray actors share the work.
+
+    The encoder is loaded only when something is missing: a warm cache costs no model load at all.
+    """
     store = FeatureStore(features["dir"])
-    flat = [j for row in jobs.values() for j in row]
-    augmenter = make_augmenter(dict(features.get("augment") or {})) if encoder.modality == "speech" else None
-    verify = bool(features.get("verify", True))
-    if workers > 1:
-        from emotune.features.distributed import fill_with_ray
+    label = f"{recipe.modality} encoder {recipe.spec.name}"
+    report = BuildReport(encoder=label)
+    start = time.perf_counter()
+    todo, report.hits, report.rebuilt_damaged = missing_jobs([j for row in jobs.values() for j in row], store,
+                                                             bool(features.get("verify", True)))
+    if todo:
+        check_disk(store, estimate_bytes(recipe, todo), label, announce=progress)
+        speech = recipe.modality == "speech"
+        augment = dict(features.get("augment") or {})
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        return fill_with_ray(encoder, flat, store, corpus, features, verify, workers, progress, str(runs_dir))
-    return build(encoder, flat, store, corpus.norm if encoder.modality == "speech" else None, augmenter,
-                 verify=verify, progress=progress)
+            bar = tqdm(total=len(todo), desc=f"encoding ({label})", unit="item")
+        if workers > 1:
+            from emotune.features.distributed import fill_with_ray
+
+            fill_with_ray(recipe, todo, store, corpus.norm if speech else None, augment, features, workers, bar, report)
+        else:
+            encoder = open_encoder(recipe, features.get("device", "auto"))
+            report.encoder_calls, report.bytes_written = encode_jobs(
+                encoder, todo, store, corpus.norm if speech else None, Augmenter.from_settings(augment) if speech else None, bar)
+        if bar:
+            bar.close()
+    report.built = len(todo) - report.rebuilt_damaged
+    report.seconds = time.perf_counter() - start
+    return report
 
 
-def index_part(encoder: FrozenEncoder, jobs: dict[str, list], store: FeatureStore, report: BuildReport) -> FeatureIndex:
+def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore, report: BuildReport) -> FeatureIndex:
     """What a trial needs to read one encoder's cached features: its description and each clip's keys.
 
     Parts are small and picklable: the search builds one per encoder before trials start and hands them
     to the trials, which then never load an encoder themselves.
     """
-    part = FeatureIndex(cache_dir=str(store.root), encoders={encoder.modality: describe(encoder)},
+    part = FeatureIndex(cache_dir=str(store.root), encoders={recipe.modality: recipe.describe()},
                         reports=[report.line()])
-    if encoder.modality == "speech":
+    if recipe.modality == "speech":
         part.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
     else:
         part.text = {uid: row[0].key for uid, row in jobs.items()}
@@ -93,16 +119,15 @@ def index_part(encoder: FrozenEncoder, jobs: dict[str, list], store: FeatureStor
 
 
 def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
-                     runs_dir: str | Path, progress: bool = True,
-                     loaded: dict[str, FrozenEncoder] | None = None) -> FeatureIndex:
+                     runs_dir: str | Path, progress: bool = True) -> FeatureIndex:
     """Fill the cache for every utterance of ``corpus`` and return where each one's features are."""
-    loaded = loaded or load_encoders(corpus, encoders, features, modalities, runs_dir)
     store = FeatureStore(features["dir"])
     parts = []
-    for encoder in loaded.values():
-        jobs = plan_jobs(corpus, encoder, features, store)
-        report = fill_cache(encoder, jobs, corpus, features, progress)
-        parts.append(index_part(encoder, jobs, store, report))
+    for modality in modalities:
+        recipe = encoder_recipe(encoders[modality], modality, corpus, features, runs_dir)
+        jobs = plan_jobs(corpus, recipe, features, store)
+        report = fill_cache(recipe, jobs, corpus, features, progress)
+        parts.append(index_part(recipe, jobs, store, report))
         if progress:
             print(report.line())
     return FeatureIndex.merge(parts)
