@@ -118,21 +118,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from emotune.config import load_config
+    from emotune.ui import serve
 
     cfg = load_config(args.overrides)
-    uri = cfg["tracking"]["uri"]
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise EmotuneError(f"no MLflow store yet at {uri}: run a search or `emotune train` first.")
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    return serve(cfg["tracking"], args.host, args.port, open_browser=args.open)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser(
         "ui",
         help="open the MLflow UI for the project's runs (on 127.0.0.1)",
-        description="Start the MLflow UI on the project's tracking store. It listens on 127.0.0.1 unless --host "
-        "says otherwise; 0.0.0.0 exposes it to your network.",
+        description="Start the MLflow UI on the project's tracking store and print the address of the latest "
+        "search's runs. It listens on 127.0.0.1 unless --host says otherwise; 0.0.0.0 exposes it to your network. "
+        "Ctrl-C, SIGTERM or SIGHUP stop the server and every process it started.",
     )
     ui.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (e.g. paths.runs_dir)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ui.add_argument("--open", action="store_true", help="open the runs page in a web browser")
     ui.set_defaults(func=_cmd_ui)
     return parser
 

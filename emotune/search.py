@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import re
+import signal
 from dataclasses import asdict
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+from emotune.driver_lock import DriverLock
 from emotune.errors import EmotuneError, run_command
 
 ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1")
@@ -31,7 +34,8 @@ Search spaces (space=NAME): {spaces}
 Common keys: search.num_samples, search.max_concurrent, search.metric ({metrics}), search.grace_period,
   search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name, trial.max_epochs,
   encoders=offline|hub, data=demo|folder, data.root, ray.address, paths.runs_dir, seed
-Show the composed configuration: python -m emotune.search --cfg [key=value ...]"""
+Show the composed configuration: python -m emotune.search --cfg [key=value ...]
+Size the feature cache first (nothing is downloaded or encoded): emotune plan [key=value ...]"""
 
 
 def code_version() -> str:
@@ -177,7 +181,11 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: d
 
     search = cfg["search"]
     resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"].get("gpu", 0) or 0)}
-    trainable = tune.with_resources(tune.with_parameters(search_trainable, base=base, cached=cached), resources)
+    with_data = tune.with_parameters(search_trainable, base=base, cached=cached)
+    # Ray's trainable registry is keyed by name: a name of its own keeps this search's payload from being
+    # replaced by another search's on a shared cluster (ray #31330)
+    with_data.__name__ = trainable_name(experiment_dir, restore)
+    trainable = tune.with_resources(with_data, resources)
     if restore:
         return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
     sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
@@ -204,6 +212,16 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: d
             callbacks=[_mlflow_callback(cfg["tracking"], max_epochs)], verbose=1,
             progress_reporter=_progress_table(cfg)),
     )
+
+
+def trainable_name(experiment_dir: Path, restore: bool) -> str:
+    """The name this search's trainable is registered under; a resumed search keeps the one it started with."""
+    record = experiment_dir / "emotune_trainable.txt"
+    if restore:
+        return record.read_text().strip() if record.is_file() else "search_trainable"  # searches from before
+    name = "emotune_" + re.sub(r"[^A-Za-z0-9_]", "_", experiment_dir.name)
+    record.write_text(name + "\n")
+    return name
 
 
 def _progress_table(cfg: dict):
@@ -266,7 +284,6 @@ def run_search(cfg: dict) -> dict:
     from ray import tune
 
     from emotune.data.prepare import prepare_corpus
-    from emotune.tracking import TrackedRun, ensure_experiment
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic progress table
@@ -284,11 +301,27 @@ def run_search(cfg: dict) -> dict:
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"])
     print(corpus.summary(), flush=True)
     plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
+    lock = DriverLock(experiment_dir)
+    lock.acquire(name, take_over=bool(search.get("take_over_lock", False)))  # before any Ray or MLflow state
+    try:
+        return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, restore: bool, started: float) -> dict:
+    """The search proper, once this driver holds the search's lock."""
+    import ray
+
+    from emotune.tracking import TrackedRun, ensure_experiment
+
+    search = cfg["search"]
+    name = str(search["name"])
     _check_same_settings(cfg, experiment_dir, restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
     parent = TrackedRun.start(cfg["tracking"], name=f"search-{name}", kind="search", run_key=f"search/{name}",
                               tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
-                                    "emotune.search": name})
+                                    "emotune.search": name, "emotune.searched": ",".join(cfg["space"]["params"])})
     parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")
@@ -317,7 +350,8 @@ def run_search(cfg: dict) -> dict:
 
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
-RESUMABLE_CHANGES = ("ray.", "search.max_concurrent", "search.resources.", "features.batch_size", "features.device",
+RESUMABLE_CHANGES = ("ray.", "search.max_concurrent", "search.resources.", "search.take_over_lock", "features.batch_size",
+                     "features.device",
                      "features.verify", "features.gpu_per_worker", "features.max_cache_gb", "features.plan_tflops",
                      "trial.device", "trial.cpus", "trial.fail_once_at_epoch")
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search
@@ -465,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_search(load_config(args, "search"))
 
+    # SIGTERM (kill, systemd, a closed tmux pane) and SIGHUP stop the search as Ctrl-C does: Tune saves its state,
+    # the runs end KILLED, the lock is released, and running the same command again resumes it
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     return run_command(act, "search interrupted; run the same command again to resume it.")
 
 

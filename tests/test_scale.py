@@ -255,3 +255,30 @@ def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
     saved.write_text(json.dumps(old))
     again = run_search(load_config(args, "search"))
     assert again["trials"] == 1 and again["best"]["mlflow_run_id"] == first["best"]["mlflow_run_id"]
+
+
+def test_without_preloading_trials_stream_the_same_batches_from_disk(separable, tmp_path):
+    from emotune.data.prepare import prepare_corpus
+    from emotune.features.prepare import prepare_features
+    from emotune.features.source import CachedFeatures
+
+    corpus_dir, shared = separable
+    cfg = trial_config(corpus_dir, shared)
+    corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
+    index = prepare_features(corpus, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"]["runs_dir"],
+                             progress=False)
+    labels = corpus.labels
+    in_memory = CachedFeatures(index, ["speech", "text"], labels, aug_prob=0.5, crop_seconds=0.5, preload_mb=10_000)
+    streamed = CachedFeatures(index, ["speech", "text"], labels, aug_prob=0.5, crop_seconds=0.5, preload_mb=0)
+    assert in_memory.memory and not streamed.memory  # nothing held: every batch is read from disk
+    for train in (True, False):
+        a = in_memory.batch(corpus.train[:6], train, np.random.default_rng(3))
+        b = streamed.batch(corpus.train[:6], train, np.random.default_rng(3))
+        for key in ("speech", "speech_mask", "text", "text_mask", "labels"):
+            assert torch_equal(a[key], b[key]), (train, key)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))

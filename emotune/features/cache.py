@@ -2,8 +2,9 @@
 
 Encoders are frozen, so their outputs depend only on the encoder, its layer choice, its input normalisation
 and the input. Each array is stored once, in float16 or (``features.storage=int8``) as int8 with one scale
-per layer and frame, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly those things: for speech the encoder key, the audio file's bytes, the normalisation statistics and the
-augmentation variant; for text the encoder key and the transcript. A trial, another search, or a rerun
+per layer and frame, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly those things:
+for speech the encoder key, the audio file's bytes, the normalisation statistics and the augmentation
+variant; for text the encoder key and the transcript. A trial, another search, or a rerun
 after a crash finds the same keys and never runs the encoder again. Each file carries a CRC32 of its data,
 checked when the cache is built, so a damaged file is found and rebuilt instead of trained on.
 

@@ -1,0 +1,147 @@
+"""``emotune ui``: the MLflow UI on the project's store, opened on the search's runs, stopped cleanly.
+
+    emotune ui                       # http://127.0.0.1:5000, on the runs of the latest search
+    emotune ui --port 5001 --open    # another port; open the page in a browser
+
+MLflow's server starts a dozen processes (uvicorn workers, job consumers). They run in a session of their
+own, and Ctrl-C, SIGTERM (``kill``, systemd) and SIGHUP (a closed terminal or tmux pane) all stop every one
+of them, so the port is free for the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from emotune.errors import EmotuneError
+
+
+# The columns the first screen shows: how each trial did, and what it was.
+METRIC_COLUMNS = ("best_val_f1", "val_f1", "epochs_trained", "asha_stopped")
+VIEW_KEY = "emotune-latest-search"
+
+
+def runs_page(tracking: dict, base: str) -> str:
+    """The address of a view of the latest search: its runs as a tree with their dev scores, best first.
+
+    MLflow 3 opens an experiment on its GenAI overview (traces), and its runs table starts with every
+    search collapsed and no metric in sight. MLflow's shared views (an experiment tag holding the table's
+    state, named in the address) let the first screen be the latest search, expanded, with its metrics.
+    """
+    import json
+
+    from emotune.tracking import TAG_KIND, client, ensure_experiment, retry
+
+    experiment_id = ensure_experiment(tracking)
+    mlflow_client = client(tracking["uri"])
+    searches = retry(mlflow_client.search_runs, [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'search'",
+                     order_by=["attributes.start_time DESC"], max_results=1)
+    if not searches:
+        return f"{base}/#/experiments/{experiment_id}/runs"
+    search = searches[0]
+    name = search.data.tags.get("emotune.search", "")
+    searched = [k for k in search.data.tags.get("emotune.searched", "").split(",") if k]
+    # shared views leave out which runs are expanded, so the search is shown as a group of its runs (the search's
+    # own run and its trials), open, with the best value of each metric on the group's row
+    view = {
+        "searchFilter": f"tags.`emotune.search` = '{name}'",
+        "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": "emotune.search"}]},
+        "groupsExpanded": {f"tag.emotune.search.{name}": True},
+        "selectedColumns": [f"metrics.`{m}`" for m in METRIC_COLUMNS] + [f"params.`{k}`" for k in searched],
+    }
+    retry(mlflow_client.set_experiment_tag, experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def _session_members(sid: int) -> list[int]:
+    """Every process of session ``sid`` (read from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state, ppid, pgrp, session, ...
+            members.append(int(entry.name))
+    return members
+
+
+def stop_session(sid: int, grace: float = 10.0) -> None:
+    """SIGTERM every process of the server's session, then SIGKILL whatever is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        members = _session_members(sid)
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            alive = [pid for pid in _session_members(sid) if not _is_zombie(pid)]
+            if not alive:
+                return
+            time.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def serve(tracking: dict, host: str, port: int, open_browser: bool = False) -> int:
+    """Run the MLflow UI until a signal; returns the exit status."""
+    uri = tracking["uri"]
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise EmotuneError(f"no MLflow store yet at {uri}: run a search or `emotune train` first.")
+    base = f"http://{host}:{port}"
+    page = runs_page(tracking, base)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    server = subprocess.Popen(command, start_new_session=True)
+    stopping = []
+
+    def stop(signum, _frame):
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if _wait_until_up(base, server):
+            print(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)", flush=True)
+            if open_browser:
+                import webbrowser
+
+                webbrowser.open(page)
+        while not stopping and server.poll() is None:
+            time.sleep(0.2)
+    finally:
+        stop_session(server.pid)
+        server.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        print("MLflow UI stopped.", flush=True)
+        return 0
+    if server.returncode:
+        raise EmotuneError(f"the MLflow UI exited with status {server.returncode}; is port {port} already in use? "
+                           "Pick another with --port.")
+    return 0
