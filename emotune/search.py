@@ -197,7 +197,8 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: d
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
     limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
     max_epochs = int(cfg["trial"]["max_epochs"])
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=search["metric"], mode="max", max_t=max_epochs,
+    # judged by the trial's own epoch count: a trial Tune starts again continues its epochs where it stopped
+    scheduler = ASHAScheduler(time_attr="epoch", metric=search["metric"], mode="max", max_t=max_epochs,
                               grace_period=min(int(search["grace_period"]), max_epochs),
                               reduction_factor=float(search["reduction_factor"]))
     return tune.Tuner(
@@ -208,7 +209,6 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: d
         run_config=tune.RunConfig(
             name=experiment_dir.name, storage_path=str(experiment_dir.parent),
             failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[_mlflow_callback(cfg["tracking"], max_epochs)], verbose=1,
             progress_reporter=_progress_table(cfg)),
     )
@@ -461,6 +461,10 @@ def _summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float,
     print()
     print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {stopped} stopped "
           f"early by ASHA, {len(errors)} failed.")
+    for row in errors:  # Tune's own table points at a temporary copy; these files stay with the search
+        error_file = Path(row["path"]) / "error.txt"
+        last = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else "no error file"
+        print(f"  trial {row['trial_id']} failed: {last}\n    traceback: {error_file}")
     if best:
         params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
         artifacts = ""
@@ -497,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(compose([a for a in args if a != "--cfg"], "search"), resolve=True))
         else:
-            run_search(load_config(args, "search"))
+            summary = run_search(load_config(args, "search"))
+            if summary["failed"]:
+                raise EmotuneError(f"{summary['failed']} trial(s) failed (their tracebacks are above and in the files "
+                                   "named there); the other trials are kept, and running the same command again "
+                                   "retries the failed ones.")
 
     # SIGTERM (kill, systemd, a closed tmux pane) and SIGHUP stop the search as Ctrl-C does: Tune saves its state,
     # the runs end KILLED, the lock is released, and running the same command again resumes it

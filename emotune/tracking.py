@@ -58,10 +58,33 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_READY: set[str] = set()
+
+
 def client(uri: str):
+    """An MLflow client; a new SQLite store is created under a file lock first.
+
+    Creating the store runs MLflow's schema migrations, and two processes doing that at once (two searches
+    started together on a fresh runs folder) break each other's migration ("table _alembic_tmp_metrics
+    already exists"). The lock makes the second wait until the first has built the store.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.init-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow_client = MlflowClient(tracking_uri=uri)
+            retry(mlflow_client.search_experiments, max_results=1)  # creates and migrates the store
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return mlflow_client
 
 
 def ensure_experiment(tracking: dict) -> str:

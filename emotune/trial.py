@@ -1,7 +1,8 @@
 """One trial: train the model of a config on cached (or live) encoder features, report every epoch.
 
-:func:`trainable` is what Ray Tune calls with a plain dict config; it reports through ``tune.report`` with a
-``tune.Checkpoint`` and resumes from ``tune.get_checkpoint()``. Outside Ray the same function runs alone:
+:func:`trainable` is what Ray Tune calls with a plain dict config; it reports through ``tune.report`` and keeps
+its own checkpoint in ``<runs>/trials/<search>/<trial id>``, which it resumes from whenever Tune starts it
+again. Outside Ray the same function runs alone:
 ``emotune train key=value ...``. Every epoch reports ``val_f1`` (dev macro-F1), its smoothed
 ``val_f1_ema``, ``best_val_f1``, ``train_loss`` and ``lr``. Each trial is one MLflow run; whenever dev
 macro-F1 improves, the best checkpoint (safetensors), the dev and test class probabilities with ids, a
@@ -68,19 +69,44 @@ class TrainerState:
 
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickle anywhere) ------------------------------
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+                    best: Path | None = None) -> None:
+    """Write the trial's state to ``folder`` as a whole: a kill at any moment leaves the previous one readable.
+
+    The new state is written beside it and swapped in by renames; ``latest_checkpoint`` finds whichever is whole.
+    ``best`` (the best model's weights so far) is kept with it, so that a resume restores the matching best model.
+    """
+    import shutil
+
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    draft, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(draft, ignore_errors=True)
+    draft.mkdir(parents=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, slots in optim["state"].items():
         for name, value in slots.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(folder / "state.safetensors"))
+    save_file(tensors, str(draft / "state.safetensors"))
+    if best is not None and best.is_file():
+        shutil.copyfile(best, draft / "model.safetensors")
     meta = asdict(state) | {"param_groups": optim["param_groups"]}
-    (folder / "trainer.json").write_text(json.dumps(meta))
+    (draft / "trainer.json").write_text(json.dumps(meta))  # last: its presence marks a whole checkpoint
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    draft.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """``folder``, or the state it replaced if a kill came between the two renames; None if there is none."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "trainer.json").is_file():
+            return candidate
+    return None
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
@@ -282,7 +308,9 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
     if not corpus.dev:
         raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
     summary: dict = {}
-    while state.epoch < int(t["max_epochs"]):
+    # a resumed trial may already be done: all its epochs, or stopped early (then it must not train on)
+    finished = early_stop is not None and state.epoch > 0 and state.since_best >= int(early_stop)
+    while state.epoch < int(t["max_epochs"]) and not finished:
         epoch_start = time.perf_counter()
         model.train()
         order = rng.permutation(len(corpus.train))
@@ -323,9 +351,7 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
             run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
         state.rng = rng.bit_generator.state
         checkpoint = workdir / "checkpoint"
-        save_checkpoint(checkpoint, model, optimizer, state)
-        if (workdir / "best" / "model.safetensors").is_file():
-            (checkpoint / "model.safetensors").write_bytes((workdir / "best" / "model.safetensors").read_bytes())
+        save_checkpoint(checkpoint, model, optimizer, state, workdir / "best" / "model.safetensors")
         stopped_early = early_stop is not None and state.since_best >= int(early_stop)
         last = stopped_early or state.epoch >= int(t["max_epochs"])
         if last:  # close the run before the last report: Ray may end the process as soon as it has it
@@ -334,8 +360,11 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
         reporter(metrics | extra, str(checkpoint))
         if last:
             break
-    else:  # resumed at or beyond max_epochs: nothing left to train
-        summary = _finish_run(run, state, False, feature_seconds)
+    else:  # resumed with nothing left to train, but Tune may not have the last result yet
+        summary = _finish_run(run, state, finished, feature_seconds)
+        if state.history:
+            extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
+            reporter(state.history[-1] | extra, str(workdir / "checkpoint"))
     return summary | {"run_id": state.run_id, "history": state.history, "workdir": str(workdir)}
 
 
@@ -406,8 +435,6 @@ def trainable(config: dict, index=None) -> dict | None:
         trial_id = context.get_trial_id()
     if trial_id is None:
         return run_trial(copy.deepcopy(config), index=index)
-    checkpoint = tune.get_checkpoint()
-
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -417,18 +444,21 @@ def trainable(config: dict, index=None) -> dict | None:
     if device == "auto":
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
-    def report(metrics: dict, checkpoint_dir: str) -> None:
-        where = {"node_id": node_id, "gpu_ids": ",".join(gpu_ids), "cuda_initialized": torch.cuda.is_initialized()}
-        tune.report(metrics | where, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    def report(metrics: dict, _checkpoint_dir: str) -> None:
+        # Tune gets a marker of a few bytes per epoch, kept (never deleted), so that it restores the trial and its
+        # result files after an interruption; the state itself is the trial's own checkpoint below. Were it
+        # Tune's, Tune would delete old ones as new ones arrive, and a driver killed before saving its state
+        # would send the resume to a deleted checkpoint.
+        with tempfile.TemporaryDirectory(prefix="emotune-marker-") as marker:
+            Path(marker, "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"]}))
+            tune.report(metrics | {"node_id": node_id, "gpu_ids": ",".join(gpu_ids),
+                                   "cuda_initialized": torch.cuda.is_initialized()},
+                        checkpoint=tune.Checkpoint.from_directory(marker))
 
-    run_key = f"{context.get_experiment_name()}/{trial_id}"
-    # scratch space of our own: Ray's trial folder moves between staging and storage with reused actors
+    # The trial resumes from its own checkpoint, in a folder named by its id, whenever Tune starts it again (a
+    # retry after a crash, or a resumed search), whichever marker Tune restores it from.
     workdir = Path(config["paths"]["runs_dir"]) / "trials" / context.get_experiment_name() / trial_id
-    common = {"workdir": workdir, "run_key": run_key, "run_name": context.get_trial_name(), "progress": False,
-              "index": index, "device": device}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as resume_dir:
-            run_trial(config, report, resume_dir, **common)
-    else:
-        run_trial(config, report, None, **common)
+    run_trial(config, report, latest_checkpoint(workdir / "checkpoint"), workdir=workdir,
+              run_key=f"{context.get_experiment_name()}/{trial_id}", run_name=context.get_trial_name(),
+              progress=False, index=index, device=device)
     return None

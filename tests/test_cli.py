@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from conftest import write_csv
 
@@ -74,3 +79,58 @@ def test_non_utf8_csv_through_the_cli(tiny_corpus, tmp_path):
               encoding="latin-1")
     result = emotune("check-corpus", *folder_args(tiny_corpus, tmp_path))
     assert result.returncode == 2 and "not valid UTF-8" in result.stderr and "row 2" in result.stderr
+
+
+def _session_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+
+
+def _processes_in_session(sid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[3]) == sid and stat[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_ui_stops_every_process_it_started_on_each_signal(smoke_search, tmp_path, stop):
+    import socket
+    import urllib.request
+
+    runs, _ = smoke_search
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "emotune", "ui", f"paths.runs_dir={runs}", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline, status = time.time() + 120, None
+    while time.time() < deadline and status is None and ui.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                status = response.status
+        except OSError:
+            time.sleep(0.5)
+    assert status == 200
+    servers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(int(p.name)) == ui.pid]
+    sessions = {_session_of(pid) for pid in servers}
+    assert servers and sessions and all(_processes_in_session(s) for s in sessions)
+    ui.send_signal(stop)
+    output, _ = ui.communicate(timeout=60)
+    assert ui.returncode == 0, output[-2000:]
+    assert "viewStateShareKey=" in output  # it printed the address of the search's runs
+    assert all(not _processes_in_session(s) for s in sessions)  # not one of the server's processes is left
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the port is free
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1

@@ -111,14 +111,88 @@ def test_search_killed_with_sigkill_resumes_without_duplicates(separable, tmp_pa
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     time.sleep(2)
+    lock = json.loads((runs / "ray" / "smoke.lock").read_text())
+    assert lock["pid"] == first.pid  # the killed driver could not release its lock
 
     resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
+    assert f"taking over the lock of a driver that is gone (pid {first.pid}" in resumed.stdout
+    assert not (runs / "ray" / "smoke.lock").exists()  # released at the end
     ids = _ray_trial_ids(experiment)
     assert len(ids) == len(set(ids)) == 5  # every trial exactly once in Ray's results
     client, parents, children = mlflow_runs(runs)
     assert_one_tree(client, parents, children, 5)
+
+
+def test_the_same_search_started_twice_runs_once_and_ends_quietly(separable, tmp_path):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "emotune.search",
+            *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3")]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lock = runs / "ray" / "smoke.lock"
+    deadline = time.time() + 120
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert lock.exists(), "the first driver never took its lock"
+    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    output, _ = first.communicate(timeout=600)  # everything the first driver printed, until it exited
+    assert second.returncode == 2
+    assert f"search 'smoke' is already running: its driver is pid {first.pid} on host" in second.stderr
+    assert "search.name=NEW_NAME" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output and "SystemExit" not in output
+    assert "Search 'smoke' done" in output and "emotune select-top --k 3 --search smoke" in output
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, 3)
+
+
+def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-m", "emotune.search",
+                             *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=2",
+                                          "trial.fail_once_at_epoch=1", "search.max_failures=0")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "1 trial(s) failed" in result.stderr
+    errors = list((runs / "ray" / "smoke").glob("*/error.txt"))
+    assert len(errors) == 1
+    trial_id = errors[0].parent.name
+    assert "Traceback (most recent call last)" in output and "deliberate crash to exercise retries" in output
+    assert f"trial {trial_id} failed: RuntimeError: trial.fail_once_at_epoch=1" in output
+    assert f"traceback: {errors[0]}" in output
+
+
+def test_two_searches_share_a_cluster_without_mixing(separable, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    corpus, shared_runs = separable
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        runs = tmp_path / "runs"
+        drivers = {}
+        for name, speech in (("with_fbank", "fbank"), ("with_mfcc", "mfcc")):
+            args = search_args(corpus, runs, shared_runs / "cache" / "features", f"search.name={name}",
+                               f"encoders.speech={speech}", "search.num_samples=2", "search.max_concurrent=1",
+                               "trial.max_epochs=2", f"ray.address={cluster.address}")
+            drivers[name] = subprocess.Popen([sys.executable, "-m", "emotune.search", *args], stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        for name, driver in drivers.items():
+            output, _ = driver.communicate(timeout=600)
+            assert driver.returncode == 0, output[-3000:]
+    finally:
+        cluster.shutdown()
+    client, parents, children = mlflow_runs(runs)
+    assert len(parents) == 2 and len(children) == 4
+    for parent in parents:
+        mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        speech = parent.data.tags["emotune.search"].split("_")[1]
+        # each search's trials ran its own configuration (its payload was not replaced by the other's)
+        assert len(mine) == 2 and all(c.data.params["encoders.speech"] == speech for c in mine)
+        assert all(c.data.tags["emotune.search"] == parent.data.tags["emotune.search"] for c in mine)
 
 
 def test_search_on_a_two_node_cluster(separable, tmp_path):
