@@ -94,3 +94,25 @@ def save_json(data, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
     return path
+
+
+def dev_reports(best_dir: str | Path, title: str) -> list[Path]:
+    """The classification report (text and JSON) and confusion-matrix PNG of a best model's dev predictions.
+
+    Drawn once per trial from ``dev_predictions.csv`` (when it ends, or when ASHA stops it), not at every
+    improvement: the plot costs as much as an epoch of the demo's training.
+    """
+    best_dir = Path(best_dir)
+    source = best_dir / "dev_predictions.csv"
+    if not source.is_file():
+        return []
+    with source.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    _, probabilities, labels = read_predictions(source)
+    true = [labels.index(r["label"]) for r in rows]
+    predicted = probabilities.argmax(1)
+    report = class_report(true, predicted, labels)
+    text = best_dir / "dev_classification_report.txt"
+    text.write_text(f"{title}\n\n{report_text(report, labels)}\n")
+    return [text, save_json(report, best_dir / "dev_classification_report.json"),
+            confusion_png(true, predicted, labels, best_dir / "dev_confusion_matrix.png", title=title)]

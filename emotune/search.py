@@ -101,21 +101,33 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list
     import ray
 
     from emotune.features.cache import FeatureStore
+    from emotune.features.distributed import CacheWorkers
     from emotune.features.prepare import encoder_recipe, fill_cache, index_part, plan_jobs
 
     if not cfg["features"].get("cache", True):
         return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
     store = FeatureStore(cfg["features"]["dir"])
-    lines, parts = [], {}
-    for modality, names in encoders.items():
-        for name in names:
-            recipe = encoder_recipe(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
-            jobs = plan_jobs(corpus, recipe, cfg["features"], store)
-            report = fill_cache(recipe, jobs, corpus, cfg["features"], progress=True, workers=workers)
-            print(report.line(), flush=True)
-            lines.append(asdict(report))
-            parts[f"{modality}/{name}"] = index_part(recipe, jobs, store, report)
+    lines, parts, started = [], {}, []
+
+    def pool() -> CacheWorkers:  # started once, on the first encoder with something to encode, for all of them
+        if not started:
+            started.append(CacheWorkers(cfg["features"], workers, corpus.norm, str(store.root)))
+        return started[0]
+
+    try:
+        for modality, names in encoders.items():
+            for name in names:
+                recipe = encoder_recipe(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
+                jobs = plan_jobs(corpus, recipe, cfg["features"], store)
+                report = fill_cache(recipe, jobs, corpus, cfg["features"], progress=True,
+                                    pool=pool if workers > 1 else None)
+                print(report.line(), flush=True)
+                lines.append(asdict(report))
+                parts[f"{modality}/{name}"] = index_part(recipe, jobs, store, report)
+    finally:
+        for workers_pool in started:
+            workers_pool.close()
     return lines, parts
 
 
@@ -139,8 +151,13 @@ def search_trainable(sampled: dict, base: dict, cached: dict | None = None) -> N
     trainable(cfg, index=index)
 
 
-def _mlflow_callback(tracking: dict, max_epochs: int):
-    """A Tune callback that ends each trial's MLflow run, also when ASHA stopped the trial mid-way."""
+def _mlflow_callback(tracking: dict, max_epochs: int, trials_dir: Path):
+    """A Tune callback that ends each trial's MLflow run, also when ASHA stopped the trial mid-way.
+
+    For a stopped trial it also draws the dev report of its best model (the trial itself never got to).
+    """
+    from emotune.evaluation import dev_reports
+
     from ray.tune import Callback
 
     from emotune.tracking import TrackedRun
@@ -158,6 +175,9 @@ def _mlflow_callback(tracking: dict, max_epochs: int):
             stopped = status == "FINISHED" and int(result.get("epoch", 0)) < max_epochs
             run.log_metrics({"best_val_f1": result.get("best_val_f1"), "epochs_trained": result.get("epoch"),
                              "asha_stopped": float(stopped)}, step=int(result.get("epoch", 0)))
+            if result.get("best_val_f1") is not None:
+                title = f"dev macro-F1 {result['best_val_f1']:.4f}, best of {result.get('epoch')} epochs"
+                run.log_artifacts(dev_reports(trials_dir / trial.trial_id / "best", title), "best")
             run.set_tags({"emotune.stopped_by": "asha" if stopped else ("error" if status == "FAILED" else "")})
             run.finish(status)
 
@@ -209,7 +229,8 @@ def _tuner(cfg: dict, base: dict, experiment_dir: Path, restore: bool, cached: d
         run_config=tune.RunConfig(
             name=experiment_dir.name, storage_path=str(experiment_dir.parent),
             failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
-            callbacks=[_mlflow_callback(cfg["tracking"], max_epochs)], verbose=1,
+            callbacks=[_mlflow_callback(cfg["tracking"], max_epochs,
+                                        Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name)], verbose=1,
             progress_reporter=_progress_table(cfg)),
     )
 

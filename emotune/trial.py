@@ -355,13 +355,13 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
         stopped_early = early_stop is not None and state.since_best >= int(early_stop)
         last = stopped_early or state.epoch >= int(t["max_epochs"])
         if last:  # close the run before the last report: Ray may end the process as soon as it has it
-            summary = _finish_run(run, state, stopped_early, feature_seconds)
+            summary = _finish_run(run, state, stopped_early, feature_seconds, workdir / "best")
         extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
         reporter(metrics | extra, str(checkpoint))
         if last:
             break
     else:  # resumed with nothing left to train, but Tune may not have the last result yet
-        summary = _finish_run(run, state, finished, feature_seconds)
+        summary = _finish_run(run, state, finished, feature_seconds, workdir / "best")
         if state.history:
             extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
             reporter(state.history[-1] | extra, str(workdir / "checkpoint"))
@@ -382,7 +382,8 @@ def _maybe_fail_once(cfg: dict, epoch: int) -> None:
     raise RuntimeError(f"trial.fail_once_at_epoch={target}: deliberate crash to exercise retries")
 
 
-def _finish_run(run, state: TrainerState, stopped_early: bool, feature_seconds: float) -> dict:
+def _finish_run(run, state: TrainerState, stopped_early: bool, feature_seconds: float,
+                best_dir: Path | None = None) -> dict:
     summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
                "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
                "seconds_per_epoch": state.train_seconds / max(1, len(state.history)),
@@ -390,8 +391,14 @@ def _finish_run(run, state: TrainerState, stopped_early: bool, feature_seconds: 
     if run is not None:
         run.log_metrics(summary, step=state.epoch)
         run.log_json(state.history, "history.json")
+        if best_dir is not None:
+            run.log_artifacts(evaluation.dev_reports(best_dir, best_title(state.best_f1, state.best_epoch)), "best")
         run.finish("FINISHED")
     return summary
+
+
+def best_title(f1: float, epoch: int) -> str:
+    return f"dev macro-F1 {f1:.4f} at epoch {epoch}"
 
 
 def _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, device, eval_batch, workdir: Path, run,
@@ -411,13 +418,6 @@ def _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, devi
         test_probs = predict(model, source, corpus.test, lengths, eval_batch, device)
         files.append(evaluation.write_predictions(best / "test_predictions.csv", [u.id for u in corpus.test],
                                                   test_probs, labels))
-    report = evaluation.class_report(dev_true, dev_probs.argmax(1), labels)
-    (best / "dev_classification_report.txt").write_text(
-        f"dev macro-F1 {state.best_f1:.4f} at epoch {state.epoch}\n\n{evaluation.report_text(report, labels)}\n")
-    files.append(best / "dev_classification_report.txt")
-    files.append(evaluation.save_json(report, best / "dev_classification_report.json"))
-    files.append(evaluation.confusion_png(dev_true, dev_probs.argmax(1), labels, best / "dev_confusion_matrix.png",
-                                          title=f"dev, epoch {state.epoch}, macro-F1 {state.best_f1:.3f}"))
     if run is not None:
         run.log_artifacts(files, "best")
 

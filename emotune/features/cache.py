@@ -170,15 +170,22 @@ class BuildReport:
 
 
 class AudioHashes:
-    """SHA-256 of audio files, remembered by path, size and modification time."""
+    """SHA-256 of audio files, remembered by path, size and modification time.
+
+    The memo is shared within a process too, so the plan and the fill that follows it hash each file once.
+    """
+
+    _in_process: dict[str, dict] = {}
 
     def __init__(self, memo_file: Path) -> None:
         self.memo_file = memo_file
-        try:
-            self.memo = json.loads(memo_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.memo = {}
-        self.dirty = False
+        if str(memo_file) not in self._in_process:
+            try:
+                self._in_process[str(memo_file)] = json.loads(memo_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                self._in_process[str(memo_file)] = {}
+        self.memo = self._in_process[str(memo_file)]
+        self.dirty = not memo_file.is_file() and bool(self.memo)
 
     def __call__(self, path: str | Path) -> str:
         st = os.stat(path)

@@ -1,11 +1,12 @@
 """Filling the feature cache with Ray actors, so every CPU, every GPU or every node of a cluster encodes a share.
 
-Each actor gets the encoder's recipe, loads the encoder once and encodes chunks of jobs. On a cluster with
-GPUs there is one actor (one encoder copy) per ``features.gpu_per_worker`` GPUs, and each actor asks Ray for
-that GPU, so Ray's accounting matches what runs; without GPUs there is one actor per CPU, on the CPU. Work is
-handed out chunk by chunk to actors that have started, never pinned in advance, so an actor that never gets
-its resources cannot hang the fill. The cache folder must be reachable from every node (shared storage),
-like Ray's results folder.
+One pool of actors serves every encoder of a fill (starting an actor costs seconds of imports): each actor
+gets an encoder's recipe with its first chunk, loads the encoder once and keeps it until a chunk of another
+encoder arrives. On a cluster with GPUs there is one actor (one encoder copy) per ``features.gpu_per_worker``
+GPUs, and each actor asks Ray for that GPU, so Ray's accounting matches what runs; without GPUs there is one
+actor per CPU, on the CPU. Work is handed out chunk by chunk to actors that have started, never pinned in
+advance, so an actor that never gets its resources cannot hang the fill. The cache folder must be reachable
+from every node (shared storage), like Ray's results folder.
 """
 
 from __future__ import annotations
@@ -21,27 +22,33 @@ WAIT_NOTE_S = 60  # say what the fill waits for when no actor has started after 
 
 
 class _CacheWorker:
-    def __init__(self, recipe: EncoderRecipe, cache_dir: str, norm, augment: dict, device: str) -> None:
-        from emotune.data.augment import Augmenter
-        from emotune.features.encode import open_encoder
-
-        self.encoder = open_encoder(recipe, device)
+    def __init__(self, cache_dir: str, norm, augment: dict, device: str) -> None:
         self.store = FeatureStore(cache_dir)
-        self.norm = norm
-        self.augmenter = Augmenter.from_settings(augment) if recipe.modality == "speech" else None
+        self.norm, self.augment, self.device = norm, augment, device
+        self.encoder, self.augmenter = None, None
 
-    def ready(self) -> dict:
-        """Where this worker runs: the GPUs Ray gave it and the device its encoder is on."""
+    def ready(self) -> bool:
+        return True
+
+    def build(self, recipe: EncoderRecipe, jobs) -> dict:
+        """Encode ``jobs`` with ``recipe``'s encoder; says what was written and where it ran (the GPUs Ray gave)."""
         import ray
         import torch
 
-        return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device),
-                "cuda_initialized": bool(torch.cuda.is_initialized()),
-                "node_id": ray.get_runtime_context().get_node_id()}
+        from emotune.data.augment import Augmenter
+        from emotune.features.encode import open_encoder
 
-    def build(self, jobs) -> dict:
-        calls, written = encode_jobs(self.encoder, jobs, self.store, self.norm, self.augmenter)
-        return {"built": calls, "bytes": written}
+        if self.encoder is None or self.encoder.recipe != recipe:
+            self.encoder = None  # one encoder in memory at a time
+            self.encoder = open_encoder(recipe, self.device)
+        speech = recipe.modality == "speech"
+        if speech and self.augmenter is None:
+            self.augmenter = Augmenter.from_settings(self.augment)
+        calls, written = encode_jobs(self.encoder, jobs, self.store, self.norm if speech else None,
+                                     self.augmenter if speech else None)
+        return {"built": calls, "bytes": written, "worker": {
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.encoder.device),
+            "cuda_initialized": bool(torch.cuda.is_initialized()), "node_id": ray.get_runtime_context().get_node_id()}}
 
 
 def worker_shape(features: dict, workers: int) -> tuple[int, float, str]:
@@ -60,43 +67,66 @@ def worker_shape(features: dict, workers: int) -> tuple[int, float, str]:
     return max(1, workers), 0.0, "cpu"
 
 
-def fill_with_ray(recipe: EncoderRecipe, todo, store: FeatureStore, norm, augment: dict, features: dict,
-                  workers: int, bar, report: BuildReport) -> None:
-    """Encode ``todo`` with a pool of Ray actors; adds what was built to ``report``."""
-    import ray
+class CacheWorkers:
+    """The pool of cache actors of one fill; ``close`` ends them (also those still waiting for resources)."""
 
-    count, gpus_each, device = worker_shape(features, workers)
-    chunks = deque(todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK))
-    actor = ray.remote(num_cpus=1, num_gpus=gpus_each)(_CacheWorker)
-    pool = [actor.remote(recipe, str(store.root), norm, augment, device) for _ in range(min(count, len(chunks)))]
-    if bar is not None:
-        bar.set_description(f"encoding ({report.encoder}, {len(pool)} Ray workers{', GPU' if gpus_each else ''})")
-    starting = {worker.ready.remote(): worker for worker in pool}
-    running: dict = {}
-    waited, noted = time.monotonic(), False
-    try:
+    def __init__(self, features: dict, workers: int, norm, cache_dir: str) -> None:
+        import ray
+
+        self.count, self.gpus_each, device = worker_shape(features, workers)
+        actor = ray.remote(num_cpus=1, num_gpus=self.gpus_each)(_CacheWorker)
+        augment = dict(features.get("augment") or {})
+        self.pool = [actor.remote(cache_dir, norm, augment, device) for _ in range(self.count)]
+        self.starting = {worker.ready.remote(): worker for worker in self.pool}
+        self.idle: list = []
+
+    @property
+    def label(self) -> str:
+        return f"{self.count} Ray workers{', GPU' if self.gpus_each else ''}"
+
+    def fill(self, recipe: EncoderRecipe, todo: list, bar, report: BuildReport) -> None:
+        """Encode ``todo`` with the pool; adds what was built to ``report``."""
+        import ray
+
+        chunks = deque(todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK))
+        running: dict = {}
+        where: dict = {}
+        waited, noted = time.monotonic(), False
+
+        def hand_out(worker) -> None:
+            if chunks:
+                chunk = chunks.popleft()
+                running[worker.build.remote(recipe, chunk)] = (worker, len(chunk))
+            else:
+                self.idle.append(worker)
+
+        for worker in self.idle[:]:
+            self.idle.remove(worker)
+            hand_out(worker)
         while chunks or running:
-            done, _ = ray.wait(list(starting) + list(running), num_returns=1, timeout=10)
+            done, _ = ray.wait(list(self.starting) + list(running), num_returns=1, timeout=10)
             if not done:
                 if not running and not noted and time.monotonic() - waited > WAIT_NOTE_S:
-                    print(f"feature cache: waiting for Ray to start a cache worker ({gpus_each:g} GPU and 1 CPU "
+                    print(f"feature cache: waiting for Ray to start a cache worker ({self.gpus_each:g} GPU and 1 CPU "
                           "each); check `ray status` for free resources.", flush=True)
                     noted = True
                 continue
             ref = done[0]
-            if ref in starting:
-                worker = starting.pop(ref)
-                report.workers.append(ray.get(ref))
+            if ref in self.starting:
+                worker = self.starting.pop(ref)
             else:
                 worker, size = running.pop(ref)
                 result = ray.get(ref)
                 report.bytes_written += result["bytes"]
                 report.encoder_calls += size
+                where[worker] = result["worker"]
                 if bar is not None:
                     bar.update(size)
-            if chunks:
-                chunk = chunks.popleft()
-                running[worker.build.remote(chunk)] = (worker, len(chunk))
-    finally:
-        for worker in pool:  # also those still waiting for resources: they must not start later
+            hand_out(worker)
+        report.workers = list(where.values())
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.pool:
             ray.kill(worker)

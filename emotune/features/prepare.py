@@ -68,8 +68,9 @@ def plan_jobs(corpus: PreparedCorpus, recipe: EncoderRecipe, features: dict, sto
 
 
 def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCorpus, features: dict,
-               progress: bool = True, workers: int = 0) -> BuildReport:
-    """Encode what the cache lacks; with ``workers`` > 1 and Ray running, Ray actors share the work.
+               progress: bool = True, pool=None) -> BuildReport:
+    """Encode what the cache lacks; with ``pool`` (which returns the Ray cache workers of features/distributed.py,
+    started on first use), they share the work.
 
     The encoder is loaded only when something is missing: a warm cache costs no model load at all.
     """
@@ -84,14 +85,14 @@ def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCor
         speech = recipe.modality == "speech"
         augment = dict(features.get("augment") or {})
         bar = None
+        workers = pool() if pool is not None else None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"encoding ({label})", unit="item")
-        if workers > 1:
-            from emotune.features.distributed import fill_with_ray
-
-            fill_with_ray(recipe, todo, store, corpus.norm if speech else None, augment, features, workers, bar, report)
+            where = f", {workers.label}" if workers is not None else ""
+            bar = tqdm(total=len(todo), desc=f"encoding ({label}{where})", unit="item")
+        if workers is not None:
+            workers.fill(recipe, todo, bar, report)
         else:
             encoder = open_encoder(recipe, features.get("device", "auto"))
             report.encoder_calls, report.bytes_written = encode_jobs(
