@@ -245,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         from emotune.search import main as search_main
 
         return search_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (argparse stops collecting positionals at the first option)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return run_command(lambda: args.func(args))
 
 

@@ -53,6 +53,8 @@ def runs_page(tracking: dict, base: str) -> str:
         "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": "emotune.search"}]},
         "groupsExpanded": {f"tag.emotune.search.{name}": True},
         "selectedColumns": [f"metrics.`{m}`" for m in METRIC_COLUMNS] + [f"params.`{k}`" for k in searched],
+        "useGroupedValuesInCharts": False,  # the chart view draws each trial's curve, not the group's aggregate
+        "chartsSearchFilter": "val_f1",     # and starts on the dev macro-F1 curves: raw, smoothed, best so far
     }
     retry(mlflow_client.set_experiment_tag, experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
     return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"

@@ -58,6 +58,8 @@ SAMPLE_RATE = 16_000
 # The paper's search on MEACorpus, as the plan command describes it (README, emotune plan --help).
 PAPER_CLIPS, PAPER_HOURS = 5129, 13.16
 GB = 1e9
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 10, 1.96 + 2.4 / df is within 0.03).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def log(*parts) -> None:
@@ -372,33 +374,29 @@ def _peak_estimate_gb(seconds: list[float], chunk: int, hop: int, layers: int, w
     return base_gb + 2 * largest * per_frame / GB
 
 
-def _rss_gb(pid: int) -> float:
+# A small fresh process runs each predict child and reports its peak. Linux records the high-water mark of the
+# memory a process replaces at exec as part of its peak, so a child forked straight from this benchmark (which
+# held the replicas and their outputs) would report at least this process's own peak. Forked from a process
+# that only ran these lines, the child's figure is its own. The meter also stops a child that grows too large.
+METER = r"""
+import json, resource, subprocess, sys, time
+limit_kb = float(sys.argv[1]) * 1e9 / 1024
+child = subprocess.Popen(sys.argv[2:])
+killed = False
+while child.poll() is None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GB
+        with open(f"/proc/{child.pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
     except OSError:
-        pass
-    return 0.0
-
-
-def _wait_within(pid: int, limit_gb: float):
-    """Wait for the child, killing it if its resident memory passes ``limit_gb`` (the estimate is only an estimate).
-
-    Returns wait4's status and resource usage: this child's own peak, where RUSAGE_CHILDREN would be the largest
-    peak of every child so far and repeat an earlier, larger run's figure.
-    """
-    import signal
-
-    while True:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            return status, usage
-        if _rss_gb(pid) > limit_gb:
-            os.kill(pid, signal.SIGKILL)
-            _, status, usage = os.wait4(pid, 0)
-            raise SystemExit(f"a predict child passed {limit_gb:g} GB and was stopped: lower --crop-seconds")
-        time.sleep(0.2)
+        rss = 0
+    if rss > limit_kb:
+        child.kill()
+        child.wait()
+        killed = True
+    time.sleep(0.2)
+print(json.dumps({"returncode": child.returncode, "killed": killed,
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
 
 
 def run_predict(args, corpus, folders: dict) -> dict:
@@ -467,23 +465,31 @@ def run_predict(args, corpus, folders: dict) -> dict:
                                      f"--max-child-gb {args.max_child_gb:g}: lower --crop-seconds")
                 result = Path(tmp) / f"result-{n}-{label}.json"
                 child_log = Path(tmp) / f"child-{n}-{label}.log"
-                command = [sys.executable, str(Path(__file__).resolve()), "--child-predict", str(ensemble),
-                           "--child-input", str(listing), "--child-chunk", str(chunk), "--child-out", str(result),
+                command = [sys.executable, "-c", METER, str(args.kill_gb), sys.executable,
+                           str(Path(__file__).resolve()), "--child-predict", str(ensemble), "--child-input",
+                           str(listing), "--child-chunk", str(chunk), "--child-out", str(result),
                            "--threads", str(args.threads)]
                 log(f"predict: {n} clips, {label} (estimated peak {estimate:.1f} GB, about "
                     f"{rate * sum(durations[:n]) / 60:.1f} min) ...")
                 start = time.perf_counter()
                 with child_log.open("w") as sink:
-                    child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-                    status, usage = _wait_within(child.pid, args.kill_gb)
-                    child.returncode = os.waitstatus_to_exitcode(status)
+                    meter = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, text=True, cwd=ROOT)
                 wall = time.perf_counter() - start
-                if child.returncode != 0 or not result.is_file():
-                    raise SystemExit(f"the predict child failed (exit {child.returncode}):\n{child_log.read_text()[-4000:]}")
+                try:
+                    report = json.loads(meter.stdout.strip().splitlines()[-1])
+                except (IndexError, ValueError):
+                    report = {"returncode": meter.returncode, "killed": False}
+                if report.get("killed"):
+                    raise SystemExit(f"predict on {n} clips ({label}) passed --kill-gb {args.kill_gb:g} and was "
+                                     "stopped: lower --crop-seconds")
+                if report["returncode"] != 0 or not result.is_file():
+                    raise SystemExit(f"the predict child failed (exit {report['returncode']}):\n"
+                                     f"{child_log.read_text()[-4000:]}")
                 inner = json.loads(result.read_text())
                 runs.append({"clips": n, "mode": label, "chunk_size": chunk, "audio_seconds": sum(durations[:n]),
-                             "peak_rss_gb": usage.ru_maxrss * 1024 / GB, "estimated_peak_gb": estimate,
-                             "rusage_children_max_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GB,
+                             "peak_rss_gb": report["maxrss_kb"] * 1024 / GB, "estimated_peak_gb": estimate,
+                             "child_self_maxrss_gb": inner["self_maxrss_kb"] * 1024 / GB,
+                             "benchmark_process_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
                              "wall_seconds": wall, "predict_seconds": inner["predict_seconds"],
                              "load_seconds": inner["load_seconds"]})
                 log(f"  peak RSS {runs[-1]['peak_rss_gb']:.2f} GB, {wall:.0f} s")
@@ -643,7 +649,10 @@ def render(data: dict) -> list[str]:
         crop = (f"clips cropped to their first {pred['crop_seconds']:g} s ({'; '.join(pred['crop_reasons']) or 'as asked'})"
                 if pred["crop_seconds"] else "whole clips")
         lines += ["## Peak memory of `emotune predict` (one member on the XLS-R replica: all 24 layers, float16)", "",
-                  f"Each run is its own child process; its peak RSS is read with `os.wait4` after it exits. Demo "
+                  f"Each run is its own child process, started by a small fresh meter process that reads "
+                  f"`getrusage(RUSAGE_CHILDREN).ru_maxrss` once it has exited (it has no other child, so the figure is "
+                  f"that run's own peak; spawned straight from the benchmark process, a child would report at least the "
+                  f"benchmark's own peak, which Linux carries across fork and exec). Demo "
                   f"clips, {crop}; encoder at {pred['seconds_per_audio_second']:.3f} s per second of audio "
                   f"({pred['threads']} threads).", "",
                   "| clips | audio | chunk_size | peak RSS | estimated | predict time |", "|---|---|---|---|---|---|"]
@@ -669,9 +678,12 @@ def render(data: dict) -> list[str]:
         elif f1["delta_sd"] > 0.01:
             resolved = "the demo cannot resolve a 0.01 margin (the sd of the paired difference is over 0.01)"
         else:
-            se = f1["delta_sd"] / math.sqrt(f1["seeds"])
-            resolved = (f"a 0.01 margin is {'resolved' if 2 * se < 0.01 else 'not resolved'} (standard error of the "
-                        f"mean difference {se:.3f})")
+            df = f1["seeds"] - 1
+            half = T975.get(df, 1.96 + 2.4 / df) * f1["delta_sd"] / math.sqrt(f1["seeds"])
+            resolved = (f"the 95% interval of the mean difference is [{f1['delta_mean'] - half:+.3f}, "
+                        f"{f1['delta_mean'] + half:+.3f}] (t, {df} degrees of freedom): "
+                        + ("narrow enough to resolve a 0.01 margin" if half < 0.01
+                           else "too wide to resolve a 0.01 margin; more seeds would narrow it"))
         unpaired = {name: mean_sd(r[name] for r in f1["rows"])[1] for name in ("all_float16", "every3_int8")}
         lines += [f"| **mean ± sd** | | | **{f1['delta_mean']:+.3f} ± {f1['delta_sd']:.3f}** | "
                   f"{f1['kept_layer_share_mean']:.3f} ± {f1['kept_layer_share_sd']:.3f} (uniform "
@@ -705,7 +717,10 @@ def render(data: dict) -> list[str]:
               "- Peak RSS includes Python, torch and the XLS-R weights in float32 (about 1.3 GB).", ""]
     commands = data.get("commands") or {}
     if commands:
-        lines += ["Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in commands.items())]
+        by_command: dict[str, list[str]] = {}
+        for part, cmd in commands.items():
+            by_command.setdefault(cmd, []).append(part)
+        lines += ["Commands: " + "; ".join(f"`{cmd}` ({', '.join(parts)})" for cmd, parts in by_command.items())]
     return lines
 
 
@@ -723,10 +738,10 @@ def main() -> int:
                         help="largest acceptable estimated peak of a predict child (default 14, under the 16 GB "
                              "ceiling with room for other work on the machine)")
     parser.add_argument("--kill-gb", type=float, default=16,
-                        help="a predict child whose memory passes this is stopped (default 16)")
+                        help="a predict child whose resident memory passes this is stopped (default 16)")
     parser.add_argument("--base-gb", type=float, default=1.8,
                         help="predict's memory besides the encoder weights and its outputs (Python, torch, a "
-                             "batch's activations), for the estimate (default 1.8, measured on 10 clips)")
+                             "batch's activations), for the estimate (default 1.8, on the safe side)")
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds of the F1 part (default 3)")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per F1 trial (default 40, trial/default.yaml)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for encoding (default 2)")
