@@ -345,7 +345,7 @@ def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths,
         state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
         _maybe_fail_once(cfg, state.epoch)
         if improved:
-            _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, device, eval_batch, workdir,
+            _save_best(model, corpus, labels, source, lengths, dev_probs, device, eval_batch, workdir,
                        run, cfg, dims, norms, described, state)
         if run is not None and state.epoch > state.logged_upto:
             run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
@@ -401,7 +401,7 @@ def best_title(f1: float, epoch: int) -> str:
     return f"dev macro-F1 {f1:.4f} at epoch {epoch}"
 
 
-def _save_best(model, corpus, labels, source, lengths, dev_probs, dev_true, device, eval_batch, workdir: Path, run,
+def _save_best(model, corpus, labels, source, lengths, dev_probs, device, eval_batch, workdir: Path, run,
                cfg, dims, norms, described, state) -> None:
     """Write (and log) what the selector and ``predict`` need from the best model so far."""
     best = workdir / "best"

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from emotune.errors import EmotuneError
-from emotune.features.cache import (HEADER_BYTES, AudioHashes, FeatureStore, SpeechJob, TextJob, bytes_per_step,
-                                    free_bytes, speech_jobs, text_jobs)
+from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJob, bytes_per_step, free_bytes
 from emotune.features.catalog import hub_entry, resolve_encoder
 from emotune.features.encode import (SAMPLE_RATE, EncoderRecipe, check_storage, conv_frames, encoder_folder,
                                      make_recipe, resolve_layers, resolve_waveform_norm)
@@ -240,15 +239,10 @@ def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_d
 
 
 def _jobs(recipe: EncoderRecipe, splits: ClipSplits, features: dict, store: FeatureStore) -> list:
-    """The cache jobs of a corpus on disk (keys included), as the fill will make them; the memo is not saved."""
-    corpus = splits.utterances
-    if recipe.modality == "text":
-        return list(text_jobs(recipe.key, corpus.train + corpus.dev + corpus.test).values())
-    hashes = AudioHashes(store.root / "audio_hashes.json")
-    augment = dict(features.get("augment") or {})
-    jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features.get("variants", 4)),
-                       augment)
-    jobs |= speech_jobs(recipe.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
+    """The cache jobs of a corpus on disk (keys included), as the fill will make them; the hash memo is not saved."""
+    from emotune.features.prepare import plan_jobs
+
+    jobs = plan_jobs(splits.utterances, recipe, features, store, save_hashes=False)
     return [j for row in jobs.values() for j in row]
 
 
