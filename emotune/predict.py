@@ -22,6 +22,12 @@ from emotune.data.corpus import Utterance
 from emotune.errors import DataError, EmotuneError
 
 
+# Clips per predict chunk. A chunk's encoder outputs are all in memory at once (a large speech encoder with all
+# layers: about 10 MB per second of audio), so a chunk of 16 clips of MEACorpus' 9 s holds about 1.5 GB of
+# them, whatever the number of clips (benchmarks/scale.md).
+CHUNK_CLIPS = 16
+
+
 @dataclass
 class Member:
     model: torch.nn.Module
@@ -110,7 +116,7 @@ class Ensemble:
         return features
 
     @torch.inference_mode()
-    def predict(self, utterances: Sequence[Utterance], batch_size: int = 16, chunk_size: int = 64,
+    def predict(self, utterances: Sequence[Utterance], batch_size: int = 16, chunk_size: int = CHUNK_CLIPS,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Class indices and class scores (probabilities, or vote shares for ``hard``) per utterance.
 
@@ -137,7 +143,7 @@ class Ensemble:
                     for modality, arrays in features.items():
                         batch[modality], batch[f"{modality}_mask"] = pad_batch(arrays[first : first + batch_size])
                     probs.append(torch.softmax(member.model(batch), dim=-1).numpy().astype(np.float64))
-            del encoded, waves
+            del encoded, waves, features, arrays, batch  # nothing of this chunk outlives it
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:

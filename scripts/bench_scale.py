@@ -15,10 +15,12 @@ the weights are not. Five parts, each runnable alone (``--parts``):
 - f1: the dev macro-F1 cost of the hub default (every_3 + int8) against all layers in float16, paired
   seeds, on a 24-layer tiny wav2vec2 preset (speech only).
 
-    python scripts/bench_scale.py                                   # everything (about an hour on 2 cores)
+    python scripts/bench_scale.py                                   # everything (about 40 minutes on 2 cores)
+    python scripts/bench_scale.py --crop-seconds 2                  # as benchmarks/scale.md was made
     python scripts/bench_scale.py --parts speed,bytes --clips 4     # a quick look at one part or two
     python scripts/bench_scale.py --parts predict --predict-clips 5,10
     python scripts/bench_scale.py --parts f1 --seeds 1 --epochs 3
+    python scripts/bench_scale.py --parts none                      # rewrite scale.md from scale.json
 
 Writes benchmarks/scale.json and benchmarks/scale.md; a partial run keeps the other parts' figures from
 the existing scale.json. The replicas (1.3 GB and 2.2 GB) stay in runs/bench-scale/replicas for reruns.
@@ -425,7 +427,9 @@ def run_predict(args, corpus, folders: dict) -> dict:
     log(f"one clip of {durations[typical]:.1f} s: {rate:.3f} s per second of audio")
 
     base_gb = weights_gb + args.base_gb
-    largest, chunked = max(counts), 64
+    from emotune.predict import CHUNK_CLIPS
+
+    largest, chunked = max(counts), CHUNK_CLIPS
     # Whole clips first: the reasons to crop, if any, are reported whether the crop was chosen here or asked for.
     reasons = []
     run_minutes = rate * sum(durations) / 60
@@ -458,6 +462,8 @@ def run_predict(args, corpus, folders: dict) -> dict:
             listing = Path(tmp) / f"clips-{n}.json"
             listing.write_text(json.dumps(items))
             for label, chunk in (("chunked", chunked), ("unchunked", 10 ** 9)):
+                if label not in args.predict_modes.split(","):
+                    continue
                 estimate = _peak_estimate_gb(durations[:n], chunk, recipe.frame_hop, len(recipe.layers),
                                              recipe.width, base_gb)
                 if estimate > args.max_child_gb:
@@ -491,8 +497,13 @@ def run_predict(args, corpus, folders: dict) -> dict:
                              "child_self_maxrss_gb": inner["self_maxrss_kb"] * 1024 / GB,
                              "benchmark_process_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
                              "wall_seconds": wall, "predict_seconds": inner["predict_seconds"],
-                             "load_seconds": inner["load_seconds"]})
+                             "load_seconds": inner["load_seconds"],
+                             "command": " ".join(["python scripts/bench_scale.py", *sys.argv[1:]])})
                 log(f"  peak RSS {runs[-1]['peak_rss_gb']:.2f} GB, {wall:.0f} s")
+
+    # modes not rerun keep their runs from the existing scale.json (measured the same way)
+    kept = [r for r in _previous_predict_runs() if r["mode"] not in args.predict_modes.split(",")]
+    runs = kept + runs
 
     def peak(n, mode):
         return next(r["peak_rss_gb"] for r in runs if r["clips"] == n and r["mode"] == mode)
@@ -502,6 +513,13 @@ def run_predict(args, corpus, folders: dict) -> dict:
             "seconds_per_audio_second": rate, "threads": args.threads, "encoder": card["encoders"]["speech"],
             "ratio_chunked": peak(largest, "chunked") / peak(small, "chunked"),
             "ratio_unchunked": peak(largest, "unchunked") / peak(small, "unchunked")}
+
+
+def _previous_predict_runs() -> list[dict]:
+    try:
+        return json.loads((BENCH_DIR / "scale.json").read_text())["predict"]["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def child_predict(args) -> int:
@@ -656,14 +674,32 @@ def render(data: dict) -> list[str]:
                   f"clips, {crop}; encoder at {pred['seconds_per_audio_second']:.3f} s per second of audio "
                   f"({pred['threads']} threads).", "",
                   "| clips | audio | chunk_size | peak RSS | estimated | predict time |", "|---|---|---|---|---|---|"]
+        sources = {}
         for r in pred["runs"]:
-            chunk = "64 (default)" if r["chunk_size"] == 64 else f"{r['chunk_size']:.0e} (unchunked)"
+            if r.get("command"):
+                sources.setdefault(r["command"], []).append(f"{r['clips']} {r['mode']}")
+        if len(sources) > 1:  # --predict-modes kept some runs from an earlier invocation
+            lines[-4] += " Rows from more than one invocation: " + "; ".join(
+                f"{', '.join(rows)}: `{cmd}`" for cmd, rows in sources.items()) + "."
+        for r in pred["runs"]:
+            chunk = f"{r['chunk_size']} (default)" if r["mode"] == "chunked" else f"{r['chunk_size']:.0e} (unchunked)"
             lines.append(f"| {r['clips']} | {r['audio_seconds']:.0f} s | {chunk} | {r['peak_rss_gb']:.2f} GB | "
                          f"{r['estimated_peak_gb']:.1f} GB | {r['predict_seconds']:.0f} s |")
         small, large = min(pred["counts"]), max(pred["counts"])
+        by = {(r["clips"], r["mode"]): r for r in pred["runs"]}
+        enc = pred["encoder"]
+        per_clip = by[(small, "chunked")]["audio_seconds"] / small * enc["frame_rate"] * enc["layers"] * enc["width"] * 4
+        extra = by[(large, "chunked")]["peak_rss_gb"] - by[(small, "chunked")]["peak_rss_gb"]
+        size = by[(large, "chunked")]["chunk_size"]
+        fuller = 2 * max(0, min(size, large) - min(size, small)) * per_clip / GB
+        why = (f"a full {size}-clip chunk instead of {small} clips explains about {fuller:.2f} GB of that (twice the "
+               "extra clips' float32 outputs), the rest is memory kept from one chunk to the next" if fuller > 0 else
+               f"both runs hold at least one full {size}-clip chunk, so the difference is what grows with the number "
+               "of chunks (memory kept from one chunk to the next, allocator fragmentation)")
         lines += ["", f"Peak RSS {large} / {small} clips: chunked **{pred['ratio_chunked']:.2f}x**, unchunked "
-                  f"{pred['ratio_unchunked']:.2f}x. 'Estimated' is the script's bound before running (XLS-R weights "
-                  "+ a fixed overhead + twice the float32 outputs of the largest chunk).", ""]
+                  f"{pred['ratio_unchunked']:.2f}x. Chunked, the {large}-clip peak is {extra:+.2f} GB from the "
+                  f"{small}-clip one; {why}. 'Estimated' is the script's bound before running (XLS-R weights + a "
+                  "fixed allowance + twice the float32 outputs of the largest chunk).", ""]
     if f1:
         lines += [f"## Dev macro-F1 cost of the hub default storage ({f1['encoder']}, speech only, "
                   f"{f1['epochs']} epochs, no early stop)", "",
@@ -683,7 +719,7 @@ def render(data: dict) -> list[str]:
             resolved = (f"the 95% interval of the mean difference is [{f1['delta_mean'] - half:+.3f}, "
                         f"{f1['delta_mean'] + half:+.3f}] (t, {df} degrees of freedom): "
                         + ("narrow enough to resolve a 0.01 margin" if half < 0.01
-                           else "too wide to resolve a 0.01 margin; more seeds would narrow it"))
+                           else "too wide to resolve a 0.01 margin (more seeds would narrow it)"))
         unpaired = {name: mean_sd(r[name] for r in f1["rows"])[1] for name in ("all_float16", "every3_int8")}
         lines += [f"| **mean ± sd** | | | **{f1['delta_mean']:+.3f} ± {f1['delta_sd']:.3f}** | "
                   f"{f1['kept_layer_share_mean']:.3f} ± {f1['kept_layer_share_sd']:.3f} (uniform "
@@ -696,8 +732,8 @@ def render(data: dict) -> list[str]:
                   f"the first by {f1['first_last_layer_distance']:.3f} (relative), so a layer subset changes little of "
                   "what the model sees, and paired runs follow almost the same path.", "",
                   f"What this can show: with the same seed, the hub default changes dev macro-F1 by "
-                  f"{f1['delta_mean']:+.3f} (sd {f1['delta_sd']:.3f} over {f1['seeds']} paired seeds), so {resolved}; "
-                  f"unpaired, the F1 itself varies across seeds by sd {unpaired['all_float16']:.3f} (all layers) and "
+                  f"{f1['delta_mean']:+.3f} (sd {f1['delta_sd']:.3f} over {f1['seeds']} paired seeds): {resolved}. "
+                  f"Unpaired, the F1 itself varies across seeds by sd {unpaired['all_float16']:.3f} (all layers) and "
                   f"{unpaired['every3_int8']:.3f} (every_3 int8)."
                   + (" The pairing is tight here because the random layers are near-copies, not because the measure is "
                      "precise in general." if f1["delta_sd"] < min(unpaired.values()) else "")
@@ -727,9 +763,12 @@ def render(data: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (default all: "
-                                                                 f"{','.join(PARTS)})")
+                                                                 f"{','.join(PARTS)}; none: only rewrite scale.md)")
     parser.add_argument("--clips", type=int, default=24, help="demo clips for speed and bytes (default 24)")
     parser.add_argument("--predict-clips", default="50,500", help="clip counts of the predict runs (default 50,500)")
+    parser.add_argument("--predict-modes", default="chunked,unchunked",
+                        help="predict runs to measure: chunked, unchunked or both; the others keep their runs from "
+                        "the existing scale.json (default both)")
     parser.add_argument("--crop-seconds", type=float, default=None,
                         help="cut predict clips to their first N seconds (default: only if a run would be too slow "
                              "or too large, then the largest half second that fits)")
@@ -752,7 +791,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child_predict:
         return child_predict(args)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip() and p.strip() != "none"]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
