@@ -22,7 +22,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -312,27 +312,41 @@ def encode_jobs(encoder: FrozenEncoder, todo: Sequence[SpeechJob | TextJob], sto
     return calls, written
 
 
-def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
-          norm: NormStats | None = None, augmenter: Augmenter | None = None, verify: bool = True,
-          progress: bool = True, label: str | None = None) -> BuildReport:
-    """Encode every job whose array is missing (or damaged, when ``verify``); the rest are cache hits."""
-    label = label or f"{encoder.modality} encoder {encoder.spec.name}"
+def fill_missing(recipe, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore, verify: bool, progress: bool,
+                 start: Callable[[], tuple[str, Callable]]) -> BuildReport:
+    """The one build-and-report loop: find what is missing (or damaged), check the disk, encode it, report.
+
+    ``start()`` is called only when something is missing; it returns a note for the progress bar (where the
+    work runs) and ``encode(todo, bar, report)``, which encodes and adds its counts to the report.
+    """
+    label = f"{recipe.modality} encoder {recipe.spec.name}"
     report = BuildReport(encoder=label)
-    start = time.perf_counter()
+    began = time.perf_counter()
     todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify)
     if todo:
-        check_disk(store, estimate_bytes(encoder.recipe, todo), label, announce=progress)
+        check_disk(store, estimate_bytes(recipe, todo), label, announce=progress)
+        where, encode = start()
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"encoding ({label})", unit="item")
-        report.encoder_calls, report.bytes_written = encode_jobs(encoder, todo, store, norm, augmenter, bar)
+            bar = tqdm(total=len(todo), desc=f"encoding ({label}{where})", unit="item")
+        encode(todo, bar, report)
         if bar:
             bar.close()
     report.built = len(todo) - report.rebuilt_damaged
-    report.seconds = time.perf_counter() - start
+    report.seconds = time.perf_counter() - began
     return report
+
+
+def build(encoder: FrozenEncoder, jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
+          norm: NormStats | None = None, augmenter: Augmenter | None = None, verify: bool = True,
+          progress: bool = True) -> BuildReport:
+    """Encode every job whose array is missing (or damaged, when ``verify``) with a loaded encoder."""
+    def encode(todo, bar, report: BuildReport) -> None:
+        report.encoder_calls, report.bytes_written = encode_jobs(encoder, todo, store, norm, augmenter, bar)
+
+    return fill_missing(encoder.recipe, jobs, store, verify, progress, lambda: ("", encode))
 
 
 @dataclass

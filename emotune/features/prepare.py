@@ -8,14 +8,13 @@ something must be encoded.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
 from emotune.data.augment import Augmenter
 from emotune.data.prepare import PreparedCorpus
-from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, check_disk, encode_jobs,
-                                    estimate_bytes, missing_jobs, speech_jobs, text_jobs)
+from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, encode_jobs, fill_missing,
+                                    speech_jobs, text_jobs)
 from emotune.features.catalog import resolve_encoder
 from emotune.features.encode import EncoderRecipe, FrozenEncoder, encoder_folder, make_recipe, open_encoder
 
@@ -75,33 +74,22 @@ def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCor
     The encoder is loaded only when something is missing: a warm cache costs no model load at all.
     """
     store = FeatureStore(features["dir"])
-    label = f"{recipe.modality} encoder {recipe.spec.name}"
-    report = BuildReport(encoder=label)
-    start = time.perf_counter()
-    todo, report.hits, report.rebuilt_damaged = missing_jobs([j for row in jobs.values() for j in row], store,
-                                                             bool(features.get("verify", True)))
-    if todo:
-        check_disk(store, estimate_bytes(recipe, todo), label, announce=progress)
-        speech = recipe.modality == "speech"
-        augment = dict(features.get("augment") or {})
-        bar = None
-        workers = pool() if pool is not None else None
-        if progress:
-            from tqdm.auto import tqdm
+    speech = recipe.modality == "speech"
 
-            where = f", {workers.label}" if workers is not None else ""
-            bar = tqdm(total=len(todo), desc=f"encoding ({label}{where})", unit="item")
-        if workers is not None:
-            workers.fill(recipe, todo, bar, report)
-        else:
-            encoder = open_encoder(recipe, features.get("device", "auto"))
-            report.encoder_calls, report.bytes_written = encode_jobs(
-                encoder, todo, store, corpus.norm if speech else None, Augmenter.from_settings(augment) if speech else None, bar)
-        if bar:
-            bar.close()
-    report.built = len(todo) - report.rebuilt_damaged
-    report.seconds = time.perf_counter() - start
-    return report
+    def start():
+        if pool is not None:
+            workers = pool()
+            return f", {workers.label}", lambda todo, bar, report: workers.fill(recipe, todo, bar, report)
+        encoder = open_encoder(recipe, features.get("device", "auto"))
+        augmenter = Augmenter.from_settings(features.get("augment")) if speech else None
+
+        def encode(todo, bar, report: BuildReport) -> None:
+            report.encoder_calls, report.bytes_written = encode_jobs(encoder, todo, store,
+                                                                     corpus.norm if speech else None, augmenter, bar)
+        return "", encode
+
+    return fill_missing(recipe, [j for row in jobs.values() for j in row], store, bool(features.get("verify", True)),
+                        progress, start)
 
 
 def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore, report: BuildReport) -> FeatureIndex:
