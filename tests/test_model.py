@@ -231,6 +231,35 @@ def test_attention_model_pool_exposes_weights_over_the_fused_sequence():
     assert torch.all(weights[:, 6:][mask[:, 6:]] > 0)  # text tokens take part in the pooling
 
 
+def test_pooling_before_projecting_equals_projecting_every_frame():
+    """The model projects the pooled vector, not each frame; values and gradients must match the paper's order."""
+    dims = {"speech": (2, 16), "text": (1, 24)}
+    model = AttentionPoolingModel(dims, N_CLASSES, width=32).eval()
+    with torch.no_grad():
+        model.adapters["speech"].projection.bias.normal_()  # a zero bias would hide a bias term handled wrongly
+    batch = make_batch(dims, {"speech": [7, 3], "text": [2, 5]}, {"speech": 7, "text": 5})
+
+    def paper_order(model):
+        sequences = [model.adapters[m](batch[m]) for m in model.modalities]
+        mask = torch.cat([batch[m + "_mask"] for m in model.modalities], dim=1)
+        return model.attention(torch.cat(sequences, dim=1), mask)
+
+    pooled, weights, _ = model.pool(batch)
+    expected_pooled, expected_weights = paper_order(model)
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+    assert model.adapters["speech"].projection.bias.abs().sum() > 0
+    grads = []
+    for pooled_of in (lambda: model.pool(batch)[0], lambda: paper_order(model)[0]):
+        model.zero_grad()
+        (pooled_of() ** 2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "adapters.speech.projection.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4)
+        assert grads[0][name].abs().sum() > 0, name
+
+
 def test_attention_model_logits_ignore_extra_padding_in_eval():
     dims = {"speech": (3, 16), "text": (1, 24)}
     model = AttentionPoolingModel(dims, N_CLASSES, width=32).eval()

@@ -21,13 +21,18 @@ from emotune.features.encode import FrozenEncoder
 
 
 def pad_batch(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(layers, time, width)`` arrays into a zero-padded tensor and its time mask."""
+    """Stack ``(layers, time, width)`` arrays into a zero-padded tensor and its time mask.
+
+    Float16 features (the cache's) stay float16 here: the model widens the whole batch in one operation,
+    which is much cheaper than widening clip by clip.
+    """
     longest = max(a.shape[1] for a in arrays)
     layers, width = arrays[0].shape[0], arrays[0].shape[2]
-    out = torch.zeros(len(arrays), layers, longest, width, dtype=torch.float32)
+    dtype = np.float16 if all(a.dtype == np.float16 for a in arrays) else np.float32
+    out = torch.zeros(len(arrays), layers, longest, width, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
     mask = torch.zeros(len(arrays), longest, dtype=torch.bool)
     for i, a in enumerate(arrays):
-        out[i, :, : a.shape[1]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+        out[i, :, : a.shape[1]] = torch.from_numpy(np.asarray(a, dtype=dtype))
         mask[i, : a.shape[1]] = True
     return out, mask
 

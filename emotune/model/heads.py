@@ -112,7 +112,8 @@ class FeatureAdapter(nn.Module):
         # feature of that dimension into inf or NaN instead of simply centring it.
         self.std.copy_(std.clamp_min(1e-6))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def normalise(self, x: Tensor) -> Tensor:
+        """Layer mix and normalisation, without the projection: (B, L, T, D) -> (B, T, D)."""
         if x.shape[-1] != self.width:
             raise EmotuneError(f"expected features of width {self.width}, got {x.shape[-1]}.")
         h = self.layer_mix(x)
@@ -120,9 +121,11 @@ class FeatureAdapter(nn.Module):
             h = self.layer_norm(h)
         elif self.needs_statistics:
             h = (h - self.mean) / self.std
-        if self.projection is not None:
-            h = self.projection(h)
         return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.normalise(x)
+        return self.projection(h) if self.projection is not None else h
 
 
 def _adapters(
@@ -174,14 +177,13 @@ class AttentionPoolingModel(nn.Module):
 
         The fused sequence is the speech frames followed by the text tokens, each with its own padding.
         """
-        sequences, masks = [], []
+        parts = []
         for modality in self.modalities:
             features, mask = _modality_input(batch, modality)
-            sequences.append(self.adapters[modality](features))
-            masks.append(mask)
-        fused, fused_mask = torch.cat(sequences, dim=1), torch.cat(masks, dim=1)
-        pooled, weights = self.attention(fused, fused_mask)
-        return pooled, weights, fused_mask
+            adapter = self.adapters[modality]
+            parts.append((adapter.normalise(features), mask, adapter.projection))
+        pooled, weights = self.attention.pool_then_project(parts)
+        return pooled, weights, torch.cat([mask for _, mask, _ in parts], dim=1)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         pooled, _, _ = self.pool(batch)
