@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from emotune.errors import EmotuneError, run_command
+from emotune.names import ENSEMBLE_METHODS
 
 
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
@@ -45,11 +46,11 @@ def _cmd_check_corpus(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from emotune.config import load_config
-    from emotune.trial import run_trial
+    from emotune.trial import TrialContext, run_trial
 
     cfg = load_config(args.overrides)
     workdir = Path(cfg["paths"]["runs_dir"]) / "trials" / time.strftime("train-%Y%m%d-%H%M%S")
-    summary = run_trial(cfg, workdir=workdir)
+    summary = run_trial(cfg, TrialContext(workdir=workdir))
     print(f"best dev macro-F1 {summary['best_val_f1']:.4f} at epoch {summary['best_epoch']} "
           f"({summary['epochs_trained']} epochs, {summary['seconds_per_epoch']:.2f} s/epoch, "
           f"features ready in {summary['feature_seconds']:.1f} s)")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`emotune predict` can use. Example: emotune select-top --k 3 --method soft",
     )
     select.add_argument("--k", type=int, default=3, help="members for hard/soft voting (default 3)")
-    select.add_argument("--method", choices=("hard", "soft", "greedy"), default="hard",
+    select.add_argument("--method", choices=ENSEMBLE_METHODS, default="hard",
                         help="hard: majority vote, ties to the best member (the paper's); soft: mean probabilities; "
                         "greedy: Caruana ensemble selection over all trials (default hard)")
     select.add_argument("--search", default=None, help="search name or parent run id (default: the latest search)")

@@ -25,9 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from emotune import evaluation
+from emotune.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
 from emotune.errors import EmotuneError
+from emotune.names import ENSEMBLE_METHODS
 
-METHODS = ("hard", "soft", "greedy")
 
 
 # --- combining predictions ----------------------------------------------------------------------------------
@@ -195,8 +196,8 @@ def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None =
     from emotune.data.prepare import prepare_corpus
     from emotune.tracking import TrackedRun
 
-    if method not in METHODS:
-        raise EmotuneError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if method not in ENSEMBLE_METHODS:
+        raise EmotuneError(f"unknown method '{method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
     if k < 1:
         raise EmotuneError("--k must be at least 1")
     tracking = cfg["tracking"]
@@ -315,11 +316,10 @@ def _save(out: Path, cfg, corpus, parent, name, method, k, members, weights, off
     for i, (member, weight) in enumerate(zip(members, weights)):
         target = out / "members" / f"{i + 1:02d}"
         target.mkdir(parents=True)
-        for fname in ("model.safetensors", "model_card.json"):
+        for fname in (WEIGHTS_FILE, CARD_FILE):
             shutil.copy2(member.folder / fname, target / fname)
         shutil.copy2(member.folder.parent / "config.json", target / "config.json")
-        card = json.loads((target / "model_card.json").read_text())
-        for modality, enc in card["encoders"].items():
+        for enc in ModelCard.load(target).encoders.values():
             if enc.get("kind") == "tiny" and enc.get("folder"):  # built here, not downloadable: ship it
                 local = f"encoders/{Path(enc['folder']).name}"
                 if local not in encoder_folders.values() and Path(enc["folder"]).is_dir():

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from emotune.checkpoint import ModelCard
 from emotune.data.audio import NormStats, load_audio
 from emotune.data.corpus import Utterance
 from emotune.errors import DataError, EmotuneError
@@ -31,7 +32,7 @@ CHUNK_CLIPS = 16
 @dataclass
 class Member:
     model: torch.nn.Module
-    card: dict
+    card: ModelCard
     weight: float
 
 
@@ -54,22 +55,18 @@ class Ensemble:
         self._encoders: dict[str, object] = {}
 
     def _load_member(self, entry: dict) -> Member:
-        from emotune.model import build_model
-        from emotune.trial import load_weights
+        from emotune.checkpoint import load_model, missing_files
 
         folder = self.folder / entry["folder"]
-        missing = [f for f in ("model.safetensors", "model_card.json") if not (folder / f).is_file()]
+        missing = missing_files(folder)
         if missing:
             raise EmotuneError(f"ensemble member {entry['folder']} ({entry.get('name', '?')}) is incomplete: "
                                f"{', '.join(missing)} missing in {folder}. Recreate the ensemble with "
                                "`emotune select-top`.")
-        card = json.loads((folder / "model_card.json").read_text())
-        dims = {m: tuple(d) for m, d in card["dims"].items()}
-        model = build_model(card["model"], dims, len(card["labels"]), card["norms"])
-        load_weights(model, folder / "model.safetensors").eval()
+        model, card = load_model(folder)
         return Member(model, card, float(entry.get("weight", 1.0)))
 
-    def _encoder(self, modality: str, description: dict, max_tokens: int):
+    def _encoder(self, modality: str, description: dict):
         """The encoder a member was trained on, rebuilt from its card; refused if it no longer matches."""
         from emotune.features.catalog import EncoderSpec
         from emotune.features.encode import locate_hf_folder, make_recipe, open_encoder
@@ -84,11 +81,8 @@ class Ensemble:
             folder = self.folder / shipped if shipped else locate_hf_folder(spec)
             if not Path(folder).is_dir():
                 raise EmotuneError(f"the {modality} encoder of this ensemble is missing: {folder}")
-        # cards written before these settings existed were trained on the corpus-wide normalisation only
-        recipe = make_recipe(spec, folder, description.get("layer_indices") or "all",
-                             max_tokens=int(description.get("max_tokens") or max_tokens),
-                             waveform_norm=description.get("waveform_norm", "global"),
-                             storage=description.get("storage", "float16"))
+        recipe = make_recipe(spec, folder, description["layer_indices"], max_tokens=int(description["max_tokens"]),
+                             waveform_norm=description["waveform_norm"], storage=description["storage"])
         if recipe.key != key:
             raise EmotuneError(f"the {modality} encoder '{spec.name}' found now ({recipe.key}) differs from the one "
                                f"the ensemble was trained with ({key}); its predictions would be meaningless.")
@@ -101,17 +95,16 @@ class Ensemble:
 
         features: dict[str, list[np.ndarray]] = {}
         for modality in member.model.modalities:
-            description = member.card["encoders"][modality]
+            description = member.card.encoders[modality]
             if description["key"] not in encoded:  # members sharing an encoder share its outputs
-                encoder = self._encoder(modality, description,
-                                        int((member.card.get("features") or {}).get("max_text_tokens") or 256))
+                encoder = self._encoder(modality, description)
                 if modality == "speech":
                     if not waves:
                         waves.extend(self.norm.apply(load_audio(u.audio)) for u in chunk)
                     outputs = encoder.encode(waves)
                 else:
                     outputs = encoder.encode([u.text for u in chunk])
-                encoded[description["key"]] = [as_stored(a, description.get("storage", "float16")) for a in outputs]
+                encoded[description["key"]] = [as_stored(a, description["storage"]) for a in outputs]
             features[modality] = encoded[description["key"]]
         return features
 

@@ -125,10 +125,6 @@ class DefineByRun:
         return None
 
 
-def define_by_run(space: dict, cfg: dict) -> DefineByRun:
-    return DefineByRun(space, cfg)
-
-
 def points_to_evaluate(space: dict, cfg: dict) -> list[dict]:
     """The space's known-good points, keeping only parameters that are active for each point."""
     params = validate_space(space, cfg)

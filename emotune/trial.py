@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from emotune import evaluation
+from emotune.checkpoint import ModelCard, save_model
 from emotune.data.corpus import Utterance
 from emotune.errors import EmotuneError
 
@@ -125,20 +126,6 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     return TrainerState(**meta)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)))
-    return model
-
-
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -185,102 +172,270 @@ def _print_reporter(metrics: dict, _checkpoint: str) -> None:
           f"({metrics['epoch_seconds']:.1f} s)", flush=True)
 
 
-def run_trial(cfg: dict, reporter: Reporter | None = None, resume_dir: str | Path | None = None,
-              workdir: str | Path | None = None, run_key: str | None = None, run_name: str | None = None,
-              progress: bool = True, index=None, device: str | None = None) -> dict:
-    """Train one model as ``cfg`` says and return its summary (``best_val_f1``, ``best_epoch``, ...).
+@dataclass
+class TrialContext:
+    """What a trial gets besides its configuration: where it works, whom it tells, what the search prepared.
 
-    ``reporter(metrics, checkpoint_dir)`` is called after every epoch (Ray's ``tune.report`` inside a
-    search); ``resume_dir`` is a checkpoint folder written by an earlier attempt of the same trial;
-    ``index`` is the feature index of an already filled cache (the search passes it), else the trial loads
-    its encoders and fills the cache itself. ``device`` overrides ``trial.device`` (a Ray trial passes the
-    device Ray gave it).
+    Every field has a default, so ``run_trial(cfg)`` trains alone; a search fills in the rest.
     """
-    from emotune.data.augment import Augmenter
-    from emotune.data.prepare import prepare_corpus
-    from emotune.features.encode import pick_device
-    from emotune.features.prepare import describe, load_encoders, prepare_features
-    from emotune.features.source import CachedFeatures, LiveFeatures
-    from emotune.model import build_model, modalities_of
-    from emotune.tracking import TrackedRun
 
-    trial_cfg, model_cfg, features_cfg = cfg["trial"], cfg["model"], cfg["features"]
-    reporter = reporter or _print_reporter
-    seed = int(trial_cfg["seed"])
-    seed_everything(seed)
-    torch.set_num_threads(max(1, int(trial_cfg.get("cpus", 1))))
-    device = pick_device(device or trial_cfg.get("device", "auto"))
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    runs_dir = cfg["paths"]["runs_dir"]
-    modalities = modalities_of(model_cfg)
+    workdir: str | Path | None = None  # checkpoints and the best model; a new temporary folder when None
+    reporter: Reporter | None = None  # called after every epoch (Ray's tune.report in a search); prints when None
+    resume_dir: str | Path | None = None  # a checkpoint written by an earlier attempt of the same trial
+    index: object | None = None  # FeatureIndex of a cache the search filled; None: the trial fills it itself
+    verify_cache: bool = True  # check cached files' CRCs when the trial fills the cache itself
+    device: str | None = None  # overrides trial.device (a Ray trial passes the device Ray gave it)
+    cpus: int | None = None  # torch threads; None: trial.cpus (a search passes the CPUs Ray gives each trial)
+    parent_run_id: str | None = None  # the search's MLflow run
+    search_name: str = ""
+    run_key: str | None = None  # names the trial's MLflow run across attempts, so a retry reuses it
+    run_name: str | None = None
+    progress: bool = True  # progress bars while preparing the corpus and the cache
 
-    started = time.perf_counter()
-    corpus = prepare_corpus(cfg["data"], runs_dir, progress=progress)
-    labels = corpus.labels
-    if features_cfg.get("cache", True):
-        if index is None:
-            index = prepare_features(corpus, cfg["encoders"], features_cfg, modalities, runs_dir, progress=progress)
-        source = CachedFeatures(index, modalities, labels, float(trial_cfg["aug_prob"]), float(trial_cfg["crop_seconds"]),
-                                float(features_cfg.get("preload_mb", 4096)))
-        described = index.encoders
-    else:
+
+def run_trial(cfg: dict, context: TrialContext | None = None) -> dict:
+    """Train one model as ``cfg`` says and return its summary (``best_val_f1``, ``best_epoch``, ``history``, ...)."""
+    return Trainer(cfg, context or TrialContext()).fit()
+
+
+class Trainer:
+    """One trial: its data, model and optimiser, and the loop that trains, evaluates, reports and checkpoints.
+
+    What a resumed trial needs besides tensors is in ``self.state`` (a :class:`TrainerState`).
+    """
+
+    def __init__(self, cfg: dict, context: TrialContext) -> None:
+        from emotune.data.prepare import prepare_corpus
+        from emotune.features.encode import pick_device
+
+        self.cfg, self.context, self.settings = cfg, context, cfg["trial"]
+        self.reporter = context.reporter or _print_reporter
+        seed = int(self.settings["seed"])
+        seed_everything(seed)
+        torch.set_num_threads(max(1, int(context.cpus or self.settings["cpus"])))
+        self.device = pick_device(context.device or self.settings["device"])
+        self.workdir = Path(context.workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+        started = time.perf_counter()
+        self.corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=context.progress)
+        self.labels = self.corpus.labels
+        self.source, self.described = self._features()
+        self.feature_seconds = time.perf_counter() - started
+        self.model = self._model()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.settings["lr"]),
+                                           weight_decay=float(self.settings["weight_decay"]))
+        weights = class_weights(self.corpus.train, self.labels, self.settings["class_weights"])
+        self.loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.lengths = {uid: info.n_samples for uid, info in self.corpus.audio.items()}
+        self.state = TrainerState(lr=float(self.settings["lr"]))
+        self.rng = np.random.default_rng(seed)
+        self._resume()
+        self.run = self._start_run()
+        self.setup_seconds = time.perf_counter() - started
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+
+    def _features(self):
+        """The batch source (cached or live) and each modality's encoder description."""
+        from emotune.data.augment import Augmenter
+        from emotune.features.prepare import describe, load_encoders, prepare_features
+        from emotune.features.source import CachedFeatures, LiveFeatures
+        from emotune.model import modalities_of
+
+        cfg, features, corpus = self.cfg, self.cfg["features"], self.corpus
+        modalities = modalities_of(cfg["model"])
+        aug_prob, crop = float(self.settings["aug_prob"]), float(self.settings["crop_seconds"])
+        if features["cache"]:
+            index = self.context.index
+            if index is None:
+                index = prepare_features(corpus, cfg["encoders"], {**features, "verify": self.context.verify_cache},
+                                         modalities, cfg["paths"]["runs_dir"], progress=self.context.progress)
+            source = CachedFeatures(index, modalities, self.labels, aug_prob, crop, float(features["preload_mb"]))
+            return source, index.encoders
         # live encoders run where the trial runs: on the device it was given, not wherever features.device says
-        encoders = load_encoders(corpus, cfg["encoders"], {**features_cfg, "device": str(device)}, modalities, runs_dir)
-        augmenter = Augmenter.from_settings(features_cfg.get("augment"))
-        source = LiveFeatures(encoders, labels, corpus.norm, augmenter, float(trial_cfg["aug_prob"]),
-                              float(trial_cfg["crop_seconds"]))
-        described = {m: describe(e) | {"storage": "float32"} for m, e in encoders.items()}  # never stored
-    feature_seconds = time.perf_counter() - started
+        encoders = load_encoders(corpus, cfg["encoders"], {**features, "device": str(self.device)}, modalities,
+                                 cfg["paths"]["runs_dir"])
+        source = LiveFeatures(encoders, self.labels, corpus.norm, Augmenter.from_settings(features["augment"]),
+                              aug_prob, crop)
+        return source, {m: describe(e) | {"storage": "float32"} for m, e in encoders.items()}  # never stored
 
-    dims = {m: (described[m]["layers"], described[m]["width"]) for m in modalities}
-    norms = {m: described[m]["norm"] for m in modalities}
-    model = build_model(model_cfg, dims, len(labels), norms)
-    for m in modalities:
-        adapter = model.adapters[m]
-        if getattr(adapter, "needs_statistics", False):  # global standardisation from the training side only
-            adapter.set_statistics(*feature_statistics(source, corpus.train, m))
-    model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(trial_cfg["lr"]),
-                                  weight_decay=float(trial_cfg["weight_decay"]))
-    weights = class_weights(corpus.train, labels, trial_cfg.get("class_weights", "inverse"))
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
-    lengths = {uid: info.n_samples for uid, info in corpus.audio.items()}
+    def _model(self) -> torch.nn.Module:
+        from emotune.model import build_model, modalities_of
 
-    state = TrainerState(lr=float(trial_cfg["lr"]))
-    rng = np.random.default_rng(seed)
-    if resume_dir and (Path(resume_dir) / "trainer.json").is_file():
-        state = load_checkpoint(Path(resume_dir), model, optimizer)
-        rng.bit_generator.state = state.rng
+        modalities = modalities_of(self.cfg["model"])
+        self.dims = {m: (self.described[m]["layers"], self.described[m]["width"]) for m in modalities}
+        self.norms = {m: self.described[m]["norm"] for m in modalities}
+        model = build_model(self.cfg["model"], self.dims, len(self.labels), self.norms)
+        for m in modalities:
+            adapter = model.adapters[m]
+            if getattr(adapter, "needs_statistics", False):  # global standardisation from the training side only
+                adapter.set_statistics(*feature_statistics(self.source, self.corpus.train, m))
+        return model.to(self.device)
+
+    def _resume(self) -> None:
+        resume_dir = self.context.resume_dir
+        if not resume_dir or not (Path(resume_dir) / "trainer.json").is_file():
+            return
+        self.state = load_checkpoint(Path(resume_dir), self.model, self.optimizer)
+        self.rng.bit_generator.state = self.state.rng
         best_src = Path(resume_dir) / "model.safetensors"
         if best_src.is_file():
-            (workdir / "best").mkdir(exist_ok=True)
-            (workdir / "best" / "model.safetensors").write_bytes(best_src.read_bytes())
+            (self.workdir / "best").mkdir(exist_ok=True)
+            (self.workdir / "best" / "model.safetensors").write_bytes(best_src.read_bytes())
 
-    tracking = cfg.get("tracking")
-    run = None
-    if tracking:
-        search = cfg.get("search") or {}
-        run = TrackedRun.start(tracking, name=run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}", kind="trial",
-                               run_key=run_key, parent_run_id=search.get("parent_run_id"),
-                               tags={"emotune.search": search.get("name", "")})
-        state.run_id = run.run_id
+    def _start_run(self):
+        from emotune.tracking import TrackedRun
+
+        tracking = self.cfg.get("tracking")
+        if not tracking:
+            return None
+        context = self.context
+        run = TrackedRun.start(tracking, name=context.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+                               kind="trial", run_key=context.run_key, parent_run_id=context.parent_run_id,
+                               tags={"emotune.search": context.search_name})
+        self.state.run_id = run.run_id
         # A trial killed after logging an epoch but before its checkpoint was kept retrains that epoch on
         # resume (with identical results, as the RNG state is restored); MLflow already has it.
-        state.logged_upto = run.last_step("val_f1")
-        if state.epoch == 0:
-            run.log_params(params_of(cfg, corpus, dims, norms))
-            run.log_json(cfg, "config.json")
+        self.state.logged_upto = run.last_step("val_f1")
+        if self.state.epoch == 0:
+            params = params_of(self.cfg, self.corpus, self.dims, self.norms)
+            params["trial"] = params["trial"] | {"cpus": torch.get_num_threads()}  # what it ran with
+            run.log_params(params)
+            run.log_json(self.cfg, "config.json")
+        return run
 
-    setup_seconds = time.perf_counter() - started
-    try:
-        summary = _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths, device, state, rng,
-                              reporter, workdir, run, dims, norms, described, feature_seconds, setup_seconds)
-    except Exception:  # not SystemExit: that is Ray stopping the trial (ASHA), which the search records itself
-        if run is not None:
-            run.finish("FAILED")
-        raise
-    return summary
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train until ``max_epochs`` or early stopping; returns the summary."""
+        try:
+            summary = self._loop()
+        except Exception:  # not SystemExit: that is Ray stopping the trial (ASHA), which the search records itself
+            if self.run is not None:
+                self.run.finish("FAILED")
+            raise
+        return summary | {"run_id": self.state.run_id, "history": self.state.history, "workdir": str(self.workdir)}
+
+    def _stopped_early(self) -> bool:
+        early_stop = self.settings["early_stop"]
+        return early_stop is not None and self.state.since_best >= int(early_stop)
+
+    def _loop(self) -> dict:
+        if not self.corpus.dev:
+            raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
+        max_epochs = int(self.settings["max_epochs"])
+        if self.state.epoch >= max_epochs or (self.state.epoch > 0 and self._stopped_early()):
+            # resumed with nothing left to train, but Tune may not have the last result yet
+            summary = self._finish(self._stopped_early())
+            if self.state.history:
+                self._report(self.state.history[-1])
+            return summary
+        while True:
+            metrics, dev_probs, improved = self._epoch()
+            if improved:
+                self._save_best(dev_probs)
+            if self.run is not None and self.state.epoch > self.state.logged_upto:
+                self.run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.state.epoch)
+            self.state.rng = self.rng.bit_generator.state
+            save_checkpoint(self.workdir / "checkpoint", self.model, self.optimizer, self.state,
+                            self.workdir / "best" / "model.safetensors")
+            stopped_early = self._stopped_early()
+            last = stopped_early or self.state.epoch >= max_epochs
+            if last:  # close the run before the last report: Ray may end the process as soon as it has it
+                summary = self._finish(stopped_early)
+            self._report(metrics)
+            if last:
+                return summary
+
+    def _epoch(self) -> tuple[dict, np.ndarray, bool]:
+        """Train one epoch and evaluate on dev: the epoch's metrics, the dev probabilities, whether F1 improved."""
+        epoch_start = time.perf_counter()
+        losses = self._train_epoch()
+        dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths, int(self.settings["eval_batch_size"]),
+                            self.device)
+        dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
+        f1 = evaluation.macro_f1(dev_true, dev_probs.argmax(1), len(self.labels))
+        improved = self._record(f1)
+        self.state.train_seconds += time.perf_counter() - epoch_start
+        metrics = {"epoch": self.state.epoch, "val_f1": f1, "val_f1_ema": self.state.ema,
+                   "best_val_f1": self.state.best_f1, "train_loss": float(np.mean(losses)), "lr": self.state.lr,
+                   "epoch_seconds": time.perf_counter() - epoch_start}
+        self.state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
+        return metrics, dev_probs, improved
+
+    def _train_epoch(self) -> list[float]:
+        self.model.train()
+        train, batch_size = self.corpus.train, int(self.settings["batch_size"])
+        order = self.rng.permutation(len(train))
+        losses = []
+        for start in range(0, len(order), batch_size):
+            batch = _to(self.source.batch([train[i] for i in order[start : start + batch_size]], True, self.rng),
+                        self.device)
+            loss = self.loss_fn(self.model(batch), batch["labels"])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    def _record(self, f1: float) -> bool:
+        """Count the epoch: EMA, best so far, and the winners' rule of lr x ``lr_decay`` after ``patience``
+        epochs without improvement. Returns whether dev macro-F1 improved."""
+        state, alpha = self.state, float(self.settings["ema_alpha"])
+        state.epoch += 1
+        state.ema = f1 if state.ema is None else alpha * f1 + (1 - alpha) * state.ema
+        if f1 > state.best_f1:
+            state.best_f1, state.best_epoch = f1, state.epoch
+            state.since_best = state.since_decay = 0
+            return True
+        state.since_best += 1
+        state.since_decay += 1
+        if state.since_decay >= int(self.settings["patience"]):
+            state.lr *= float(self.settings["lr_decay"])
+            state.since_decay = 0
+            for group in self.optimizer.param_groups:
+                group["lr"] = state.lr
+        return False
+
+    def _report(self, metrics: dict) -> None:
+        extra = {"setup_seconds": self.setup_seconds} | ({"mlflow_run_id": self.run.run_id} if self.run else {})
+        self.reporter(metrics | extra, str(self.workdir / "checkpoint"))
+
+    # --- what the trial leaves ----------------------------------------------------------------------------------
+
+    def _save_best(self, dev_probs: np.ndarray) -> None:
+        """Write (and log) what the selector and ``predict`` need from the best model so far."""
+        cfg, corpus, labels, best = self.cfg, self.corpus, self.labels, self.workdir / "best"
+        card = ModelCard(labels=list(labels), dims=self.dims, norms=self.norms, model=cfg["model"],
+                         encoders=self.described, encoder_names=cfg["encoders"], norm_stats=corpus.norm.to_dict(),
+                         features={k: cfg["features"].get(k) for k in ("speech_layers", "text_layers",
+                                                                         "max_text_tokens")},
+                         best_epoch=self.state.epoch, best_val_f1=self.state.best_f1, trial_seed=self.settings["seed"])
+        files = save_model(self.model, card, best)
+        files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
+                                                  labels, [u.label for u in corpus.dev]))
+        if corpus.test:
+            test_probs = predict(self.model, self.source, corpus.test, self.lengths,
+                                 int(self.settings["eval_batch_size"]), self.device)
+            files.append(evaluation.write_predictions(best / "test_predictions.csv", [u.id for u in corpus.test],
+                                                      test_probs, labels))
+        if self.run is not None:
+            self.run.log_artifacts(files, "best")
+
+    def _finish(self, stopped_early: bool) -> dict:
+        state = self.state
+        summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
+                   "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
+                   "seconds_per_epoch": state.train_seconds / max(1, len(state.history)),
+                   "feature_seconds": self.feature_seconds}
+        if self.run is not None:
+            self.run.log_metrics(summary, step=state.epoch)
+            self.run.log_json(state.history, "history.json")
+            self.run.log_artifacts(evaluation.dev_reports(self.workdir / "best",
+                                                          best_title(state.best_f1, state.best_epoch)), "best")
+            self.run.finish("FINISHED")
+        return summary
 
 
 def params_of(cfg: dict, corpus, dims, norms) -> dict:
@@ -297,150 +452,31 @@ def params_of(cfg: dict, corpus, dims, norms) -> dict:
     }
 
 
-def _train_loop(cfg, model, optimizer, loss_fn, source, corpus, labels, lengths, device, state: TrainerState, rng,
-                reporter, workdir: Path, run, dims, norms, described, feature_seconds, setup_seconds) -> dict:
-    t = cfg["trial"]
-    batch_size, eval_batch = int(t["batch_size"]), int(t.get("eval_batch_size", 32))
-    patience, decay = int(t["patience"]), float(t["lr_decay"])
-    early_stop = t.get("early_stop")
-    alpha = float(t.get("ema_alpha", 0.5))
-    dev_true = [labels.index(u.label) for u in corpus.dev]
-    if not corpus.dev:
-        raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
-    summary: dict = {}
-    # a resumed trial may already be done: all its epochs, or stopped early (then it must not train on)
-    finished = early_stop is not None and state.epoch > 0 and state.since_best >= int(early_stop)
-    while state.epoch < int(t["max_epochs"]) and not finished:
-        epoch_start = time.perf_counter()
-        model.train()
-        order = rng.permutation(len(corpus.train))
-        losses = []
-        for start in range(0, len(order), batch_size):
-            batch = _to(source.batch([corpus.train[i] for i in order[start : start + batch_size]], True, rng), device)
-            loss = loss_fn(model(batch), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        dev_probs = predict(model, source, corpus.dev, lengths, eval_batch, device)
-        f1 = evaluation.macro_f1(dev_true, dev_probs.argmax(1), len(labels))
-        state.epoch += 1
-        state.ema = f1 if state.ema is None else alpha * f1 + (1 - alpha) * state.ema
-        improved = f1 > state.best_f1
-        if improved:
-            state.best_f1, state.best_epoch = f1, state.epoch
-            state.since_best = state.since_decay = 0
-        else:
-            state.since_best += 1
-            state.since_decay += 1
-            if state.since_decay >= patience:  # the winners' rule: lr x 0.9 after `patience` flat evaluations
-                state.lr *= decay
-                state.since_decay = 0
-                for group in optimizer.param_groups:
-                    group["lr"] = state.lr
-        state.train_seconds += time.perf_counter() - epoch_start
-        metrics = {"epoch": state.epoch, "val_f1": f1, "val_f1_ema": state.ema, "best_val_f1": state.best_f1,
-                   "train_loss": float(np.mean(losses)), "lr": state.lr,
-                   "epoch_seconds": time.perf_counter() - epoch_start}
-        state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
-        _maybe_fail_once(cfg, state.epoch)
-        if improved:
-            _save_best(model, corpus, labels, source, lengths, dev_probs, device, eval_batch, workdir,
-                       run, cfg, dims, norms, described, state)
-        if run is not None and state.epoch > state.logged_upto:
-            run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
-        state.rng = rng.bit_generator.state
-        checkpoint = workdir / "checkpoint"
-        save_checkpoint(checkpoint, model, optimizer, state, workdir / "best" / "model.safetensors")
-        stopped_early = early_stop is not None and state.since_best >= int(early_stop)
-        last = stopped_early or state.epoch >= int(t["max_epochs"])
-        if last:  # close the run before the last report: Ray may end the process as soon as it has it
-            summary = _finish_run(run, state, stopped_early, feature_seconds, workdir / "best")
-        extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
-        reporter(metrics | extra, str(checkpoint))
-        if last:
-            break
-    else:  # resumed with nothing left to train, but Tune may not have the last result yet
-        summary = _finish_run(run, state, finished, feature_seconds, workdir / "best")
-        if state.history:
-            extra = {"setup_seconds": setup_seconds} | ({"mlflow_run_id": run.run_id} if run is not None else {})
-            reporter(state.history[-1] | extra, str(workdir / "checkpoint"))
-    return summary | {"run_id": state.run_id, "history": state.history, "workdir": str(workdir)}
-
-
-def _maybe_fail_once(cfg: dict, epoch: int) -> None:
-    """Testing aid (``trial.fail_once_at_epoch``): the first trial of the search to reach this epoch crashes once."""
-    target = cfg["trial"].get("fail_once_at_epoch")
-    if target is None or epoch != int(target):
-        return
-    marker = Path(cfg["paths"]["runs_dir"]) / f"failed-once-{(cfg.get('search') or {}).get('name', 'train')}"
-    try:
-        with open(marker, "x"):
-            pass
-    except FileExistsError:
-        return
-    raise RuntimeError(f"trial.fail_once_at_epoch={target}: deliberate crash to exercise retries")
-
-
-def _finish_run(run, state: TrainerState, stopped_early: bool, feature_seconds: float,
-                best_dir: Path | None = None) -> dict:
-    summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
-               "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
-               "seconds_per_epoch": state.train_seconds / max(1, len(state.history)),
-               "feature_seconds": feature_seconds}
-    if run is not None:
-        run.log_metrics(summary, step=state.epoch)
-        run.log_json(state.history, "history.json")
-        if best_dir is not None:
-            run.log_artifacts(evaluation.dev_reports(best_dir, best_title(state.best_f1, state.best_epoch)), "best")
-        run.finish("FINISHED")
-    return summary
-
-
 def best_title(f1: float, epoch: int) -> str:
     return f"dev macro-F1 {f1:.4f} at epoch {epoch}"
 
 
-def _save_best(model, corpus, labels, source, lengths, dev_probs, device, eval_batch, workdir: Path, run,
-               cfg, dims, norms, described, state) -> None:
-    """Write (and log) what the selector and ``predict`` need from the best model so far."""
-    best = workdir / "best"
-    best.mkdir(exist_ok=True)
-    files = [save_weights(model, best / "model.safetensors")]
-    card = {"labels": list(labels), "dims": dims, "norms": norms, "model": cfg["model"], "encoders": described,
-            "encoder_names": cfg["encoders"], "norm_stats": corpus.norm.to_dict(), "features": {
-                k: cfg["features"].get(k) for k in ("speech_layers", "text_layers", "max_text_tokens")},
-            "best_epoch": state.epoch, "best_val_f1": state.best_f1, "trial_seed": cfg["trial"]["seed"]}
-    files.append(evaluation.save_json(card, best / "model_card.json"))
-    files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
-                                              labels, [u.label for u in corpus.dev]))
-    if corpus.test:
-        test_probs = predict(model, source, corpus.test, lengths, eval_batch, device)
-        files.append(evaluation.write_predictions(best / "test_predictions.csv", [u.id for u in corpus.test],
-                                                  test_probs, labels))
-    if run is not None:
-        run.log_artifacts(files, "best")
-
-
-def trainable(config: dict, index=None) -> dict | None:
+def trainable(config: dict, launch: TrialContext | None = None) -> dict | None:
     """The Ray Tune trainable (also runs alone): ``config`` is the full plain config dict.
 
-    ``index``: the feature index of a cache the search already filled (see :func:`run_trial`).
+    ``launch`` holds what the search prepared for every trial (the feature index, the parent run, CPUs);
+    this function adds what belongs to this trial: its folder, its MLflow run key, its device, the reporter.
     """
     from ray import tune
 
+    launch = launch or TrialContext()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        context = tune.get_context()
-        trial_id = context.get_trial_id()
+        tune_context = tune.get_context()
+        trial_id = tune_context.get_trial_id()
     if trial_id is None:
-        return run_trial(copy.deepcopy(config), index=index)
+        return run_trial(copy.deepcopy(config), launch)
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     # only the GPUs Ray assigned (CUDA_VISIBLE_DEVICES holds just those); none assigned: the CPU, even on a GPU box
-    device = config["trial"].get("device", "auto")
+    device = config["trial"]["device"]
     if device == "auto":
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
@@ -457,8 +493,10 @@ def trainable(config: dict, index=None) -> dict | None:
 
     # The trial resumes from its own checkpoint, in a folder named by its id, whenever Tune starts it again (a
     # retry after a crash, or a resumed search), whichever marker Tune restores it from.
-    workdir = Path(config["paths"]["runs_dir"]) / "trials" / context.get_experiment_name() / trial_id
-    run_trial(config, report, latest_checkpoint(workdir / "checkpoint"), workdir=workdir,
-              run_key=f"{context.get_experiment_name()}/{trial_id}", run_name=context.get_trial_name(),
-              progress=False, index=index, device=device)
+    experiment = tune_context.get_experiment_name()
+    workdir = Path(config["paths"]["runs_dir"]) / "trials" / experiment / trial_id
+    run_trial(config, replace(launch, workdir=workdir, reporter=report,
+                              resume_dir=latest_checkpoint(workdir / "checkpoint"), device=device,
+                              run_key=f"{experiment}/{trial_id}", run_name=tune_context.get_trial_name(),
+                              progress=False))
     return None

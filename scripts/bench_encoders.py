@@ -44,7 +44,7 @@ def main() -> int:
 
     from emotune.config import load_config
     from emotune.data.prepare import prepare_corpus
-    from emotune.trial import run_trial
+    from emotune.trial import TrialContext, run_trial
 
     cache_dir = Path(tempfile.mkdtemp(prefix="emotune-bench-cache-"))  # cold cache: build times are real
     base = [f"paths.runs_dir={args.runs_dir}", f"features.dir={cache_dir}", f"trial.max_epochs={args.epochs}",
@@ -63,7 +63,7 @@ def main() -> int:
             cfg["tracking"] = None
             with tempfile.TemporaryDirectory() as workdir:
                 start = time.perf_counter()
-                summary = run_trial(cfg, workdir=workdir, **quiet)
+                summary = run_trial(cfg, TrialContext(workdir=workdir, **quiet))
                 rows.append({"seed": seed, "dev_f1": summary["best_val_f1"], "test_f1": test_f1(Path(workdir), corpus),
                              "best_epoch": summary["best_epoch"], "feature_seconds": summary["feature_seconds"],
                              "seconds_per_epoch": summary["seconds_per_epoch"],

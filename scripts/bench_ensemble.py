@@ -19,7 +19,9 @@ import time
 
 from _bench import RUNS_DIR, mean_sd, run_search, write
 
-METHODS = ("hard", "soft", "greedy")
+from emotune.names import ENSEMBLE_METHODS
+
+METHODS = ENSEMBLE_METHODS
 
 
 def main() -> int:

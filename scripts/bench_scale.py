@@ -334,29 +334,25 @@ def _crop_files(corpus, utterances, seconds: float) -> list:
     return cropped
 
 
-def _build_ensemble(corpus, xlsr: Path, folder: Path) -> dict:
+def _build_ensemble(corpus, xlsr: Path, folder: Path):
     """A one-member ensemble on the XLS-R replica, all 24 layers in float16, in the format ensemble._save writes."""
     import torch
 
+    from emotune.checkpoint import ModelCard, save_model
     from emotune.model import build_model
-    from emotune.trial import save_weights
 
     recipe = speech_recipe(xlsr, "all", "float16")
     model_cfg = {"family": "attention", "width": 512, "hidden_layers": 2, "dropout": 0.1, "modalities": ["speech"],
                  "fused_dim": None}
-    dims = {"speech": [len(recipe.layers), recipe.width]}
-    norms = {"speech": "layer"}
-    labels = list(corpus.labels)
+    card = ModelCard(labels=list(corpus.labels), dims={"speech": (len(recipe.layers), recipe.width)},
+                     norms={"speech": "layer"}, model=model_cfg, encoders={"speech": recipe.describe()},
+                     features={"max_text_tokens": 256})
+    labels = card.labels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(model_cfg, {m: tuple(d) for m, d in dims.items()}, len(labels), norms)
+        model = build_model(model_cfg, card.dims, len(labels), card.norms)
     shutil.rmtree(folder, ignore_errors=True)
-    member = folder / "members" / "01"
-    member.mkdir(parents=True)
-    save_weights(model, member / "model.safetensors")
-    card = {"labels": labels, "dims": dims, "norms": norms, "model": model_cfg,
-            "encoders": {"speech": recipe.describe()}, "features": {"max_text_tokens": 256}}
-    (member / "model_card.json").write_text(json.dumps(card, indent=2))
+    save_model(model, card, folder / "members" / "01")
     manifest = {"format": 1, "method": "hard", "k": 1, "labels": labels,
                 "members": [{"folder": "members/01", "weight": 1.0, "name": "bench", "run_id": None, "dev_f1": 0.0}],
                 "encoder_folders": {}, "calibration_offsets": None, "norm_stats": corpus.norm.to_dict()}
@@ -510,7 +506,7 @@ def run_predict(args, corpus, folders: dict) -> dict:
 
     small = min(counts)
     return {"runs": runs, "counts": counts, "crop_seconds": crop, "crop_reasons": reasons,
-            "seconds_per_audio_second": rate, "threads": args.threads, "encoder": card["encoders"]["speech"],
+            "seconds_per_audio_second": rate, "threads": args.threads, "encoder": card.encoders["speech"],
             "ratio_chunked": peak(largest, "chunked") / peak(small, "chunked"),
             "ratio_unchunked": peak(largest, "unchunked") / peak(small, "unchunked")}
 
@@ -553,7 +549,8 @@ def run_f1(args, corpus) -> dict:
     from emotune.config import load_config
     from emotune.features.encode import open_encoder, resolve_layers
     from emotune.features.tiny import build_tiny_encoder
-    from emotune.trial import run_trial
+    from emotune.checkpoint import ModelCard
+    from emotune.trial import TrialContext, run_trial
 
     tiny = build_tiny_encoder("tiny-wav2vec2", WORK_DIR / "tiny-wav2vec2-24", num_layers=24)
     kept = resolve_layers("every_3", 24)
@@ -571,11 +568,12 @@ def run_f1(args, corpus) -> dict:
             cfg["tracking"] = None  # as bench_encoders: no MLflow runs in the project's store
             with tempfile.TemporaryDirectory(prefix="emotune-bench-f1-") as workdir:
                 start = time.perf_counter()
-                summary = run_trial(cfg, workdir=workdir, reporter=lambda metrics, checkpoint: None, progress=False)
+                quiet = TrialContext(workdir=workdir, reporter=lambda metrics, checkpoint: None, progress=False)
+                summary = run_trial(cfg, quiet)
                 row[name] = summary["best_val_f1"]
                 row[f"{name}_val_f1_history"] = [round(h["val_f1"], 4) for h in summary["history"]]
-                card = json.loads((Path(workdir) / "best" / "model_card.json").read_text())
-                row[f"{name}_encoder_key"] = card["encoders"]["speech"]["key"]  # proof the layer choice was applied
+                card = ModelCard.load(Path(workdir) / "best")
+                row[f"{name}_encoder_key"] = card.encoders["speech"]["key"]  # proof the layer choice was applied
                 row[f"{name}_best_epoch"] = summary["best_epoch"]
                 row[f"{name}_seconds"] = time.perf_counter() - start
                 if name == "all_float16":

@@ -123,8 +123,11 @@ def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
     from emotune.config import load_config
     from emotune.search import run_search
 
+    from faults import crash_once_at
+
     corpus, shared_runs = separable
     runs = tmp_path_factory.mktemp("smoke") / "runs"
+    # one trial at a time: ASHA then judges each trial against all earlier ones, the same way every run
     cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                                  "trial.fail_once_at_epoch=2", "search.max_failures=1"), "search")
-    return runs, run_search(cfg)
+                                  "search.max_concurrent=1", "search.max_failures=1"), "search")
+    return runs, run_search(cfg, train=crash_once_at(2, runs.parent / "crashed-once"))

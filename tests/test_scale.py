@@ -186,7 +186,7 @@ def test_hub_encoders_bring_the_papers_learning_rates():
     import optuna
 
     from emotune.config import load_config
-    from emotune.space import define_by_run, points_to_evaluate
+    from emotune.space import DefineByRun, points_to_evaluate
 
     hub = load_config(["space=encoders", "encoders=hub"], "search")
     offline = load_config(["space=encoders"], "search")
@@ -197,7 +197,7 @@ def test_hub_encoders_bring_the_papers_learning_rates():
     assert first == {"encoders.speech": "xlsr", "encoders.text": "roberta-es", "model.dropout": 0.1,
                      "trial.weight_decay": 0.01, "model.hidden_layers": 2, "trial.aug_prob": 0.3, "trial.lr": 5e-5}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    sample = define_by_run(hub["space"], hub)
+    sample = DefineByRun(hub["space"], hub)
     lrs = []
     for _ in range(40):
         trial = study.ask()

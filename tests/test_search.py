@@ -71,11 +71,11 @@ def test_resuming_with_other_settings_is_refused(smoke_search, separable):
     runs, _ = smoke_search
     corpus, shared_runs = separable
     args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                       "trial.fail_once_at_epoch=2", "search.max_failures=1")
+                       "search.max_concurrent=1", "search.max_failures=1")
     with pytest.raises(EmotuneError, match=r"already exists .*trial\.max_epochs: 4 -> 9.*search\.name=NEW_NAME"):
         run_search(load_config(args + ["trial.max_epochs=9"], "search"))
     # where it runs may change: a finished search resumed elsewhere just reports again
-    again = run_search(load_config(args + ["search.max_concurrent=1"], "search"))
+    again = run_search(load_config(args + ["search.max_concurrent=2"], "search"))
     assert again["trials"] == 6
 
 
@@ -151,9 +151,13 @@ def test_the_same_search_started_twice_runs_once_and_ends_quietly(separable, tmp
 def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
-    result = subprocess.run([sys.executable, "-m", "emotune.search",
+    driver = tmp_path / "crashing_search.py"  # `python -m emotune.search` whose first trial crashes at epoch 1
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "from faults import crash_once_at\nfrom emotune.search import main\n"
+                      f"sys.exit(main(sys.argv[1:], train=crash_once_at(1, {str(tmp_path / 'crashed')!r})))\n")
+    result = subprocess.run([sys.executable, str(driver),
                              *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=2",
-                                          "trial.fail_once_at_epoch=1", "search.max_failures=0")],
+                                          "search.max_failures=0")],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "1 trial(s) failed" in result.stderr
@@ -161,7 +165,7 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     assert len(errors) == 1
     trial_id = errors[0].parent.name
     assert "Traceback (most recent call last)" in output and "deliberate crash to exercise retries" in output
-    assert f"trial {trial_id} failed: RuntimeError: trial.fail_once_at_epoch=1" in output
+    assert f"trial {trial_id} failed: RuntimeError: crash_once_at(1)" in output
     assert f"traceback: {errors[0]}" in output
 
 

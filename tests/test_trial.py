@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import trial_config
-from emotune.trial import TrainerState, load_checkpoint, run_trial, save_checkpoint
+from emotune.trial import TrainerState, TrialContext, load_checkpoint, run_trial, save_checkpoint
 
 QUIET = {"reporter": lambda metrics, checkpoint: None, "progress": False}
 
@@ -21,7 +21,7 @@ def test_trial_learns_and_is_logged_to_mlflow(separable, tmp_path):
 
     corpus, runs = separable
     cfg = trial_config(corpus, runs, "trial.max_epochs=12", "trial.early_stop=null")
-    summary = run_trial(cfg, workdir=tmp_path / "trial", **QUIET)
+    summary = run_trial(cfg, TrialContext(workdir=tmp_path / "trial", **QUIET))
     assert summary["best_val_f1"] >= 0.8  # six separable classes: chance is about 0.17
     assert summary["epochs_trained"] == 12 and len(summary["history"]) == 12
 
@@ -48,22 +48,24 @@ def test_trial_learns_and_is_logged_to_mlflow(separable, tmp_path):
 def test_same_seed_same_result(separable, tmp_path):
     corpus, runs = separable
     cfg = trial_config(corpus, runs, "trial.max_epochs=3", "trial.aug_prob=0.5")
-    first = run_trial(cfg, workdir=tmp_path / "a", **QUIET)
-    second = run_trial(cfg, workdir=tmp_path / "b", **QUIET)
+    first = run_trial(cfg, TrialContext(workdir=tmp_path / "a", **QUIET))
+    second = run_trial(cfg, TrialContext(workdir=tmp_path / "b", **QUIET))
     assert history(first, "train_loss") == history(second, "train_loss")
     assert history(first, "val_f1") == history(second, "val_f1")
     other = run_trial(trial_config(corpus, runs, "trial.max_epochs=3", "trial.aug_prob=0.5", "trial.seed=5"),
-                      workdir=tmp_path / "c", **QUIET)
+                      TrialContext(workdir=tmp_path / "c", **QUIET))
     assert history(other, "train_loss") != history(first, "train_loss")
 
 
 def test_resumed_trial_continues_exactly(separable, tmp_path):
     corpus, runs = separable
     straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
-                         workdir=tmp_path / "straight", **QUIET)
-    run_trial(trial_config(corpus, runs, "trial.max_epochs=2", "trial.aug_prob=0.5"), workdir=tmp_path / "part", **QUIET)
+                         TrialContext(workdir=tmp_path / "straight", **QUIET))
+    run_trial(trial_config(corpus, runs, "trial.max_epochs=2", "trial.aug_prob=0.5"),
+              TrialContext(workdir=tmp_path / "part", **QUIET))
     resumed = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
-                        resume_dir=tmp_path / "part" / "checkpoint", workdir=tmp_path / "resumed", **QUIET)
+                        TrialContext(resume_dir=tmp_path / "part" / "checkpoint", workdir=tmp_path / "resumed",
+                                     **QUIET))
     assert resumed["epochs_trained"] == 4
     assert history(resumed, "train_loss") == history(straight, "train_loss")
     assert history(resumed, "val_f1") == history(straight, "val_f1")
@@ -85,10 +87,10 @@ def test_a_trial_given_the_cache_index_never_loads_an_encoder(separable, tmp_pat
     cfg = trial_config(corpus, runs, f"encoders.text={folder}", "trial.max_epochs=2")
     index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], runs, progress=False)
     shutil.rmtree(folder)  # from here on the text encoder cannot be loaded
-    summary = run_trial(cfg, workdir=tmp_path / "with-index", index=index, **QUIET)
+    summary = run_trial(cfg, TrialContext(workdir=tmp_path / "with-index", index=index, **QUIET))
     assert summary["epochs_trained"] == 2 and 0.0 <= summary["best_val_f1"] <= 1.0
     with pytest.raises(EmotuneError, match="my-text-encoder"):  # without the index it needs the encoder
-        run_trial(cfg, workdir=tmp_path / "without-index", **QUIET)
+        run_trial(cfg, TrialContext(workdir=tmp_path / "without-index", **QUIET))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -118,5 +120,6 @@ def test_checkpoint_round_trip(tmp_path):
                                        ["encoders.speech=tiny-wavlm", "model.modalities=[speech]"]])
 def test_other_modes_and_families_run(separable, tmp_path, overrides):
     corpus, runs = separable
-    summary = run_trial(trial_config(corpus, runs, "trial.max_epochs=1", *overrides), workdir=tmp_path, **QUIET)
+    summary = run_trial(trial_config(corpus, runs, "trial.max_epochs=1", *overrides),
+                        TrialContext(workdir=tmp_path, **QUIET))
     assert 0.0 <= summary["best_val_f1"] <= 1.0 and np.isfinite(history(summary, "train_loss")).all()

@@ -20,8 +20,8 @@ import torch
 import torchaudio.functional as AF
 
 from emotune.errors import DataError
+from emotune.names import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg")
 # Peak amplitude below which a clip counts as silent (-80 dBFS): such a clip carries no speech to learn from.
 SILENCE_PEAK = 1e-4

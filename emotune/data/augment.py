@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from emotune.data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, crop_or_repeat, load_audio
+from emotune.data.audio import AUDIO_EXTENSIONS, crop_or_repeat, load_audio
 from emotune.errors import DataError
+from emotune.names import SAMPLE_RATE
 
 EFFECTS = ("speed", "reverb", "noise")
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from emotune.data.audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, NormStats, load_audio
 from emotune.errors import DataError
+from emotune.names import file_identity
 
 # The challenge's label order; class indices follow it.
 CHALLENGE_LABELS = ("neutral", "disgust", "anger", "sadness", "joy", "fear")
@@ -304,11 +305,6 @@ def read_label_file(
     return out
 
 
-def _scan_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def scan_audio(
     utterances: list[Utterance],
     policy: ErrorPolicy,
@@ -327,7 +323,7 @@ def scan_audio(
             cache = json.loads(cache_path.read_text())
         except (json.JSONDecodeError, OSError):
             cache = {}  # a damaged scan cache only costs a rescan
-    keys = [_scan_key(u.audio) for u in utterances]
+    keys = [file_identity(u.audio) for u in utterances]
 
     def check(i: int) -> AudioInfo | AudioError:
         if keys[i] in cache:
@@ -388,11 +384,10 @@ def load_corpus(
     labels: Sequence[str] = CHALLENGE_LABELS,
     group_column: str | None = None,
     on_error: str = "raise",
-    check_audio: bool = True,
     scan_cache: str | Path | None = None,
     progress: bool = True,
 ) -> Corpus:
-    """Read, validate and (with ``check_audio``) decode-check a corpus; see the module docstring."""
+    """Read, validate and decode-check a corpus; see the module docstring."""
     report = SkipReport()
     policy = ErrorPolicy(on_error, report)
     if not labels:
@@ -412,11 +407,9 @@ def load_corpus(
         test = [u for u in test if u.id not in train_rows]
         if test_labels:
             test = read_label_file(test_labels, test, labels, policy)
-    infos: dict[str, AudioInfo] = {}
-    if check_audio:
-        train, train_infos = scan_audio(train, policy, scan_cache, progress)
-        test, test_infos = scan_audio(test, policy, scan_cache, progress)
-        infos = {**train_infos, **test_infos}
+    train, train_infos = scan_audio(train, policy, scan_cache, progress)
+    test, test_infos = scan_audio(test, policy, scan_cache, progress)
+    infos = {**train_infos, **test_infos}
     if not train:
         raise DataError("no usable training rows remain", file=train_csv,
                         fix="Fix the rows listed above, or check that the CSV and audio folder match.")

@@ -30,6 +30,7 @@ from emotune.data.audio import NormStats, load_audio
 from emotune.data.augment import Augmenter
 from emotune.errors import EmotuneError
 from emotune.features.encode import FrozenEncoder
+from emotune.names import file_identity
 
 CACHE_FORMAT = "1"
 
@@ -188,8 +189,7 @@ class AudioHashes:
         self.dirty = not memo_file.is_file() and bool(self.memo)
 
     def __call__(self, path: str | Path) -> str:
-        st = os.stat(path)
-        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        memo_key = file_identity(path)
         if memo_key not in self.memo:
             self.memo[memo_key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             self.dirty = True
@@ -362,7 +362,6 @@ class FeatureIndex:
     speech: dict[str, list[str]] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
     encoders: dict[str, dict] = field(default_factory=dict)
-    reports: list[str] = field(default_factory=list)
 
     @classmethod
     def merge(cls, parts: Sequence["FeatureIndex"]) -> "FeatureIndex":
@@ -372,12 +371,4 @@ class FeatureIndex:
             merged.speech.update(part.speech)
             merged.text.update(part.text)
             merged.encoders.update(part.encoders)
-            merged.reports += part.reports
         return merged
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.__dict__))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FeatureIndex":
-        return cls(**json.loads(Path(path).read_text()))

@@ -23,8 +23,8 @@ import torch
 
 from emotune.errors import EmotuneError
 from emotune.features.catalog import EncoderSpec
+from emotune.names import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 # transformers' WavLM passes torch a padding mask and an attention bias of different types; torch warns on
 # every batch. The outputs are right (tests compare padded and unpadded runs); the warning is noise.
 warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")

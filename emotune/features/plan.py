@@ -19,8 +19,9 @@ from typing import Sequence
 from emotune.errors import EmotuneError
 from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJob, bytes_per_step, free_bytes
 from emotune.features.catalog import hub_entry, resolve_encoder
-from emotune.features.encode import (SAMPLE_RATE, EncoderRecipe, check_storage, conv_frames, encoder_folder,
-                                     make_recipe, resolve_layers, resolve_waveform_norm)
+from emotune.features.encode import (EncoderRecipe, check_storage, encoder_folder, make_recipe, resolve_layers,
+                                     resolve_waveform_norm)
+from emotune.names import SAMPLE_RATE
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.
 SSL_CONV = ((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))

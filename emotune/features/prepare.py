@@ -92,14 +92,13 @@ def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCor
                         progress, start)
 
 
-def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore, report: BuildReport) -> FeatureIndex:
+def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore) -> FeatureIndex:
     """What a trial needs to read one encoder's cached features: its description and each clip's keys.
 
     Parts are small and picklable: the search builds one per encoder before trials start and hands them
     to the trials, which then never load an encoder themselves.
     """
-    part = FeatureIndex(cache_dir=str(store.root), encoders={recipe.modality: recipe.describe()},
-                        reports=[report.line()])
+    part = FeatureIndex(cache_dir=str(store.root), encoders={recipe.modality: recipe.describe()})
     if recipe.modality == "speech":
         part.speech = {uid: [j.key for j in row] for uid, row in jobs.items()}
     else:
@@ -116,7 +115,7 @@ def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, mod
         recipe = encoder_recipe(encoders[modality], modality, corpus, features, runs_dir)
         jobs = plan_jobs(corpus, recipe, features, store)
         report = fill_cache(recipe, jobs, corpus, features, progress)
-        parts.append(index_part(recipe, jobs, store, report))
+        parts.append(index_part(recipe, jobs, store))
         if progress:
             print(report.line())
     return FeatureIndex.merge(parts)

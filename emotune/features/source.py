@@ -13,11 +13,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from emotune.data.audio import SAMPLE_RATE, NormStats, crop_or_repeat, load_audio
+from emotune.data.audio import NormStats, crop_or_repeat, load_audio
 from emotune.data.augment import Augmenter
 from emotune.data.corpus import Utterance
 from emotune.features.cache import FeatureIndex, FeatureStore
 from emotune.features.encode import FrozenEncoder
+from emotune.names import MODALITIES, SAMPLE_RATE
 
 
 def pad_batch(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ class LiveFeatures:
     def __init__(self, encoders: dict[str, FrozenEncoder], labels: Sequence[str], norm: NormStats,
                  augmenter: Augmenter | None, aug_prob: float = 0.0, crop_seconds: float = 5.5) -> None:
         self.encoders = encoders
-        self.modalities = tuple(m for m in ("speech", "text") if m in encoders)
+        self.modalities = tuple(m for m in MODALITIES if m in encoders)
         self.labels = tuple(labels)
         self.norm = norm
         self.augmenter = augmenter

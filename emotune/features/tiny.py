@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from emotune.errors import EmotuneError
+from emotune.names import SAMPLE_RATE
 
 TINY_MARKER = "emotune_tiny.json"
 # Bumped when the build recipe changes so that folders built by an older recipe are rebuilt.
@@ -224,7 +225,7 @@ def _build_speech(family: str, config_kwargs: dict[str, Any], seed: int, out: Pa
     # per-utterance normalisation here would silently undo that.
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1,
-        sampling_rate=16_000,
+        sampling_rate=SAMPLE_RATE,
         padding_value=0.0,
         do_normalize=False,
         return_attention_mask=True,

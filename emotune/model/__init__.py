@@ -7,15 +7,14 @@ from typing import Any, Mapping
 from torch import nn
 
 from emotune.errors import EmotuneError
+from emotune.names import MODALITIES
 from emotune.model.heads import AttentionPoolingModel, ClassifierHead, CogniCICModel, FeatureAdapter
 from emotune.model.pooling import AttentionPooling, LayerMix, masked_mean
 
 FAMILIES = ("attention", "cognicic")
-MODALITIES = ("speech", "text")
 
 __all__ = [
     "FAMILIES",
-    "MODALITIES",
     "AttentionPooling",
     "AttentionPoolingModel",
     "ClassifierHead",

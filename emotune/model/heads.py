@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from emotune.errors import EmotuneError
+from emotune.names import MODALITIES
 from emotune.model.pooling import AttentionPooling, LayerMix, masked_mean
 
-MODALITIES = ("speech", "text")
 NORMS = ("layer", "global", "none")
 
 

@@ -1,0 +1,17 @@
+"""Names every layer shares, defined once: the modalities, the sample rate, metric and ensemble method names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MODALITIES = ("speech", "text")  # in the order the model concatenates them in time
+SAMPLE_RATE = 16_000  # Hz: every clip is decoded to this rate, the rate all supported speech encoders expect
+ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1")  # what a trial reports that ASHA may judge (mode max)
+ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.ensemble combines members in these ways
+
+
+def file_identity(path: str | Path) -> str:
+    """A key that changes whenever the file does (path, size, modification time), for memos of its content."""
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
