@@ -62,11 +62,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_select_top(args: argparse.Namespace) -> int:
     from emotune.config import load_config
-    from emotune.ensemble import select_top
+    from emotune.ensemble import EnsembleRequest, select_top
 
     cfg = load_config(args.overrides)
-    select_top(cfg, k=args.k, method=args.method, search=args.search, exclude_stopped=args.exclude_stopped,
-               steps=args.steps, calibrate=args.calibrate, out_dir=args.out)
+    select_top(cfg, EnsembleRequest(k=args.k, method=args.method, search=args.search,
+                                    exclude_stopped=args.exclude_stopped, steps=args.steps, calibrate=args.calibrate,
+                                    out_dir=args.out))
     return 0
 
 

@@ -30,7 +30,6 @@ from emotune.errors import EmotuneError
 from emotune.names import ENSEMBLE_METHODS
 
 
-
 # --- combining predictions ----------------------------------------------------------------------------------
 
 def hard_vote(member_probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -190,113 +189,160 @@ def _aligned(folder: Path, split: str, ids: Sequence[str]) -> np.ndarray:
     return probs[[row[i] for i in ids]]
 
 
-def select_top(cfg: dict, k: int = 3, method: str = "hard", search: str | None = None, exclude_stopped: bool = False,
-               steps: int = 25, calibrate: bool = False, out_dir: str | Path | None = None) -> dict:
+@dataclass(frozen=True)
+class EnsembleRequest:
+    """What ``emotune select-top`` is asked for."""
+
+    k: int = 3  # members (for greedy: the candidates' pool is every finished trial)
+    method: str = "hard"  # one of ENSEMBLE_METHODS
+    search: str | None = None  # a search name or run id; None: the latest search in the store
+    exclude_stopped: bool = False  # leave out trials ASHA stopped
+    steps: int = 25  # greedy selection steps
+    calibrate: bool = False  # per-class offsets tuned on the selection data (soft and greedy)
+    out_dir: str | Path | None = None  # the ensemble folder; None: <runs>/ensembles/<search>-<method>-k<k>
+
+    def check(self) -> None:
+        if self.method not in ENSEMBLE_METHODS:
+            raise EmotuneError(f"unknown method '{self.method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
+        if self.k < 1:
+            raise EmotuneError("--k must be at least 1")
+
+
+@dataclass
+class EvaluationPlan:
+    """Which dev clips choose the members, and which data the ensemble is scored on (never both)."""
+
+    select_idx: np.ndarray  # positions in the dev split that members are chosen on
+    eval_ids: list[str]
+    eval_true: list[int]
+    eval_split: str  # the split the evaluation clips come from: "test" or "dev"
+    description: str
+
+
+def evaluation_plan(corpus, dev_true: list[int], labels: list[str], seed: int) -> EvaluationPlan:
+    """Labelled test: choose on all of dev, score on test. Otherwise dev is halved (seeded): choose on one half,
+    score on the other."""
+    dev_ids = [u.id for u in corpus.dev]
+    if corpus.test_labelled:
+        eval_ids = [u.id for u in corpus.test]
+        return EvaluationPlan(np.arange(len(dev_ids)), eval_ids, _truth(eval_ids, corpus.test, labels), "test",
+                              "test split (labelled)")
+    order = np.random.default_rng(seed).permutation(len(dev_ids))
+    select_idx, held = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    description = (f"held-out half of dev ({len(held)} clips, seed {seed}); members were ranked on the other half, "
+                   "but each trial picked its best epoch on all of dev")
+    return EvaluationPlan(select_idx, [dev_ids[i] for i in held], [dev_true[i] for i in held], "dev", description)
+
+
+@dataclass
+class Scored:
+    """The ensemble's figures on the evaluation data, and each member's alone."""
+
+    result: dict  # macro_f1, and macro_f1_calibrated when there are offsets
+    report: dict  # per-class precision, recall, F1
+    members: list[dict]
+
+
+@dataclass
+class Chosen:
+    """An ensemble: its members (best first), how they are combined, and the label order."""
+
+    method: str
+    members: list[Candidate]
+    weights: list[float]
+    offsets: np.ndarray | None
+    labels: list[str]
+
+    def combine(self, split: str, ids: Sequence[str], offsets: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class scores of the ensemble on ``ids`` of ``split``, from the members' predictions."""
+        probs = [_aligned(m.folder, split, ids) for m in self.members]
+        return combine(self.method, probs, self.weights, self.offsets if offsets else None)
+
+    def score(self, plan: EvaluationPlan) -> Scored:
+        n_classes = len(self.labels)
+        predicted, _ = self.combine(plan.eval_split, plan.eval_ids, offsets=False)
+        result = {"macro_f1": evaluation.macro_f1(plan.eval_true, predicted, n_classes)}
+        if self.offsets is not None:
+            calibrated, _ = self.combine(plan.eval_split, plan.eval_ids)
+            result["macro_f1_calibrated"] = evaluation.macro_f1(plan.eval_true, calibrated, n_classes)
+        members = []
+        for member, weight in zip(self.members, self.weights):
+            alone = _aligned(member.folder, plan.eval_split, plan.eval_ids).argmax(1)
+            members.append({"run_id": member.run_id, "name": member.name, "weight": weight, "dev_f1": member.dev_f1,
+                            "eval_macro_f1": evaluation.macro_f1(plan.eval_true, alone, n_classes),
+                            "stopped_by_asha": member.stopped_by_asha})
+        return Scored(result, evaluation.class_report(plan.eval_true, predicted, self.labels), members)
+
+
+def choose_members(pool: list[Candidate], sel_probs: list[np.ndarray], sel_true: list[int], request: EnsembleRequest,
+                   n_classes: int) -> tuple[list[Candidate], list[float], list[float], np.ndarray | None]:
+    """Members (best first), their weights, the greedy curve and the calibration offsets, from selection data."""
+    if request.method == "greedy":
+        bag, curve = greedy_selection(sel_probs, sel_true, n_classes, steps=request.steps, start=0)
+        counts = {i: bag.count(i) for i in dict.fromkeys(bag)}
+        members, weights = [pool[i] for i in counts], [float(counts[i]) for i in counts]
+        member_sel = [sel_probs[i] for i in counts]
+    else:
+        members, weights, curve = pool[: request.k], [1.0] * request.k, []
+        member_sel = sel_probs[: request.k]
+    offsets = None
+    if request.calibrate and request.method != "hard":
+        sel_scores = np.log(np.clip(soft_vote(member_sel, weights), 1e-12, 1.0))
+        offsets = tune_offsets(sel_scores, sel_true, n_classes)
+    return members, weights, curve, offsets
+
+
+def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     """Build, evaluate and save an ensemble of the best trials of a search; returns its summary."""
     from emotune.data.prepare import prepare_corpus
-    from emotune.tracking import TrackedRun
 
-    if method not in ENSEMBLE_METHODS:
-        raise EmotuneError(f"unknown method '{method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
-    if k < 1:
-        raise EmotuneError("--k must be at least 1")
-    tracking = cfg["tracking"]
-    parent = find_search(tracking, search)
+    request = request or EnsembleRequest()
+    request.check()
+    tracking, k, method = cfg["tracking"], request.k, request.method
+    parent = find_search(tracking, request.search)
     name = parent.data.tags.get("emotune.search", parent.info.run_id)
-    candidates = candidates_of(tracking, parent, exclude_stopped)
+    candidates = candidates_of(tracking, parent, request.exclude_stopped)
     if len(candidates) < (1 if method == "greedy" else k):
-        note = " (trials stopped by ASHA left out)" if exclude_stopped else ""
+        note = " (trials stopped by ASHA left out)" if request.exclude_stopped else ""
         raise EmotuneError(f"asked for {k} members but search '{name}' has only {len(candidates)} finished trials"
                            f"{note}. Lower --k, or run more trials (search.num_samples).")
 
     search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
     corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     labels = list(corpus.labels)
-    n_classes = len(labels)
     dev_ids = [u.id for u in corpus.dev]
-
-    default_out = Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}"
-    out = Path(out_dir).resolve() if out_dir else default_out
+    dev_true = _truth(dev_ids, corpus.dev, labels)
+    plan = evaluation_plan(corpus, dev_true, labels, int(search_cfg.get("seed", 0)))
+    out = Path(request.out_dir).resolve() if request.out_dir else (
+        Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
     if out.exists():
         shutil.rmtree(out)
-    pool_dir = out / ".candidates"
-    # Without test labels, dev is halved and the ranking must use the selection half only: every finished
-    # trial is a candidate, since the order by best_val_f1 was measured on all of dev, the held-out half too.
-    pool = candidates if method == "greedy" or not corpus.test_labelled else candidates[:k]
-    for i, candidate in enumerate(pool):
-        download(tracking, candidate, pool_dir / f"{i:02d}")
-    dev_probs = [_aligned(c.folder, "dev", dev_ids) for c in pool]
-    dev_true = _truth(dev_ids, corpus.dev, labels)
 
-    # what the members are chosen on, and what the ensemble is scored on
-    if corpus.test_labelled:
-        select_idx, eval_ids = np.arange(len(dev_ids)), [u.id for u in corpus.test]
-        eval_name = "test split (labelled)"
-        eval_true = _truth(eval_ids, corpus.test, labels)
-        eval_probs_of = lambda c: _aligned(c.folder, "test", eval_ids)  # noqa: E731
-    else:
-        rng = np.random.default_rng(int(search_cfg.get("seed", 0)))
-        order = rng.permutation(len(dev_ids))
-        select_idx, held = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
-        eval_ids = [dev_ids[i] for i in held]
-        eval_name = (f"held-out half of dev ({len(eval_ids)} clips, seed {search_cfg.get('seed', 0)}); members were "
-                     "ranked on the other half, but each trial picked its best epoch on all of dev")
-        eval_true = [dev_true[i] for i in held]
-        eval_probs_of = lambda c: _aligned(c.folder, "dev", eval_ids)  # noqa: E731
-    sel_true = [dev_true[i] for i in select_idx]
-    sel_probs = [p[select_idx] for p in dev_probs]
-    sel_f1 = [evaluation.macro_f1(sel_true, p.argmax(1), n_classes) for p in sel_probs]
-    if not corpus.test_labelled:  # rank on the selection half only
+    # Without test labels the ranking must use the selection half only: every finished trial is a candidate,
+    # since the order by best_val_f1 was measured on all of dev, the held-out half too.
+    pool = candidates if method == "greedy" or plan.eval_split == "dev" else candidates[:k]
+    for i, candidate in enumerate(pool):
+        download(tracking, candidate, out / ".candidates" / f"{i:02d}")
+    sel_true = [dev_true[i] for i in plan.select_idx]
+    sel_probs = [_aligned(c.folder, "dev", dev_ids)[plan.select_idx] for c in pool]
+    sel_f1 = [evaluation.macro_f1(sel_true, p.argmax(1), len(labels)) for p in sel_probs]
+    if plan.eval_split == "dev":  # rank on the selection half only
         order = sorted(range(len(pool)), key=lambda i: -sel_f1[i])
         pool, sel_probs, sel_f1 = [pool[i] for i in order], [sel_probs[i] for i in order], [sel_f1[i] for i in order]
     ranking = [{"name": c.name, "run_id": c.run_id, "selection_macro_f1": f} for c, f in zip(pool, sel_f1)]
+    members, weights, curve, offsets = choose_members(pool, sel_probs, sel_true, request, len(labels))
 
-    if method == "greedy":
-        bag, curve = greedy_selection(sel_probs, sel_true, n_classes, steps=steps, start=0)
-        counts = {i: bag.count(i) for i in dict.fromkeys(bag)}
-        members = [pool[i] for i in counts]
-        weights = [float(counts[i]) for i in counts]
-        member_sel = [sel_probs[i] for i in counts]
-    else:
-        members, weights, curve = pool[:k], [1.0] * k, []
-        member_sel = sel_probs[:k]
-
-    offsets = None
-    if calibrate and method != "hard":
-        sel_scores = np.log(np.clip(soft_vote(member_sel, weights), 1e-12, 1.0))
-        offsets = tune_offsets(sel_scores, sel_true, n_classes)
-
-    eval_member_probs = [eval_probs_of(m) for m in members]
-    predicted, _ = combine(method, eval_member_probs, weights)
-    report = evaluation.class_report(eval_true, predicted, labels)
-    result = {"macro_f1": evaluation.macro_f1(eval_true, predicted, n_classes)}
-    if offsets is not None:
-        calibrated, _ = combine(method, eval_member_probs, weights, offsets)
-        result["macro_f1_calibrated"] = evaluation.macro_f1(eval_true, calibrated, n_classes)
-    member_scores = [{"run_id": m.run_id, "name": m.name, "weight": w, "dev_f1": m.dev_f1,
-                      "eval_macro_f1": evaluation.macro_f1(eval_true, p.argmax(1), n_classes),
-                      "stopped_by_asha": m.stopped_by_asha}
-                     for m, w, p in zip(members, weights, eval_member_probs)]
-
-    saved = _save(out, cfg, corpus, parent, name, method, k, members, weights, offsets, labels, steps)
-    files = _write_evaluation(out, eval_true, predicted, labels, report, result, member_scores, eval_name, method)
-    files += _write_predictions(out, corpus, members, weights, method, offsets, labels)
-    shutil.rmtree(pool_dir, ignore_errors=True)
-
-    run = TrackedRun.start(tracking, name=f"ensemble-{name}-{method}-k{k}", kind="ensemble",
-                           parent_run_id=parent.info.run_id, tags={"emotune.search": name})
-    run.log_params({"method": method, "k": k, "greedy_steps": steps if method == "greedy" else None,
-                    "exclude_stopped": exclude_stopped, "calibrate": calibrate, "evaluation": eval_name[:250],
-                    "members": ",".join(f"{m.run_id}x{int(w)}" for m, w in zip(members, weights))})
-    run.log_metrics({f"ensemble_{k_}": v for k_, v in result.items()} |
-                    {f"member{i + 1}_macro_f1": s["eval_macro_f1"] for i, s in enumerate(member_scores)} |
-                    {"best_member_macro_f1": max(s["eval_macro_f1"] for s in member_scores)})
-    run.log_artifacts(files + [saved])
-    run.finish()
-    summary = {"search": name, "method": method, "k": k, "evaluation": eval_name, **result,
-               "members": member_scores, "ranking": ranking, "out_dir": str(out), "run_id": run.run_id,
+    ensemble = Chosen(method, members, weights, offsets, labels)
+    scored = ensemble.score(plan)
+    files = [_save(out, ensemble, corpus, parent, request)]
+    files += _write_evaluation(out, plan, ensemble, scored)
+    files += _write_predictions(out, corpus, ensemble)
+    shutil.rmtree(out / ".candidates", ignore_errors=True)
+    run_id = _log(tracking, parent, request, plan, ensemble, scored, files)
+    summary = {"search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
+               "members": scored.members, "ranking": ranking, "out_dir": str(out), "run_id": run_id,
                "greedy_curve": curve}
-    _print_summary(summary, report, labels)
+    _print_summary(summary, scored.report, labels)
     return summary
 
 
@@ -310,10 +356,10 @@ def _download_text(tracking: dict, run_id: str, path: str) -> str:
         return Path(local).read_text()
 
 
-def _save(out: Path, cfg, corpus, parent, name, method, k, members, weights, offsets, labels, steps) -> Path:
+def _save(out: Path, ensemble: Chosen, corpus, parent, request: EnsembleRequest) -> Path:
     """The ensemble folder: everything ``emotune predict`` needs, with no access to MLflow or the corpus."""
     entries, encoder_folders = [], {}
-    for i, (member, weight) in enumerate(zip(members, weights)):
+    for i, (member, weight) in enumerate(zip(ensemble.members, ensemble.weights)):
         target = out / "members" / f"{i + 1:02d}"
         target.mkdir(parents=True)
         for fname in (WEIGHTS_FILE, CARD_FILE):
@@ -327,46 +373,69 @@ def _save(out: Path, cfg, corpus, parent, name, method, k, members, weights, off
                 encoder_folders[enc["folder"]] = local
         entries.append({"folder": f"members/{i + 1:02d}", "run_id": member.run_id, "name": member.name,
                         "weight": weight, "dev_f1": member.dev_f1})
-    manifest = {"format": 1, "method": method, "k": k, "greedy_steps": steps if method == "greedy" else None,
-                "labels": labels, "members": entries, "encoder_folders": encoder_folders,
-                "calibration_offsets": offsets.tolist() if offsets is not None else None,
-                "norm_stats": corpus.norm.to_dict(), "search": name, "search_run_id": parent.info.run_id,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    manifest = {"format": 1, "method": ensemble.method, "k": request.k,
+                "greedy_steps": request.steps if ensemble.method == "greedy" else None, "labels": ensemble.labels,
+                "members": entries, "encoder_folders": encoder_folders,
+                "calibration_offsets": ensemble.offsets.tolist() if ensemble.offsets is not None else None,
+                "norm_stats": corpus.norm.to_dict(), "search": parent.data.tags.get("emotune.search"),
+                "search_run_id": parent.info.run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = out / "ensemble.json"
     path.write_text(json.dumps(manifest, indent=2))
     return path
 
 
-def _write_evaluation(out, eval_true, predicted, labels, report, result, member_scores, eval_name, method) -> list:
-    files = [evaluation.confusion_png(eval_true, predicted, labels, out / "confusion_matrix.png",
-                                      title=f"{method} ensemble on {eval_name.split(';')[0]}: "
+def _write_evaluation(out: Path, plan: EvaluationPlan, ensemble: Chosen, scored: Scored) -> list:
+    result, labels = scored.result, ensemble.labels
+    predicted, _ = ensemble.combine(plan.eval_split, plan.eval_ids, offsets=False)
+    files = [evaluation.confusion_png(plan.eval_true, predicted, labels, out / "confusion_matrix.png",
+                                      title=f"{ensemble.method} ensemble on {plan.description.split(';')[0]}: "
                                             f"macro-F1 {result['macro_f1']:.3f}")]
-    text = [f"evaluation data: {eval_name}", f"ensemble ({method}) macro-F1 {result['macro_f1']:.4f}"]
+    text = [f"evaluation data: {plan.description}", f"ensemble ({ensemble.method}) macro-F1 {result['macro_f1']:.4f}"]
     if "macro_f1_calibrated" in result:
         text.append(f"with calibration offsets: {result['macro_f1_calibrated']:.4f}")
-    text += ["", evaluation.report_text(report, labels), "", "members on the same data:"]
+    text += ["", evaluation.report_text(scored.report, labels), "", "members on the same data:"]
     text += [f"  {s['name']}  weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  evaluation {s['eval_macro_f1']:.4f}"
-             for s in member_scores]
+             for s in scored.members]
     (out / "evaluation.txt").write_text("\n".join(text) + "\n")
     files.append(out / "evaluation.txt")
-    files.append(evaluation.save_json({"evaluation": eval_name, **result, "report": report, "members": member_scores},
-                                      out / "evaluation.json"))
+    files.append(evaluation.save_json({"evaluation": plan.description, **result, "report": scored.report,
+                                       "members": scored.members}, out / "evaluation.json"))
     return files
 
 
-def _write_predictions(out, corpus, members, weights, method, offsets, labels) -> list:
-    """Test-split predictions with probabilities, and the challenge submission ``id,label``."""
+def _write_predictions(out: Path, corpus, ensemble: Chosen) -> list:
+    """Test-split predictions with their class scores, and the challenge submission ``id,label``: the same labels."""
     if not corpus.test:
         return []
-    ids = [u.id for u in corpus.test]
-    probs = [_aligned(m.folder, "test", ids) for m in members]
-    predicted, scores = combine(method, probs, weights, offsets)
-    files = [evaluation.write_predictions(out / "test_predictions.csv", ids, scores, labels)]
+    ids, labels = [u.id for u in corpus.test], ensemble.labels
+    predicted, scores = ensemble.combine("test", ids)
+    files = [evaluation.write_predictions(out / "test_predictions.csv", ids, scores, labels, predicted=predicted)]
     with (out / "submission.csv").open("w", encoding="utf-8") as f:
         f.write("id,label\n")
         f.writelines(f"{uid},{labels[int(p)]}\n" for uid, p in zip(ids, predicted))
     files.append(out / "submission.csv")
     return files
+
+
+def _log(tracking: dict, parent, request: EnsembleRequest, plan: EvaluationPlan, ensemble: Chosen, scored: Scored,
+         files: list) -> str:
+    """The ensemble's MLflow run, a child of the search's; returns its id."""
+    from emotune.tracking import TrackedRun
+
+    name = parent.data.tags.get("emotune.search", parent.info.run_id)
+    method, k = ensemble.method, request.k
+    run = TrackedRun.start(tracking, name=f"ensemble-{name}-{method}-k{k}", kind="ensemble",
+                           parent_run_id=parent.info.run_id, tags={"emotune.search": name})
+    run.log_params({"method": method, "k": k, "greedy_steps": request.steps if method == "greedy" else None,
+                    "exclude_stopped": request.exclude_stopped, "calibrate": request.calibrate,
+                    "evaluation": plan.description[:250],
+                    "members": ",".join(f"{m.run_id}x{int(w)}" for m, w in zip(ensemble.members, ensemble.weights))})
+    run.log_metrics({f"ensemble_{key}": v for key, v in scored.result.items()} |
+                    {f"member{i + 1}_macro_f1": s["eval_macro_f1"] for i, s in enumerate(scored.members)} |
+                    {"best_member_macro_f1": max(s["eval_macro_f1"] for s in scored.members)})
+    run.log_artifacts(files)
+    run.finish()
+    return run.run_id
 
 
 def _print_summary(summary: dict, report: dict, labels) -> None:

@@ -66,14 +66,19 @@ def confusion_png(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence
 
 
 def write_predictions(path: str | Path, ids: Sequence[str], probabilities: np.ndarray, labels: Sequence[str],
-                      true: Sequence[str | None] | None = None) -> Path:
-    """CSV ``id,[label,]prediction,p_<class>...``: what a selector or a user needs to reuse the predictions."""
+                      true: Sequence[str | None] | None = None, predicted: Sequence[int] | None = None) -> Path:
+    """CSV ``id,[label,]prediction,p_<class>...``: what a selector or a user needs to reuse the predictions.
+
+    ``prediction`` is the argmax of the row unless ``predicted`` gives the class indices (an ensemble's vote
+    with its tie-break, or its calibrated scores, can differ from the argmax of what it writes).
+    """
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", *(["label"] if true is not None else []), "prediction", *(f"p_{c}" for c in labels)])
         for i, uid in enumerate(ids):
-            row = [uid, *([true[i]] if true is not None else []), labels[int(np.argmax(probabilities[i]))]]
+            choice = int(predicted[i]) if predicted is not None else int(np.argmax(probabilities[i]))
+            row = [uid, *([true[i]] if true is not None else []), labels[choice]]
             writer.writerow(row + [f"{p:.6f}" for p in probabilities[i]])
     return path
 

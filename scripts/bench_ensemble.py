@@ -32,7 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from emotune.config import load_config
-    from emotune.ensemble import select_top
+    from emotune.ensemble import EnsembleRequest, select_top
 
     rows = []
     for seed in args.seeds:
@@ -42,8 +42,8 @@ def main() -> int:
         row = {"seed": seed}
         for method in METHODS:
             cfg = load_config([f"paths.runs_dir={RUNS_DIR}"])
-            summary = select_top(cfg, k=args.k, method=method, search=name,
-                                 out_dir=RUNS_DIR / "ensembles" / f"{name}-{method}")
+            summary = select_top(cfg, EnsembleRequest(k=args.k, method=method, search=name,
+                                                      out_dir=RUNS_DIR / "ensembles" / f"{name}-{method}"))
             row[method] = summary["macro_f1"]
             if method == "hard":  # members are ranked by dev F1: the first is the best single trial
                 row["best_single"] = summary["members"][0]["eval_macro_f1"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from emotune.config import load_config
-from emotune.ensemble import greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
+from emotune.ensemble import EnsembleRequest, greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
 from emotune.errors import EmotuneError
 
 
@@ -78,9 +78,13 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
 
     runs, search = smoke_search
     corpus, _ = separable
-    summary = select_top(config_for(runs), k=3, method=method, out_dir=tmp_path / "ens", calibrate=True)
+    summary = select_top(config_for(runs), EnsembleRequest(k=3, method=method, out_dir=tmp_path / "ens",
+                                                           calibrate=True))
     assert summary["evaluation"] == "test split (labelled)"
-    assert 0.0 <= summary["macro_f1"] <= 1.0 and len(summary["members"]) >= (3 if method != "greedy" else 1)
+    if method == "greedy":
+        assert summary["members"] and sum(m["weight"] for m in summary["members"]) >= len(summary["members"])
+    else:
+        assert len(summary["members"]) == 3 and [m["weight"] for m in summary["members"]] == [1.0, 1.0, 1.0]
     out = tmp_path / "ens"
     assert (out / "confusion_matrix.png").stat().st_size > 1000
     with (out / "submission.csv").open() as f:
@@ -88,6 +92,17 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     test_ids = [r[0] for r in csv.reader((corpus / "test.csv").open()) if r and r[0] != "id"]
     assert sorted(r["id"] for r in rows) == sorted(test_ids)  # every test id exactly once
     assert {r["label"] for r in rows} <= {"neutral", "disgust", "anger", "sadness", "joy", "fear"}
+    # the printed F1 is the submission's, recomputed here from the files against the test labels
+    truth = {r["id"]: r["label"] for r in csv.DictReader((corpus / "test_labels.csv").open())}
+    labels = json.loads((out / "ensemble.json").read_text())["labels"]
+    from emotune.evaluation import macro_f1
+
+    submitted = macro_f1([labels.index(truth[r["id"]]) for r in rows], [labels.index(r["label"]) for r in rows],
+                         len(labels))
+    assert submitted == pytest.approx(summary.get("macro_f1_calibrated", summary["macro_f1"]), abs=1e-12)
+    assert ("macro_f1_calibrated" in summary) == (method != "hard")
+    with (out / "test_predictions.csv").open() as f:  # the probabilities file names the same labels
+        assert {r["id"]: r["prediction"] for r in csv.DictReader(f)} == {r["id"]: r["label"] for r in rows}
     manifest = json.loads((out / "ensemble.json").read_text())
     assert manifest["method"] == method and manifest["labels"][0] == "neutral"
     assert manifest["encoder_folders"]  # the tiny text encoder ships with the ensemble
@@ -99,9 +114,7 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     assert "ensemble_macro_f1" in run.data.metrics and "member1_macro_f1" in run.data.metrics
     assert {"confusion_matrix.png", "submission.csv", "ensemble.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
-    if method != "hard":
-        return
-    # a fresh process loads the folder and predicts the test clips again, identically
+    # a fresh process loads the folder and predicts the test clips again, identically (weights and offsets too)
     predicted = tmp_path / "predicted.csv"
     result = subprocess.run([sys.executable, "-m", "emotune", "predict", str(out), "--csv", str(corpus / "test.csv"),
                              "--audio-dir", str(corpus / "audio"), "--out", str(predicted)],
@@ -126,7 +139,7 @@ def test_predict_in_chunks_equals_all_at_once_and_old_cards_still_load(smoke_sea
 
     runs, _ = smoke_search
     corpus, _ = separable
-    select_top(config_for(runs), k=3, method="soft", out_dir=tmp_path / "ens")
+    select_top(config_for(runs), EnsembleRequest(k=3, method="soft", out_dir=tmp_path / "ens"))
     utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
     ensemble = Ensemble(tmp_path / "ens")
     whole, whole_scores = ensemble.predict(utterances, chunk_size=10**9)
@@ -152,16 +165,16 @@ def test_select_top_errors_are_clear(smoke_search, tmp_path):
     runs, _ = smoke_search
     cfg = config_for(runs)
     with pytest.raises(EmotuneError, match=r"asked for 40 members but search 'smoke' has only \d finished trials"):
-        select_top(cfg, k=40, out_dir=tmp_path / "x")
+        select_top(cfg, EnsembleRequest(k=40, out_dir=tmp_path / "x"))
     with pytest.raises(EmotuneError, match="no search named 'nope'.*Searches there: smoke"):
-        select_top(cfg, k=2, search="nope", out_dir=tmp_path / "x")
+        select_top(cfg, EnsembleRequest(k=2, search="nope", out_dir=tmp_path / "x"))
     with pytest.raises(EmotuneError, match="no search found"):
-        select_top(config_for(tmp_path / "empty"), k=2)
+        select_top(config_for(tmp_path / "empty"), EnsembleRequest(k=2))
 
 
 def test_predict_with_a_missing_member_is_a_clear_error(smoke_search, tmp_path):
     runs, _ = smoke_search
-    select_top(config_for(runs), k=2, method="soft", out_dir=tmp_path / "ens")
+    select_top(config_for(runs), EnsembleRequest(k=2, method="soft", out_dir=tmp_path / "ens"))
     (tmp_path / "ens" / "members" / "02" / "model.safetensors").unlink()
     result = subprocess.run([sys.executable, "-m", "emotune", "predict", str(tmp_path / "ens"), "--audio", "x.wav",
                              "--text", "hola"], capture_output=True, text=True, timeout=120)
@@ -177,7 +190,7 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
     runs = tmp_path / "runs"
     run_search(load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
                                        "data.test_labels=null", "search.name=unlabelled"), "search"))
-    summary = select_top(config_for(runs), k=2, method="soft", out_dir=tmp_path / "ens")
+    summary = select_top(config_for(runs), EnsembleRequest(k=2, method="soft", out_dir=tmp_path / "ens"))
     assert summary["evaluation"].startswith("held-out half of dev (6 clips")  # 12 dev clips, half held out
     assert "ranked on the other half" in summary["evaluation"]
     # every finished trial competed on the selection half, and the members are its two best there
