@@ -40,11 +40,8 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config"):
             GlobalHydra.instance().clear()
 
     overrides = list(overrides)
-    local_spaces = Path.cwd() / "search_spaces"
-    if config_name == "search" and (local_spaces / "space").is_dir() and not any(
-            o.startswith("hydra.searchpath") for o in overrides):
-        # spaces of the launch folder come after emotune's own, so a user's file of the same name wins
-        overrides.append(f"hydra.searchpath=[pkg://emotune.search_spaces,file://{local_spaces.resolve()}]")
+    if config_name == "search":
+        overrides += _spaces_search_path(overrides)
     try:
         return run(overrides)
     except MissingConfigException as exc:
@@ -64,6 +61,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config"):
             f"invalid override: {str(cause).splitlines()[0]}. Keys {where}: {_keys_under(run([]), parent)}. "
             "Check the spelling, or prefix the override with + to add a new key on purpose."
         ) from None
+
+
+def _spaces_search_path(overrides: Sequence[str]) -> list[str]:
+    """Hydra's search path with the folder ``paths.spaces_dir=DIR`` names (its ``space/NAME.yaml`` files)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("paths.spaces_dir=")]
+    if not given or given[-1] in ("", "null"):
+        return []
+    folder = Path(given[-1]).expanduser().resolve()
+    if not (folder / "space").is_dir():
+        raise EmotuneError(f"paths.spaces_dir={given[-1]}: {folder / 'space'} is not a folder. Put your spaces in "
+                           "DIR/space/NAME.yaml (copy one from emotune's search_spaces/space/) and pass "
+                           "paths.spaces_dir=DIR space=NAME.")
+    # Hydra takes a space from the first folder of its search path that has it: yours come first, so they win
+    return [f"hydra.searchpath=[file://{folder},pkg://emotune.search_spaces]"]
 
 
 def to_plain(cfg) -> dict:

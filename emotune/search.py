@@ -35,6 +35,7 @@ Search spaces (space=NAME): {spaces}
 Common keys: search.num_samples, search.max_concurrent, search.metric ({metrics}), search.grace_period,
   search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name, trial.max_epochs,
   encoders=offline|hub, data=demo|folder, data.root, ray.address, paths.runs_dir, seed
+Spaces of your own: DIR/space/NAME.yaml, used with paths.spaces_dir=DIR space=NAME
 Show the composed configuration: python -m emotune.search --cfg [key=value ...]
 Size the feature cache first (nothing is downloaded or encoded): emotune plan [key=value ...]"""
 

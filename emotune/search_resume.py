@@ -59,7 +59,7 @@ def trainable_name(experiment_dir: Path, restore: bool) -> str:
 
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
-RESUMABLE_CHANGES = ("ray.", "search.max_concurrent", "search.resources.", "search.take_over_lock", "features.batch_size",
+RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock", "features.batch_size",
                      "features.device",
                      "features.verify", "features.gpu_per_worker", "features.max_cache_gb", "features.plan_tflops",
                      "trial.device", "trial.cpus",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
 import tempfile
 import time
 import warnings
@@ -456,6 +457,15 @@ def best_title(f1: float, epoch: int) -> str:
     return f"dev macro-F1 {f1:.4f} at epoch {epoch}"
 
 
+def _quiet_worker_exit(unraisable) -> None:
+    """Ray ends an idle trial worker with SIGTERM, whose handler raises SystemExit; when that lands in a garbage
+    collector callback, Python prints it as 'Exception ignored ... Traceback', which reads as a failure at the
+    end of a successful search. That one case is dropped; every other unraisable exception prints as usual."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def trainable(config: dict, launch: TrialContext | None = None) -> dict | None:
     """The Ray Tune trainable (also runs alone): ``config`` is the full plain config dict.
 
@@ -473,6 +483,7 @@ def trainable(config: dict, launch: TrialContext | None = None) -> dict | None:
         return run_trial(copy.deepcopy(config), launch)
     import ray
 
+    sys.unraisablehook = _quiet_worker_exit
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     # only the GPUs Ray assigned (CUDA_VISIBLE_DEVICES holds just those); none assigned: the CPU, even on a GPU box

@@ -238,3 +238,25 @@ def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in expected:
         assert fragment in result.stderr, result.stderr
+
+
+def test_a_spaces_folder_of_your_own_adds_spaces_and_overrides_shipped_ones(tmp_path):
+    import shutil
+
+    from emotune.search import spaces_dir
+
+    mine = tmp_path / "my_spaces" / "space"
+    mine.mkdir(parents=True)
+    shipped = (spaces_dir() / "smoke.yaml").read_text()
+    (mine / "tiny_lr.yaml").write_text(shipped.replace("name: smoke", "name: tiny_lr"))
+    shutil.copy(spaces_dir() / "smoke.yaml", mine / "smoke.yaml")
+    with (mine / "smoke.yaml").open("a") as f:
+        f.write("  max_concurrent: 3   # differs from the shipped smoke space\n")
+    where = f"paths.spaces_dir={mine.parent}"
+    assert load_config([where, "space=tiny_lr"], "search")["space"]["name"] == "tiny_lr"
+    assert load_config([where, "space=smoke"], "search")["search"]["max_concurrent"] == 3  # yours wins
+    assert load_config(["space=smoke"], "search")["search"]["max_concurrent"] != 3  # without it: emotune's own
+    with pytest.raises(EmotuneError, match="Could not find 'space/tiny_lr'"):  # the launch folder is not searched
+        load_config(["space=tiny_lr"], "search")
+    with pytest.raises(EmotuneError, match=r"paths.spaces_dir=.*nowhere/space is not a folder.*space/NAME.yaml"):
+        load_config([f"paths.spaces_dir={tmp_path / 'nowhere'}", "space=smoke"], "search")

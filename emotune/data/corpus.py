@@ -197,19 +197,34 @@ def read_split_csv(
         raise DataError("audio folder not found", file=audio_dir, fix="Check data.audio_dir (or data.root).")
     columns, records = _csv_rows(csv_path, _read_utf8(csv_path))
     required = ["id", "transcription"] + (["label"] if require_labels else []) + ([group_column] if group_column else [])
-    col = _require_columns(csv_path, columns, required)
-    known = _canonical_labels(labels)
+    layout = _SplitCsv(csv_path, audio_dir, columns, _require_columns(csv_path, columns, required),
+                       _canonical_labels(labels), group_column)
     first_row_of: dict[str, int] = {}
     out: list[Utterance] = []
     for row, fields in records:
         try:
-            out.append(_parse_row(csv_path, audio_dir, row, fields, columns, col, known, group_column, first_row_of))
+            out.append(_parse_row(layout, row, fields, first_row_of))
         except DataError as error:
             policy.handle(error)
     return out
 
 
-def _parse_row(csv_path, audio_dir, row, fields, columns, col, known, group_column, first_row_of) -> Utterance:
+@dataclass(frozen=True)
+class _SplitCsv:
+    """What every row of one split's CSV is read against."""
+
+    csv_path: Path
+    audio_dir: Path
+    columns: list[str]  # the header
+    col: dict[str, int]  # column name -> position
+    known: dict[str, str]  # canonical (lower-case) label -> label as configured
+    group_column: str | None
+
+
+def _parse_row(layout: _SplitCsv, row: int, fields: list[str], first_row_of: dict[str, int]) -> Utterance:
+    csv_path, audio_dir, columns, col, known = layout.csv_path, layout.audio_dir, layout.columns, layout.col, layout.known
+    group_column = layout.group_column
+
     def fail(problem: str, fix: str, kind: str, utt_id: str | None = None) -> DataError:
         return DataError(problem, file=csv_path, row=row, utt_id=utt_id, fix=fix, kind=kind)
 

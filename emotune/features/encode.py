@@ -384,13 +384,19 @@ def encoder_folder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[st
     return locate_hf_folder(spec, download)
 
 
-def load_encoder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str] | None = None, layers=None,
-                 batch_size: int = 8, device: str = "auto", max_tokens: int = 256, waveform_norm: str = "auto",
-                 storage: str = "float16") -> FrozenEncoder:
+def recipe_settings(features: dict, modality: str) -> dict:
+    """:func:`make_recipe`'s settings from a ``features`` config section (text features are always float16)."""
+    return {"layers": features[f"{modality}_layers"], "batch_size": int(features["batch_size"]),
+            "max_tokens": int(features["max_text_tokens"]), "waveform_norm": str(features["waveform_norm"]),
+            "storage": str(features["storage"]) if modality == "speech" else "float16"}
+
+
+def load_encoder(spec: EncoderSpec, models_dir: str | Path, texts: Sequence[str] | None = None, device: str = "auto",
+                 **recipe) -> FrozenEncoder:
     """Load (building first, for tiny presets) the encoder ``spec`` describes.
 
     ``models_dir`` holds built tiny presets; ``texts`` are the corpus texts a tiny tokenizer is trained on.
-    ``layers`` defaults to all transformer layers for speech and the last layer for text.
+    ``recipe`` takes :func:`make_recipe`'s settings by name (``layers`` defaults to all transformer layers for
+    speech and the last layer for text).
     """
-    folder = encoder_folder(spec, models_dir, texts)
-    return open_encoder(make_recipe(spec, folder, layers, batch_size, max_tokens, waveform_norm, storage), device)
+    return open_encoder(make_recipe(spec, encoder_folder(spec, models_dir, texts), **recipe), device)

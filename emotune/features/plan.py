@@ -19,8 +19,8 @@ from typing import Sequence
 from emotune.errors import EmotuneError
 from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJob, bytes_per_step, free_bytes
 from emotune.features.catalog import hub_entry, resolve_encoder
-from emotune.features.encode import (EncoderRecipe, check_storage, encoder_folder, make_recipe, resolve_layers,
-                                     resolve_waveform_norm)
+from emotune.features.encode import (EncoderRecipe, check_storage, encoder_folder, make_recipe, recipe_settings,
+                                     resolve_layers, resolve_waveform_norm)
 from emotune.names import SAMPLE_RATE
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.
@@ -233,9 +233,7 @@ def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_d
         recipe = _offline_recipe(name, modality, features)
         entry = hub_entry(spec)
         return recipe, (entry.params_m * 1e6 if entry else 0), False
-    storage = str(features.get("storage", "float16")) if modality == "speech" else "float16"
-    recipe = make_recipe(spec, folder, features.get(f"{modality}_layers"), int(features.get("batch_size", 8)),
-                         int(features.get("max_text_tokens", 256)), str(features.get("waveform_norm", "auto")), storage)
+    recipe = make_recipe(spec, folder, **recipe_settings(features, modality))
     return recipe, (count_parameters(folder) if folder else 0), corpus is not None
 
 

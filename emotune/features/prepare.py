@@ -16,7 +16,8 @@ from emotune.data.prepare import PreparedCorpus
 from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, encode_jobs, fill_missing,
                                     speech_jobs, text_jobs)
 from emotune.features.catalog import resolve_encoder
-from emotune.features.encode import EncoderRecipe, FrozenEncoder, encoder_folder, make_recipe, open_encoder
+from emotune.features.encode import (EncoderRecipe, FrozenEncoder, encoder_folder, make_recipe, open_encoder,
+                                     recipe_settings)
 
 
 def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
@@ -30,15 +31,13 @@ def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: d
     folder = encoder_folder(spec, Path(runs_dir) / "encoders", texts, download)
     if folder is None and spec.kind != "classic":
         return None
-    return make_recipe(spec, folder, features.get(f"{modality}_layers"), int(features.get("batch_size", 8)),
-                       int(features.get("max_text_tokens", 256)), str(features.get("waveform_norm", "auto")),
-                       str(features.get("storage", "float16")) if modality == "speech" else "float16")
+    return make_recipe(spec, folder, **recipe_settings(features, modality))
 
 
 def load_named_encoder(name: str, modality: str, corpus: PreparedCorpus, features: dict,
                        runs_dir: str | Path) -> FrozenEncoder:
     """Resolve and load one encoder onto ``features.device``."""
-    return open_encoder(encoder_recipe(name, modality, corpus, features, runs_dir), features.get("device", "auto"))
+    return open_encoder(encoder_recipe(name, modality, corpus, features, runs_dir), features["device"])
 
 
 def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
@@ -58,7 +57,7 @@ def plan_jobs(corpus: PreparedCorpus, recipe: EncoderRecipe, features: dict, sto
         return {uid: [job] for uid, job in text_jobs(recipe.key, corpus.train + corpus.dev + corpus.test).items()}
     hashes = AudioHashes(store.root / "audio_hashes.json")
     augment = dict(features.get("augment") or {})
-    jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features.get("variants", 4)),
+    jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features["variants"]),
                        augment)
     jobs |= speech_jobs(recipe.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
     if save_hashes:
@@ -80,7 +79,7 @@ def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCor
         if pool is not None:
             workers = pool()
             return f", {workers.label}", lambda todo, bar, report: workers.fill(recipe, todo, bar, report)
-        encoder = open_encoder(recipe, features.get("device", "auto"))
+        encoder = open_encoder(recipe, features["device"])
         augmenter = Augmenter.from_settings(features.get("augment")) if speech else None
 
         def encode(todo, bar, report: BuildReport) -> None:
@@ -88,7 +87,7 @@ def fill_cache(recipe: EncoderRecipe, jobs: dict[str, list], corpus: PreparedCor
                                                                      corpus.norm if speech else None, augmenter, bar)
         return "", encode
 
-    return fill_missing(recipe, [j for row in jobs.values() for j in row], store, bool(features.get("verify", True)),
+    return fill_missing(recipe, [j for row in jobs.values() for j in row], store, bool(features["verify"]),
                         progress, start)
 
 
