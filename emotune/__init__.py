@@ -1,8 +1,9 @@
 """emotune: hyperparameter search for multimodal (speech + text) emotion recognition.
 
-Data flows one way through the subpackages: ``data`` (corpus, audio, augmentation, demo corpus) then, in
-later steps, ``features`` (frozen encoders and their cache), ``model``, the trial, the search and the
-ensemble selection. ``emotune --help`` lists the commands.
+Data flows one way: ``data`` (corpus, audio, augmentation, demo corpus), ``features`` (frozen encoders and
+their cache), ``model``, ``trial``, ``search`` (with ``search_resume`` and ``search_report``), ``ensemble``
+(selection) and ``predict``; ``checkpoint`` holds what a trained model leaves. ``emotune --help`` lists the
+commands.
 """
 
 __version__ = "0.1.0"

@@ -169,26 +169,33 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     assert f"traceback: {errors[0]}" in output
 
 
-def test_two_searches_share_a_cluster_without_mixing(separable, tmp_path):
+@pytest.fixture
+def two_node_cluster():
+    """A real two-node Ray cluster (one CPU each) on this machine, shut down afterwards."""
+    import ray
     from ray.cluster_utils import Cluster
 
-    corpus, shared_runs = separable
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
-    try:
-        runs = tmp_path / "runs"
-        drivers = {}
-        for name, speech in (("with_fbank", "fbank"), ("with_mfcc", "mfcc")):
-            args = search_args(corpus, runs, shared_runs / "cache" / "features", f"search.name={name}",
-                               f"encoders.speech={speech}", "search.num_samples=2", "search.max_concurrent=1",
-                               "trial.max_epochs=2", f"ray.address={cluster.address}")
-            drivers[name] = subprocess.Popen([sys.executable, "-m", "emotune.search", *args], stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-        for name, driver in drivers.items():
-            output, _ = driver.communicate(timeout=600)
-            assert driver.returncode == 0, output[-3000:]
-    finally:
-        cluster.shutdown()
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+def test_two_searches_share_a_cluster_without_mixing(separable, two_node_cluster, tmp_path):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    drivers = {}
+    for name, speech in (("with_fbank", "fbank"), ("with_mfcc", "mfcc")):
+        args = search_args(corpus, runs, shared_runs / "cache" / "features", f"search.name={name}",
+                           f"encoders.speech={speech}", "search.num_samples=2", "search.max_concurrent=1",
+                           "trial.max_epochs=2", f"ray.address={two_node_cluster.address}")
+        drivers[name] = subprocess.Popen([sys.executable, "-m", "emotune.search", *args], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for name, driver in drivers.items():
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output[-3000:]
     client, parents, children = mlflow_runs(runs)
     assert len(parents) == 2 and len(children) == 4
     for parent in parents:
@@ -199,29 +206,19 @@ def test_two_searches_share_a_cluster_without_mixing(separable, tmp_path):
         assert all(c.data.tags["emotune.search"] == parent.data.tags["emotune.search"] for c in mine)
 
 
-def test_search_on_a_two_node_cluster(separable, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
+def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     corpus, shared_runs = separable
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        runs = tmp_path / "runs"
-        cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=4",
-                                      "search.max_concurrent=2", f"ray.address={cluster.address}"), "search")
-        summary = run_search(cfg)
-        assert summary["trials"] == 4 and summary["failed"] == 0
-        nodes = set()
-        for result in (runs / "ray" / "smoke").glob("*/result.json"):
-            nodes |= {json.loads(line).get("node_id") for line in result.read_text().splitlines() if line.strip()}
-        assert len(nodes - {None}) == 2  # trials ran on both nodes
-        client, parents, children = mlflow_runs(runs)
-        assert_one_tree(client, parents, children, 4)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
+    runs = tmp_path / "runs"
+    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=4",
+                                  "search.max_concurrent=2", f"ray.address={two_node_cluster.address}"), "search")
+    summary = run_search(cfg)
+    assert summary["trials"] == 4 and summary["failed"] == 0
+    nodes = set()
+    for result in (runs / "ray" / "smoke").glob("*/result.json"):
+        nodes |= {json.loads(line).get("node_id") for line in result.read_text().splitlines() if line.strip()}
+    assert len(nodes - {None}) == 2  # trials ran on both nodes
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, 4)
 
 
 @pytest.mark.parametrize("override, expected", [

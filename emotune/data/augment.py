@@ -114,10 +114,11 @@ class Augmenter:
 
     @classmethod
     def from_settings(cls, augment: dict | None) -> "Augmenter":
-        """The augmenter of a ``features.augment`` config section (missing keys take the defaults)."""
+        """The augmenter of a ``features.augment`` config section (missing keys take the constructor's defaults)."""
         augment = dict(augment or {})
-        return cls(rir_dir=augment.get("rir_dir"), noise_dir=augment.get("noise_dir"),
-                   snr_db=tuple(augment.get("snr_db", (15.0, 25.0))), speeds=tuple(augment.get("speeds", (0.9, 1.1))))
+        given = {key: augment[key] for key in ("rir_dir", "noise_dir") if key in augment}
+        given |= {key: tuple(augment[key]) for key in ("snr_db", "speeds") if key in augment}
+        return cls(**given)
 
     def __call__(self, wave: np.ndarray, rng: np.random.Generator, p: float = 1.0) -> np.ndarray:
         """With probability ``p`` return ``wave`` with one random effect applied, else ``wave`` itself."""

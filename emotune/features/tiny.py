@@ -332,30 +332,16 @@ def _learn_wordpiece_vocab(texts: list[str], normalizer: Any, pre_tokenizer: Any
 def _wrap_tokenizer(family: str, tok: Any) -> Any:
     from transformers import AddedToken, PreTrainedTokenizerFast
 
-    if family == "bert":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            model_max_length=TEXT_MAX_LEN,
-            pad_token="[PAD]",
-            unk_token="[UNK]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-            padding_side="right",
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=TEXT_MAX_LEN,
-        bos_token="<s>",
-        eos_token="</s>",
-        cls_token="<s>",
-        sep_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
+    special = {
+        "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                 "mask_token": "[MASK]"},
         # As in RoBERTa: "<mask>" swallows the space before it, so "a <mask>" masks the word " x".
-        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),
-        padding_side="right",
-    )
+        "roberta": {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
+                    "unk_token": "<unk>", "pad_token": "<pad>",
+                    "mask_token": AddedToken("<mask>", lstrip=True, rstrip=False)},
+    }["bert" if family == "bert" else "roberta"]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=TEXT_MAX_LEN, padding_side="right",
+                                   **special)
 
 
 def _build_text(family: str, config_kwargs: dict[str, Any], seed: int, texts: list[str], out: Path) -> dict[str, Any]:
