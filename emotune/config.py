@@ -9,8 +9,11 @@ directory of its workers.
 
 from __future__ import annotations
 
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from emotune.errors import EmotuneError
 
@@ -119,5 +122,113 @@ def absolutize(cfg: dict) -> dict:
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
-    """Compose and resolve: the plain dict every emotune command works from."""
-    return to_plain(compose(overrides, config_name))
+    """Compose, resolve and type-check: the plain dict every emotune command works from."""
+    cfg = to_plain(compose(overrides, config_name))
+    check_settings(cfg)
+    return cfg
+
+
+# --- typed settings ---------------------------------------------------------------------------------------------
+# The sections that the training loop, the cache and the search read, with their types. The values (defaults
+# included) live in the YAML files only; these classes say what each key must be, so that a mistyped value
+# fails here, naming the key, instead of deep inside a trial.
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """``trial.*``: one trial's training loop (conf/trial/default.yaml)."""
+
+    max_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    aug_prob: float
+    crop_seconds: float
+    patience: int
+    lr_decay: float
+    early_stop: int | None
+    ema_alpha: float
+    class_weights: str
+    seed: int
+    cpus: int
+    device: str
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """``features.*``: how encoder outputs reach the model (conf/features/cached.yaml)."""
+
+    cache: bool
+    dir: str
+    variants: int
+    speech_layers: Any
+    text_layers: Any
+    max_text_tokens: int
+    batch_size: int
+    device: str
+    gpu_per_worker: float
+    waveform_norm: str
+    storage: str
+    max_cache_gb: float | None
+    plan_tflops: float
+    verify: bool
+    preload_mb: float
+    augment: dict
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """``search.*``: how trials are proposed and stopped (conf/search/default.yaml)."""
+
+    name: str
+    num_samples: int
+    max_concurrent: int
+    metric: str
+    grace_period: int
+    reduction_factor: float
+    max_failures: int
+    take_over_lock: bool
+    sampler_seed: int
+    resources: dict
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", dict: "a section"}
+
+
+def _checked(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` says, or an error naming ``key``."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        if kind is Any:
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, str, dict) and isinstance(value, kind) and not isinstance(value, bool):
+            return value
+        if kind is bool and isinstance(value, bool):
+            return value
+    wanted = " or ".join("null" if k is type(None) else _KINDS[k] for k in options)
+    raise EmotuneError(f"{key} must be {wanted}, got {value!r}. Fix it on the command line ({key}=...) or in the "
+                       "YAML file that sets it.")
+
+
+def typed(settings_class: type, section: dict, prefix: str):
+    """The typed, checked settings of one config section (``prefix``: its name, for error messages)."""
+    hints = typing.get_type_hints(settings_class)
+    unknown = sorted(set(section) - set(hints))
+    if unknown:
+        raise EmotuneError(f"unknown key {prefix}.{unknown[0]}; the keys under '{prefix}' are: "
+                           f"{', '.join(sorted(hints))}.")
+    missing = sorted(set(hints) - set(section))
+    if missing:
+        raise EmotuneError(f"{prefix}.{missing[0]} has no value: set it in the YAML files or on the command line.")
+    return settings_class(**{name: _checked(f"{prefix}.{name}", section[name], hint) for name, hint in hints.items()})
+
+
+def check_settings(cfg: dict) -> None:
+    """Type-check every section that has settings classes; raises :class:`EmotuneError` on the first problem."""
+    for name, settings_class in (("trial", TrialSettings), ("features", FeatureSettings), ("search", SearchSettings)):
+        if name in cfg:
+            typed(settings_class, cfg[name], name)

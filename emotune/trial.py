@@ -209,12 +209,15 @@ class Trainer:
         from emotune.data.prepare import prepare_corpus
         from emotune.features.encode import pick_device
 
-        self.cfg, self.context, self.settings = cfg, context, cfg["trial"]
+        from emotune.config import TrialSettings, typed
+
+        self.cfg, self.context = cfg, context
+        self.settings: TrialSettings = typed(TrialSettings, cfg["trial"], "trial")
         self.reporter = context.reporter or _print_reporter
-        seed = int(self.settings["seed"])
+        seed = self.settings.seed
         seed_everything(seed)
-        torch.set_num_threads(max(1, int(context.cpus or self.settings["cpus"])))
-        self.device = pick_device(context.device or self.settings["device"])
+        torch.set_num_threads(max(1, context.cpus or self.settings.cpus))
+        self.device = pick_device(context.device or self.settings.device)
         self.workdir = Path(context.workdir or tempfile.mkdtemp(prefix="emotune-trial-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -224,12 +227,12 @@ class Trainer:
         self.source, self.described = self._features()
         self.feature_seconds = time.perf_counter() - started
         self.model = self._model()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(self.settings["lr"]),
-                                           weight_decay=float(self.settings["weight_decay"]))
-        weights = class_weights(self.corpus.train, self.labels, self.settings["class_weights"])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings.lr,
+                                           weight_decay=self.settings.weight_decay)
+        weights = class_weights(self.corpus.train, self.labels, self.settings.class_weights)
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
         self.lengths = {uid: info.n_samples for uid, info in self.corpus.audio.items()}
-        self.state = TrainerState(lr=float(self.settings["lr"]))
+        self.state = TrainerState(lr=self.settings.lr)
         self.rng = np.random.default_rng(seed)
         self._resume()
         self.run = self._start_run()
@@ -246,7 +249,7 @@ class Trainer:
 
         cfg, features, corpus = self.cfg, self.cfg["features"], self.corpus
         modalities = modalities_of(cfg["model"])
-        aug_prob, crop = float(self.settings["aug_prob"]), float(self.settings["crop_seconds"])
+        aug_prob, crop = self.settings.aug_prob, self.settings.crop_seconds
         if features["cache"]:
             index = self.context.index
             if index is None:
@@ -319,13 +322,13 @@ class Trainer:
         return summary | {"run_id": self.state.run_id, "history": self.state.history, "workdir": str(self.workdir)}
 
     def _stopped_early(self) -> bool:
-        early_stop = self.settings["early_stop"]
+        early_stop = self.settings.early_stop
         return early_stop is not None and self.state.since_best >= int(early_stop)
 
     def _loop(self) -> dict:
         if not self.corpus.dev:
             raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
-        max_epochs = int(self.settings["max_epochs"])
+        max_epochs = self.settings.max_epochs
         if self.state.epoch >= max_epochs or (self.state.epoch > 0 and self._stopped_early()):
             # resumed with nothing left to train, but Tune may not have the last result yet
             summary = self._finish(self._stopped_early())
@@ -353,7 +356,7 @@ class Trainer:
         """Train one epoch and evaluate on dev: the epoch's metrics, the dev probabilities, whether F1 improved."""
         epoch_start = time.perf_counter()
         losses = self._train_epoch()
-        dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths, int(self.settings["eval_batch_size"]),
+        dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths, self.settings.eval_batch_size,
                             self.device)
         dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
         f1 = evaluation.macro_f1(dev_true, dev_probs.argmax(1), len(self.labels))
@@ -367,7 +370,7 @@ class Trainer:
 
     def _train_epoch(self) -> list[float]:
         self.model.train()
-        train, batch_size = self.corpus.train, int(self.settings["batch_size"])
+        train, batch_size = self.corpus.train, self.settings.batch_size
         order = self.rng.permutation(len(train))
         losses = []
         for start in range(0, len(order), batch_size):
@@ -383,7 +386,7 @@ class Trainer:
     def _record(self, f1: float) -> bool:
         """Count the epoch: EMA, best so far, and the winners' rule of lr x ``lr_decay`` after ``patience``
         epochs without improvement. Returns whether dev macro-F1 improved."""
-        state, alpha = self.state, float(self.settings["ema_alpha"])
+        state, alpha = self.state, self.settings.ema_alpha
         state.epoch += 1
         state.ema = f1 if state.ema is None else alpha * f1 + (1 - alpha) * state.ema
         if f1 > state.best_f1:
@@ -392,8 +395,8 @@ class Trainer:
             return True
         state.since_best += 1
         state.since_decay += 1
-        if state.since_decay >= int(self.settings["patience"]):
-            state.lr *= float(self.settings["lr_decay"])
+        if state.since_decay >= self.settings.patience:
+            state.lr *= self.settings.lr_decay
             state.since_decay = 0
             for group in self.optimizer.param_groups:
                 group["lr"] = state.lr
@@ -412,13 +415,13 @@ class Trainer:
                          encoders=self.described, encoder_names=cfg["encoders"], norm_stats=corpus.norm.to_dict(),
                          features={k: cfg["features"].get(k) for k in ("speech_layers", "text_layers",
                                                                          "max_text_tokens")},
-                         best_epoch=self.state.epoch, best_val_f1=self.state.best_f1, trial_seed=self.settings["seed"])
+                         best_epoch=self.state.epoch, best_val_f1=self.state.best_f1, trial_seed=self.settings.seed)
         files = save_model(self.model, card, best)
         files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
                                                   labels, [u.label for u in corpus.dev]))
         if corpus.test:
             test_probs = predict(self.model, self.source, corpus.test, self.lengths,
-                                 int(self.settings["eval_batch_size"]), self.device)
+                                 self.settings.eval_batch_size, self.device)
             files.append(evaluation.write_predictions(best / "test_predictions.csv", [u.id for u in corpus.test],
                                                       test_probs, labels))
         if self.run is not None:

@@ -228,6 +228,10 @@ def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     ("encoders.speech_choices=[fbank,whisper]", ["unknown speech encoder 'whisper'"]),
     ("search.metric=accuracy", ["search.metric must be one of val_f1, val_f1_ema, best_val_f1"]),
     ("model.modalities=[speech,video]", ["model.modalities must be a non-empty subset of [speech, text]"]),
+    ("trial.lr=fast", ["trial.lr must be a number, got 'fast'", "trial.lr=..."]),
+    ("search.num_samples=2.5", ["search.num_samples must be a whole number, got 2.5"]),
+    ("features.verify=maybe", ["features.verify must be true or false, got 'maybe'"]),
+    ("+trial.learning_rate=0.1", ["unknown key trial.learning_rate", "lr, lr_decay, max_epochs"]),
 ])
 def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     result = subprocess.run([sys.executable, "-m", "emotune.search", override, f"paths.runs_dir={tmp_path}"],
