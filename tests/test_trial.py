@@ -123,3 +123,61 @@ def test_other_modes_and_families_run(separable, tmp_path, overrides):
     summary = run_trial(trial_config(corpus, runs, "trial.max_epochs=1", *overrides),
                         TrialContext(workdir=tmp_path, **QUIET))
     assert 0.0 <= summary["best_val_f1"] <= 1.0 and np.isfinite(history(summary, "train_loss")).all()
+
+
+def test_class_weights_come_from_the_training_split_only_inverse_to_its_counts(separable, tmp_path):
+    import csv
+    import shutil
+
+    from conftest import write_csv
+    from emotune.trial import Trainer
+
+    corpus, runs = separable
+    imbalanced = tmp_path / "imbalanced"
+    shutil.copytree(corpus, imbalanced)
+    keep = {"neutral": 8, "disgust": 8, "anger": 6, "sadness": 5, "joy": 4, "fear": 3}
+    with (corpus / "train.csv").open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f)]
+    rows = [r for r in rows if int(r["id"][len(r["label"]):-4]) < keep[r["label"]]]
+    write_csv(imbalanced / "train.csv", ["id", "label", "transcription"],
+              [[r["id"], r["label"], r["transcription"]] for r in rows])
+    trainer = Trainer(trial_config(imbalanced, runs, "data.dev_fraction=0.4"), TrialContext(workdir=tmp_path / "t",
+                                                                                            **QUIET))
+    labels = trainer.labels
+    train_counts = np.array([sum(u.label == c for u in trainer.corpus.train) for c in labels], dtype=float)
+    all_counts = train_counts + [sum(u.label == c for u in trainer.corpus.dev) for c in labels]
+    expected = train_counts.sum() / (len(labels) * train_counts)
+    weights = trainer.loss_fn.weight.numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert not np.allclose(weights, all_counts.sum() / (len(labels) * all_counts), rtol=1e-3)  # the test can tell
+    for i in range(len(labels)):  # rarer in training, heavier in the loss
+        for j in range(len(labels)):
+            assert (train_counts[i] < train_counts[j]) == (weights[i] > weights[j])
+
+
+def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path):
+    corpus, runs = separable
+    cfg = trial_config(corpus, runs, "trial.max_epochs=20", "trial.patience=2", "trial.lr_decay=0.5",
+                       "trial.early_stop=3", "trial.ema_alpha=0.3", "trial.lr=0.002")
+    summary = run_trial(cfg, TrialContext(workdir=tmp_path / "t", **QUIET))
+    rows = summary["history"]
+    # replay the rules on the reported dev F1 and compare with what the trial reported
+    lr, ema, best, since_best, since_decay = 0.002, None, -1.0, 0, 0
+    for epoch, row in enumerate(rows, start=1):
+        f1 = row["val_f1"]
+        ema = f1 if ema is None else 0.3 * f1 + 0.7 * ema
+        if f1 > best:
+            best, since_best, since_decay = f1, 0, 0
+        else:
+            since_best, since_decay = since_best + 1, since_decay + 1
+            if since_decay >= 2:
+                lr, since_decay = lr * 0.5, 0
+        assert row["epoch"] == epoch
+        assert row["val_f1_ema"] == pytest.approx(ema, abs=2e-6)
+        assert row["best_val_f1"] == pytest.approx(best, abs=2e-6)
+        assert row["lr"] == pytest.approx(lr, rel=1e-9)
+        if since_best >= 3:
+            break
+    assert since_best >= 3 and len(rows) == epoch < 20  # it stopped early, at the first epoch the rule says
+    assert summary["patience_stopped"] == 1.0
+    assert min(r["lr"] for r in rows) < 0.002  # the decay happened at least once
