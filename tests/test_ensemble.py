@@ -130,6 +130,42 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     (answer,) = json.loads((tmp_path / "one.json").read_text())
     assert answer["prediction"] in manifest["labels"]
     assert abs(sum(v for k, v in answer.items() if k.startswith("p_")) - 1.0) < 1e-3
+    if method == "hard":
+        return
+    # predict applies the ensemble's calibration offsets: a large one for the last class makes it win everywhere
+    from emotune.predict import Ensemble, read_inputs
+
+    manifest["calibration_offsets"] = [0.0] * (len(manifest["labels"]) - 1) + [50.0]
+    (out / "ensemble.json").write_text(json.dumps(manifest))
+    utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
+    shifted, _ = Ensemble(out).predict(utterances)
+    assert set(shifted.tolist()) == {len(manifest["labels"]) - 1}
+
+
+def test_the_prediction_files_agree_on_vote_ties_and_calibrated_scores(tmp_path):
+    from types import SimpleNamespace
+
+    from emotune.ensemble import Candidate, Chosen, _write_predictions
+    from emotune.evaluation import write_predictions
+
+    labels, ids = ["a", "b", "c"], ["x", "y"]
+    member_probs = [np.array([[0.3, 0.6, 0.1], [0.2, 0.3, 0.5]]),  # members best first
+                    np.array([[0.5, 0.1, 0.4], [0.3, 0.5, 0.2]])]
+    members = []
+    for i, probs in enumerate(member_probs):
+        (tmp_path / f"m{i}").mkdir()
+        write_predictions(tmp_path / f"m{i}" / "test_predictions.csv", ids, probs, labels)
+        members.append(Candidate(f"run{i}", f"t{i}", 0.9 - i, False, folder=tmp_path / f"m{i}"))
+    corpus = SimpleNamespace(test=[SimpleNamespace(id=i) for i in ids])
+    cases = {"hard": (None, ["b", "c"]),  # 1-1 ties go to the best member's vote; the vote shares' argmax says a, b
+             "soft": (np.array([0.0, 0.0, 3.0]), ["c", "c"])}  # the offset outweighs the probabilities
+    for method, (offsets, expected) in cases.items():
+        out = tmp_path / method
+        out.mkdir()
+        _write_predictions(out, corpus, Chosen(method, members, [1.0, 1.0], offsets, labels))
+        submitted = [line.split(",")[1] for line in (out / "submission.csv").read_text().splitlines()[1:]]
+        written = [line.split(",")[1] for line in (out / "test_predictions.csv").read_text().splitlines()[1:]]
+        assert submitted == written == expected, method
 
 
 def test_predict_in_chunks_equals_all_at_once_and_old_cards_still_load(smoke_search, separable, tmp_path):
