@@ -234,11 +234,18 @@ def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     ("+trial.learning_rate=0.1", ["unknown key trial.learning_rate", "lr, lr_decay, max_epochs"]),
 ])
 def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
-    result = subprocess.run([sys.executable, "-m", "emotune.search", override, f"paths.runs_dir={tmp_path}"],
+    with pytest.raises(EmotuneError) as caught:  # before any Ray, MLflow or cache work
+        run_search(load_config([override, f"paths.runs_dir={tmp_path}"], "search"))
+    for fragment in expected:
+        assert fragment in str(caught.value), str(caught.value)
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_bad_setting_exits_2_with_the_message_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "emotune.search", "trial.lr=fast", f"paths.runs_dir={tmp_path}"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    for fragment in expected:
-        assert fragment in result.stderr, result.stderr
+    assert "trial.lr must be a number, got 'fast'" in result.stderr, result.stderr
 
 
 def test_a_spaces_folder_of_your_own_adds_spaces_and_overrides_shipped_ones(tmp_path):
