@@ -120,17 +120,13 @@ def save_model(model: torch.nn.Module, card: ModelCard, folder: str | Path) -> l
     return [save_weights(model, folder / WEIGHTS_FILE), card.save(folder)]
 
 
-def missing_files(folder: str | Path) -> list[str]:
-    return [name for name in (WEIGHTS_FILE, CARD_FILE) if not (Path(folder) / name).is_file()]
-
-
-def load_model(folder: str | Path) -> tuple[torch.nn.Module, ModelCard]:
-    """The trained model of a model folder, in eval mode, with its card."""
+def load_model(folder: str | Path, what: str | None = None) -> tuple[torch.nn.Module, ModelCard]:
+    """The trained model of a model folder, in eval mode, with its card (``what`` names it in errors)."""
     folder = Path(folder)
-    missing = missing_files(folder)
+    missing = [name for name in (WEIGHTS_FILE, CARD_FILE) if not (folder / name).is_file()]
     if missing:
-        raise EmotuneError(f"{folder} is not a whole model folder: {', '.join(missing)} missing. Recreate it with "
-                           "`emotune select-top` (an ensemble) or by re-running the trial.")
+        raise EmotuneError(f"{what or folder} is incomplete: {', '.join(missing)} missing in {folder}. Recreate it "
+                           "with `emotune select-top` (an ensemble) or by re-running the trial.")
     card = ModelCard.load(folder)
     model = load_weights(card.build_model(), folder / WEIGHTS_FILE)
     return model.eval(), card

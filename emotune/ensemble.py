@@ -241,6 +241,7 @@ class Scored:
     result: dict  # macro_f1, and macro_f1_calibrated when there are offsets
     report: dict  # per-class precision, recall, F1
     members: list[dict]
+    predicted: np.ndarray  # the ensemble's classes on the evaluation data, without calibration offsets
 
 
 @dataclass
@@ -253,25 +254,24 @@ class Chosen:
     offsets: np.ndarray | None
     labels: list[str]
 
-    def combine(self, split: str, ids: Sequence[str], offsets: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Class indices and class scores of the ensemble on ``ids`` of ``split``, from the members' predictions."""
+    def combine(self, split: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class scores of the ensemble (offsets applied) on ``ids`` of ``split``."""
         probs = [_aligned(m.folder, split, ids) for m in self.members]
-        return combine(self.method, probs, self.weights, self.offsets if offsets else None)
+        return combine(self.method, probs, self.weights, self.offsets)
 
     def score(self, plan: EvaluationPlan) -> Scored:
         n_classes = len(self.labels)
-        predicted, _ = self.combine(plan.eval_split, plan.eval_ids, offsets=False)
+        probs = [_aligned(m.folder, plan.eval_split, plan.eval_ids) for m in self.members]
+        predicted, _ = combine(self.method, probs, self.weights)
         result = {"macro_f1": evaluation.macro_f1(plan.eval_true, predicted, n_classes)}
         if self.offsets is not None:
-            calibrated, _ = self.combine(plan.eval_split, plan.eval_ids)
+            calibrated, _ = combine(self.method, probs, self.weights, self.offsets)
             result["macro_f1_calibrated"] = evaluation.macro_f1(plan.eval_true, calibrated, n_classes)
-        members = []
-        for member, weight in zip(self.members, self.weights):
-            alone = _aligned(member.folder, plan.eval_split, plan.eval_ids).argmax(1)
-            members.append({"run_id": member.run_id, "name": member.name, "weight": weight, "dev_f1": member.dev_f1,
-                            "eval_macro_f1": evaluation.macro_f1(plan.eval_true, alone, n_classes),
-                            "stopped_by_asha": member.stopped_by_asha})
-        return Scored(result, evaluation.class_report(plan.eval_true, predicted, self.labels), members)
+        members = [{"run_id": member.run_id, "name": member.name, "weight": weight, "dev_f1": member.dev_f1,
+                    "eval_macro_f1": evaluation.macro_f1(plan.eval_true, alone.argmax(1), n_classes),
+                    "stopped_by_asha": member.stopped_by_asha}
+                   for member, weight, alone in zip(self.members, self.weights, probs)]
+        return Scored(result, evaluation.class_report(plan.eval_true, predicted, self.labels), members, predicted)
 
 
 def choose_members(pool: list[Candidate], sel_probs: list[np.ndarray], sel_true: list[int], request: EnsembleRequest,
@@ -386,8 +386,7 @@ def _save(out: Path, ensemble: Chosen, corpus, parent, request: EnsembleRequest)
 
 def _write_evaluation(out: Path, plan: EvaluationPlan, ensemble: Chosen, scored: Scored) -> list:
     result, labels = scored.result, ensemble.labels
-    predicted, _ = ensemble.combine(plan.eval_split, plan.eval_ids, offsets=False)
-    files = [evaluation.confusion_png(plan.eval_true, predicted, labels, out / "confusion_matrix.png",
+    files = [evaluation.confusion_png(plan.eval_true, scored.predicted, labels, out / "confusion_matrix.png",
                                       title=f"{ensemble.method} ensemble on {plan.description.split(';')[0]}: "
                                             f"macro-F1 {result['macro_f1']:.3f}")]
     text = [f"evaluation data: {plan.description}", f"ensemble ({ensemble.method}) macro-F1 {result['macro_f1']:.4f}"]

@@ -55,15 +55,10 @@ class Ensemble:
         self._encoders: dict[str, object] = {}
 
     def _load_member(self, entry: dict) -> Member:
-        from emotune.checkpoint import load_model, missing_files
+        from emotune.checkpoint import load_model
 
-        folder = self.folder / entry["folder"]
-        missing = missing_files(folder)
-        if missing:
-            raise EmotuneError(f"ensemble member {entry['folder']} ({entry.get('name', '?')}) is incomplete: "
-                               f"{', '.join(missing)} missing in {folder}. Recreate the ensemble with "
-                               "`emotune select-top`.")
-        model, card = load_model(folder)
+        model, card = load_model(self.folder / entry["folder"],
+                                 f"ensemble member {entry['folder']} ({entry.get('name', '?')})")
         return Member(model, card, float(entry.get("weight", 1.0)))
 
     def _encoder(self, modality: str, description: dict):

@@ -104,29 +104,27 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list
 
     from emotune.features.cache import FeatureStore
     from emotune.features.distributed import CacheWorkers
-    from emotune.features.prepare import encoder_recipe, fill_cache, index_part, plan_jobs
+    from emotune.features.prepare import cache_encoder
 
     if not cfg["features"].get("cache", True):
         return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
-    store = FeatureStore(cfg["features"]["dir"])
     lines, parts, started = [], {}, []
 
     def pool() -> CacheWorkers:  # started once, on the first encoder with something to encode, for all of them
         if not started:
-            started.append(CacheWorkers(cfg["features"], workers, corpus.norm, str(store.root)))
+            started.append(CacheWorkers(cfg["features"], workers, corpus.norm,
+                                        str(FeatureStore(cfg["features"]["dir"]).root)))
         return started[0]
 
     try:
         for modality, names in encoders.items():
             for name in names:
-                recipe = encoder_recipe(name, modality, corpus, cfg["features"], cfg["paths"]["runs_dir"])
-                jobs = plan_jobs(corpus, recipe, cfg["features"], store)
-                report = fill_cache(recipe, jobs, corpus, cfg["features"], progress=True,
-                                    pool=pool if workers > 1 else None)
+                report, parts[f"{modality}/{name}"] = cache_encoder(name, modality, corpus, cfg["features"],
+                                                                   cfg["paths"]["runs_dir"], True,
+                                                                   pool if workers > 1 else None)
                 print(report.line(), flush=True)
                 lines.append(asdict(report))
-                parts[f"{modality}/{name}"] = index_part(recipe, jobs, store)
     finally:
         for workers_pool in started:
             workers_pool.close()

@@ -206,10 +206,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict, context: TrialContext) -> None:
+        from emotune.config import TrialSettings, typed
         from emotune.data.prepare import prepare_corpus
         from emotune.features.encode import pick_device
-
-        from emotune.config import TrialSettings, typed
 
         self.cfg, self.context = cfg, context
         self.settings: TrialSettings = typed(TrialSettings, cfg["trial"], "trial")
@@ -224,6 +223,7 @@ class Trainer:
         started = time.perf_counter()
         self.corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=context.progress)
         self.labels = self.corpus.labels
+        self.dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
         self.source, self.described = self._features()
         self.feature_seconds = time.perf_counter() - started
         self.model = self._model()
@@ -358,8 +358,7 @@ class Trainer:
         losses = self._train_epoch()
         dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths, self.settings.eval_batch_size,
                             self.device)
-        dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
-        f1 = evaluation.macro_f1(dev_true, dev_probs.argmax(1), len(self.labels))
+        f1 = evaluation.macro_f1(self.dev_true, dev_probs.argmax(1), len(self.labels))
         improved = self._record(f1)
         self.state.train_seconds += time.perf_counter() - epoch_start
         metrics = {"epoch": self.state.epoch, "val_f1": f1, "val_f1_ema": self.state.ema,

@@ -55,7 +55,7 @@ def test_a_card_from_before_formats_gets_the_settings_of_its_time(tmp_path):
 
 
 def test_bad_cards_are_refused_with_the_file_and_the_fix(tmp_path):
-    with pytest.raises(EmotuneError, match=r"not a whole model folder: model.safetensors, model_card.json missing"):
+    with pytest.raises(EmotuneError, match=r"is incomplete: model.safetensors, model_card.json missing in "):
         load_model(tmp_path)
     data = CARD.to_dict() | {"format": CARD_FORMAT + 1}
     (tmp_path / "model_card.json").write_text(json.dumps(data))

@@ -105,16 +105,26 @@ def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore
     return part
 
 
+def cache_encoder(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
+                  progress: bool = True, pool=None) -> tuple[BuildReport, FeatureIndex]:
+    """Fill the cache of one named encoder for every utterance of ``corpus`` (``pool``: see :func:`fill_cache`).
+
+    Returns the build report and the index part a trial reads this encoder's features with.
+    """
+    store = FeatureStore(features["dir"])
+    recipe = encoder_recipe(name, modality, corpus, features, runs_dir)
+    jobs = plan_jobs(corpus, recipe, features, store)
+    report = fill_cache(recipe, jobs, corpus, features, progress, pool)
+    return report, index_part(recipe, jobs, store)
+
+
 def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
                      runs_dir: str | Path, progress: bool = True) -> FeatureIndex:
     """Fill the cache for every utterance of ``corpus`` and return where each one's features are."""
-    store = FeatureStore(features["dir"])
     parts = []
     for modality in modalities:
-        recipe = encoder_recipe(encoders[modality], modality, corpus, features, runs_dir)
-        jobs = plan_jobs(corpus, recipe, features, store)
-        report = fill_cache(recipe, jobs, corpus, features, progress)
-        parts.append(index_part(recipe, jobs, store))
+        report, part = cache_encoder(encoders[modality], modality, corpus, features, runs_dir, progress)
+        parts.append(part)
         if progress:
             print(report.line())
     return FeatureIndex.merge(parts)

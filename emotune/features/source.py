@@ -29,8 +29,9 @@ def pad_batch(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
     """
     longest = max(a.shape[1] for a in arrays)
     layers, width = arrays[0].shape[0], arrays[0].shape[2]
-    dtype = np.float16 if all(a.dtype == np.float16 for a in arrays) else np.float32
-    out = torch.zeros(len(arrays), layers, longest, width, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+    half = all(a.dtype == np.float16 for a in arrays)
+    dtype = np.float16 if half else np.float32
+    out = torch.zeros(len(arrays), layers, longest, width, dtype=torch.float16 if half else torch.float32)
     mask = torch.zeros(len(arrays), longest, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, :, : a.shape[1]] = torch.from_numpy(np.asarray(a, dtype=dtype))
