@@ -134,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_corpus_commands, _add_training_commands, _add_select_top, _add_predict, _add_plan, _add_ui):
+        add(sub)
+    return parser
 
+
+def _add_corpus_commands(sub) -> None:
+    """demo-corpus and check-corpus."""
     demo = sub.add_parser(
         "demo-corpus",
         help="synthesize the offline Spanish demo corpus",
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
     check.set_defaults(func=_cmd_check_corpus)
 
+
+def _add_training_commands(sub) -> None:
+    """train (one model) and search (its --help is the search's own)."""
     train = sub.add_parser(
         "train",
         help="train one model (a single trial, without Ray)",
@@ -173,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
 
+
+def _add_select_top(sub) -> None:
     select = sub.add_parser(
         "select-top",
         help="ensemble the best trials of a search, evaluate it, write predictions",
@@ -193,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (paths, tracking)")
     select.set_defaults(func=_cmd_select_top)
 
+
+def _add_predict(sub) -> None:
     predict = sub.add_parser(
         "predict",
         help="predict emotions of new clips with a saved ensemble",
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bad rows: stop (raise) or leave out and report them (skip)")
     predict.set_defaults(func=_cmd_predict)
 
+
+def _add_plan(sub) -> None:
     plan = sub.add_parser(
         "plan",
         help="size the feature cache of a search before anything is downloaded or encoded",
@@ -226,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for the search")
     plan.set_defaults(func=_cmd_plan)
 
+
+def _add_ui(sub) -> None:
     ui = sub.add_parser(
         "ui",
         help="open the MLflow UI for the project's runs (on 127.0.0.1)",
@@ -238,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument("--open", action="store_true", help="open the runs page in a web browser")
     ui.set_defaults(func=_cmd_ui)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,7 +312,7 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     labels = list(corpus.labels)
     dev_ids = [u.id for u in corpus.dev]
     dev_true = _truth(dev_ids, corpus.dev, labels)
-    plan = evaluation_plan(corpus, dev_true, labels, int(search_cfg.get("seed", 0)))
+    plan = evaluation_plan(corpus, dev_true, labels, int(search_cfg["seed"]))
     out = Path(request.out_dir).resolve() if request.out_dir else (
         Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
     if out.exists():

@@ -81,15 +81,15 @@ def _init_ray(ray_cfg: dict) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs = {"include_dashboard": bool(ray_cfg.get("dashboard", False)), "log_to_driver": True,
+    kwargs = {"include_dashboard": bool(ray_cfg["dashboard"]), "log_to_driver": True,
               "configure_logging": True, "logging_level": "WARNING"}
-    if ray_cfg.get("dashboard"):
+    if ray_cfg["dashboard"]:
         kwargs["dashboard_host"] = "127.0.0.1"  # a Ray dashboard runs code for whoever reaches it
-    address = ray_cfg.get("address")
+    address = ray_cfg["address"]
     if address:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
     else:
-        ray.init(num_cpus=ray_cfg.get("num_cpus"), **kwargs)
+        ray.init(num_cpus=ray_cfg["num_cpus"], **kwargs)
     return True
 
 
@@ -106,7 +106,7 @@ def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list
     from emotune.features.distributed import CacheWorkers
     from emotune.features.prepare import cache_encoder
 
-    if not cfg["features"].get("cache", True):
+    if not cfg["features"]["cache"]:
         return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
     lines, parts, started = [], {}, []
@@ -166,7 +166,7 @@ def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
     from emotune.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
-    resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"].get("gpu", 0) or 0)}
+    resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"]["gpu"])}
     with_data = tune.with_parameters(search_trainable, **payload)
     # Ray's trainable registry is keyed by name: a name of its own keeps this search's payload from being
     # replaced by another search's on a shared cluster (ray #31330)
@@ -227,7 +227,7 @@ def run_search(cfg: dict, train=None) -> dict:
     print(corpus.summary(), flush=True)
     plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
     lock = DriverLock(experiment_dir)
-    lock.acquire(name, take_over=bool(search.get("take_over_lock", False)))  # before any Ray or MLflow state
+    lock.acquire(name, take_over=bool(search["take_over_lock"]))  # before any Ray or MLflow state
     try:
         return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train)
     finally:

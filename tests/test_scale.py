@@ -111,6 +111,7 @@ def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not
 def test_waveform_norm_follows_the_encoder_and_changes_the_cache_key(tmp_path):
     from emotune.features.catalog import resolve_encoder
     from emotune.features.encode import encoder_folder, make_recipe
+    from emotune.config import load_config
     from emotune.features.plan import _offline_recipe
 
     spec = resolve_encoder("tiny-wav2vec2", "speech")
@@ -124,7 +125,8 @@ def test_waveform_norm_follows_the_encoder_and_changes_the_cache_key(tmp_path):
     assert make_recipe(as_folder, folder).waveform_norm == "utterance"
     assert make_recipe(as_folder, folder, waveform_norm="global").waveform_norm == "global"
     # the catalog knows how the paper's checkpoints were pre-trained
-    features = {"storage": "int8", "speech_layers": "every_3", "waveform_norm": "auto"}
+    features = load_config(["features.storage=int8", "features.speech_layers=every_3", "features.waveform_norm=auto",
+                            f"paths.runs_dir={tmp_path}"])["features"]
     assert {n: _offline_recipe(n, "speech", features).waveform_norm for n in ("xlsr", "wavlm-large", "hubert-large",
             "wavlm-base-plus")} == {"xlsr": "utterance", "wavlm-large": "utterance", "hubert-large": "utterance",
                                     "wavlm-base-plus": "global"}

@@ -80,7 +80,7 @@ def prepare_corpus(data: dict, runs_dir: str | Path, progress: bool = True) -> P
         data.get("test_labels"),
         labels=data["labels"],
         group_column=data.get("group_column"),
-        on_error=data.get("on_error", "raise"),
+        on_error=data["on_error"],
         scan_cache=Path(runs_dir) / "cache" / "audio_scan.json",
         progress=progress,
     )

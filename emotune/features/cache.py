@@ -220,7 +220,7 @@ def speech_jobs(encoder_key: str, utterances, audio_info: dict, norm: NormStats,
         n_samples = audio_info[u.id].n_samples if u.id in audio_info else 0
         row = [SpeechJob(_digest("speech", encoder_key, sha, norm_key, 0), str(u.audio), 0, 0, n_samples)]
         for k in range(1, variants + 1):
-            seed = int(_digest("seed", augment.get("seed", 0), sha, k)[:8], 16)
+            seed = int(_digest("seed", augment["seed"], sha, k)[:8], 16)
             row.append(SpeechJob(_digest("speech", encoder_key, sha, norm_key, k, fingerprint), str(u.audio), k,
                                  seed, n_samples))
         jobs[u.id] = row

@@ -60,9 +60,9 @@ def worker_shape(features: dict, workers: int) -> tuple[int, float, str]:
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    device = str(features.get("device", "auto"))
+    device = str(features["device"])
     if gpus > 0 and device != "cpu":
-        per = float(features.get("gpu_per_worker", 1) or 1)
+        per = float(features["gpu_per_worker"])
         return max(1, int(gpus / per + 1e-9)), per, "auto" if device == "auto" else device
     return max(1, workers), 0.0, "cpu"
 
@@ -75,7 +75,7 @@ class CacheWorkers:
 
         self.count, self.gpus_each, device = worker_shape(features, workers)
         actor = ray.remote(num_cpus=1, num_gpus=self.gpus_each)(_CacheWorker)
-        augment = dict(features.get("augment") or {})
+        augment = dict(features["augment"])
         self.pool = [actor.remote(cache_dir, norm, augment, device) for _ in range(self.count)]
         self.starting = {worker.ready.remote(): worker for worker in self.pool}
         self.idle: list = []

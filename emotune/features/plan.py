@@ -208,15 +208,15 @@ def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe |
     entry = hub_entry(spec)
     if entry is None:
         return None
-    layers = tuple(resolve_layers(features.get(f"{modality}_layers") or ("all" if modality == "speech" else "last"),
+    layers = tuple(resolve_layers(features[f"{modality}_layers"],
                                   entry.layers))
     common = {"spec": spec, "folder": None, "identity": "not-downloaded", "n_layers": entry.layers,
-              "width": entry.width, "layers": layers, "batch_size": int(features.get("batch_size", 8))}
+              "width": entry.width, "layers": layers, "batch_size": int(features["batch_size"])}
     if modality == "speech":
-        return EncoderRecipe(frame_hop=320, conv=SSL_CONV, storage=check_storage(str(features.get("storage", "float16"))),
-                             waveform_norm=resolve_waveform_norm(str(features.get("waveform_norm", "auto")), spec, None),
+        return EncoderRecipe(frame_hop=320, conv=SSL_CONV, storage=check_storage(str(features["storage"])),
+                             waveform_norm=resolve_waveform_norm(str(features["waveform_norm"]), spec, None),
                              **common)
-    return EncoderRecipe(max_tokens=min(int(features.get("max_text_tokens", 256)), 510), **common)
+    return EncoderRecipe(max_tokens=min(int(features["max_text_tokens"]), 510), **common)
 
 
 def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_dir: str) -> tuple:
@@ -271,7 +271,7 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, r
     if recipe is None:
         return EncoderPlan(modality, name, resolve_encoder(name, modality).source, "?", 0, 0, "?", "?", 0, 0, 0, None, 0,
                            0, note="not on this machine and not in the catalog: its shape is unknown until downloaded")
-    variants = int(features.get("variants", 4)) if modality == "speech" else 0
+    variants = int(features["variants"]) if modality == "speech" else 0
     n_train, n_dev, n_test = splits.counts()
     cached = missing = steps_missing = steps_all = total = 0.0
     if keys_known:
@@ -299,7 +299,7 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, r
         total = sum(b * k for (_, b), k in zip(per_split, copies))
         passes = n_train * (1 + variants) + n_dev + n_test
         missing, steps_missing = total, steps_all
-    tflops = float(features.get("plan_tflops", 10) or 10)
+    tflops = float(features["plan_tflops"])
     note = ""
     if not keys_known and splits.utterances is not None:
         note = "not on this machine: shapes from the catalog; what the cache holds is known after the download"
@@ -312,9 +312,9 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, r
 def plan_cache(features: dict, runs_dir: str, splits: ClipSplits, encoders: dict[str, Sequence[str]]) -> CachePlan:
     """The plan for every encoder each modality may use (``encoders``: modality -> names)."""
     store = FeatureStore(features["dir"])
-    plan = CachePlan(splits.description, int(features.get("variants", 4)), float(features.get("plan_tflops", 10) or 10),
-                     str(store.root), free_bytes(store.root), features.get("max_cache_gb"))
-    if not features.get("cache", True):
+    plan = CachePlan(splits.description, int(features["variants"]), float(features["plan_tflops"]),
+                     str(store.root), free_bytes(store.root), features["max_cache_gb"])
+    if not features["cache"]:
         return plan  # live features: nothing is stored
     for modality, names in encoders.items():
         for name in names:

@@ -56,7 +56,7 @@ def plan_jobs(corpus: PreparedCorpus, recipe: EncoderRecipe, features: dict, sto
     if recipe.modality == "text":
         return {uid: [job] for uid, job in text_jobs(recipe.key, corpus.train + corpus.dev + corpus.test).items()}
     hashes = AudioHashes(store.root / "audio_hashes.json")
-    augment = dict(features.get("augment") or {})
+    augment = dict(features["augment"])
     jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features["variants"]),
                        augment)
     jobs |= speech_jobs(recipe.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)

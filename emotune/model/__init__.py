@@ -66,7 +66,7 @@ def build_model(
             n_classes,
             dropout=float(cfg["dropout"]),
             norms=norms,
-            branch_width=int(cfg.get("branch_width", 256)),
+            branch_width=int(cfg["branch_width"]),
         )
     except KeyError as missing:
         raise EmotuneError(
