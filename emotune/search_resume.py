@@ -66,7 +66,7 @@ RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "searc
                      "trial.fail_once_at_epoch")  # a testing aid of earlier versions, recorded by their searches
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search
 # saved without them resumes with these, so its cache keys and trials stay what they were.
-ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16",
+ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16", "model.branch_width": 256,
               "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 
 

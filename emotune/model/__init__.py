@@ -45,7 +45,7 @@ def build_model(
 
     ``cfg`` holds ``family`` ("attention" or "cognicic"), ``width``, ``hidden_layers``, ``dropout`` and
     optionally ``fused_dim``. The CogniCIC baseline has a fixed architecture: it uses only ``dropout``
-    (and an optional ``branch_width``, 256 by default).
+    and ``branch_width``.
     """
     family = cfg.get("family")
     if family not in FAMILIES:
