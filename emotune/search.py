@@ -263,7 +263,7 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
         payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
         tuner = _tuner(cfg, experiment_dir, restore, payload)
         fit_started = time.perf_counter()
-        results = tuner.fit()
+        results = _fit(tuner)
         fit_seconds = time.perf_counter() - fit_started
     except KeyboardInterrupt:
         parent.finish("KILLED")
@@ -278,6 +278,31 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
               "(their trials were proposed again).")
     summary = summarise(cfg, results, parent, experiment_dir, time.perf_counter() - started, reports)
     return summary | {"fit_seconds": fit_seconds}
+
+
+def _fit(tuner):
+    """``tuner.fit()``; raises KeyboardInterrupt when Ctrl-C (or SIGTERM/SIGHUP, sent on as SIGINT) stopped it.
+
+    Tune handles the first SIGINT itself: it saves the experiment and returns from ``fit`` as if the search were
+    done, putting back the SIGINT handler it found. That handler, installed here, being back in place is how the
+    interruption shows; a finished fit leaves Tune's handler in place, which is replaced again on the way out.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # no signals here: Tune installs none either
+        return tuner.fit()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        results = tuner.fit()
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            raise KeyboardInterrupt
+        return results
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None, train=None) -> int:

@@ -63,6 +63,9 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     # the deliberately crashed trial was retried from its checkpoint and finished
     errors = list((runs / "ray" / "smoke").glob("*/error.txt"))
     assert len(errors) == 1 and "deliberate crash" in errors[0].read_text()
+    # it went on from its epoch-2 checkpoint: the retry's results start at epoch 3 (Ray rewrites result.json for
+    # it), and the trial's MLflow curve holds epochs 1..4 once each (assert_one_tree)
+    assert [row["epoch"] for row in _result_rows(errors[0].parent)] == [3, 4]
     assert parents[0].data.metrics["trials"] == 6
     assert parents[0].data.tags["emotune.space"] == "smoke"
 
@@ -79,50 +82,91 @@ def test_resuming_with_other_settings_is_refused(smoke_search, separable):
     assert again["trials"] == 6
 
 
+def _result_rows(trial_dir: Path) -> list[dict]:
+    """The rows a trial reported, from Ray's result.json in its folder."""
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
 def _ray_trial_ids(experiment: Path) -> list[str]:
-    ids = []
+    return [rows[-1]["trial_id"] for rows in map(_result_rows, (p.parent for p in experiment.glob("*/result.json")))
+            if rows]
+
+
+def _finished_trials(experiment: Path, runs: Path, epochs: int) -> dict[str, tuple]:
+    """For each trial that reported all ``epochs``: its reported F1 curve and its MLflow run id."""
+    client, _, children = mlflow_runs(runs)
+    run_ids = {c.data.tags["emotune.run_key"].rsplit("/", 1)[-1]: c.info.run_id for c in children}
+    finished = {}
     for result in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if lines:
-            ids.append(lines[-1]["trial_id"])
-    return ids
+        rows = _result_rows(result.parent)
+        if len(rows) >= epochs:
+            trial_id = rows[-1]["trial_id"]
+            finished[trial_id] = ([r["val_f1"] for r in rows], run_ids[trial_id])
+    return finished
 
 
-def test_search_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
+def _wait_until_trials(experiment: Path, process, finished: int, started: int, epochs: int = 6) -> None:
+    """Wait until ``finished`` trials reported all ``epochs`` and ``started`` trials reported something."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        results = list(experiment.glob("*/result.json"))
+        done = [p for p in results if sum(1 for line in p.read_text().splitlines() if line.strip()) >= epochs]
+        if len(done) >= finished and len(results) >= started:
+            return
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail("the search did not get far enough to be interrupted")
+
+
+def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
     args = [sys.executable, "-m", "emotune.search",
             *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=5",
                          "search.max_concurrent=1", "trial.max_epochs=6", "search.grace_period=6")]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                             env=env, cwd=tmp_path)
     experiment = runs / "ray" / "smoke"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it once two trials are done and a third is under way
-        finished = [p for p in experiment.glob("*/result.json")
-                    if sum(1 for line in p.read_text().splitlines() if line.strip()) >= 6]
-        if len(finished) >= 2 and len(list(experiment.glob("*/result.json"))) >= 3:
-            break
-        time.sleep(0.5)
-    else:
-        os.killpg(first.pid, signal.SIGKILL)
-        pytest.fail("the search did not get far enough to be interrupted")
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
+
+    def start():
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env=env, cwd=tmp_path)
+
+    # Ctrl-C (SIGINT to the terminal's whole process group) once a trial has finished and another is under way
+    first = start()
+    _wait_until_trials(experiment, first, finished=1, started=2)
+    os.killpg(first.pid, signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-3000:]
+    assert "search interrupted; run the same command again to resume it." in err and "Traceback" not in err
+    assert not (runs / "ray" / "smoke.lock").exists()  # released on the way out
+    _, parents, children = mlflow_runs(runs)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert all(c.info.status != "RUNNING" for c in children)  # no trial run left looking alive
+
+    # the same command resumes; this time the driver is killed outright once it has finished one more trial
+    finished_so_far = len(_finished_trials(experiment, runs, 6))
+    second = start()
+    _wait_until_trials(experiment, second, finished=finished_so_far + 1, started=finished_so_far + 2)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.communicate(timeout=30)
     time.sleep(2)
     lock = json.loads((runs / "ray" / "smoke.lock").read_text())
-    assert lock["pid"] == first.pid  # the killed driver could not release its lock
+    assert lock["pid"] == second.pid  # the killed driver could not release its lock
+    done_before = _finished_trials(experiment, runs, 6)
+    assert len(done_before) < 5  # some trials are left for the resume
 
     resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    assert f"taking over the lock of a driver that is gone (pid {first.pid}" in resumed.stdout
+    assert f"taking over the lock of a driver that is gone (pid {second.pid}" in resumed.stdout
     assert not (runs / "ray" / "smoke.lock").exists()  # released at the end
     ids = _ray_trial_ids(experiment)
     assert len(ids) == len(set(ids)) == 5  # every trial exactly once in Ray's results
     client, parents, children = mlflow_runs(runs)
     assert_one_tree(client, parents, children, 5)
+    # the trials finished before the kill were not re-run: same reported curves, same MLflow runs
+    done_after = _finished_trials(experiment, runs, 6)
+    assert len(done_before) >= 2 and {k: done_after[k] for k in done_before} == done_before
 
 
 def test_the_same_search_started_twice_runs_once_and_ends_quietly(separable, tmp_path):
