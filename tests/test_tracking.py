@@ -47,8 +47,11 @@ def test_a_resumed_trial_reuses_its_run(tmp_path):
     first = TrackedRun.start(tracking, name="t", kind="trial", run_key="search/trial_1")
     first.log_params({"a": 1})
     again = TrackedRun.start(tracking, name="t", kind="trial", run_key="search/trial_1")
-    again.log_params({"a": 1, "b": 2})  # parameters already logged are not logged twice
     assert again.run_id == first.run_id
+    # a resumed trial logs its parameters again: the ones already there keep their first value (MLflow refuses
+    # to change a logged parameter), new ones are added
+    again.log_params({"a": 5, "b": 2})
+    assert again.client.get_run(again.run_id).data.params == {"a": "1", "b": "2"}
     other = TrackedRun.start(tracking, name="t", kind="trial", run_key="search/trial_2", parent_run_id=first.run_id)
     assert other.run_id != first.run_id
     assert other.client.get_run(other.run_id).data.tags["mlflow.parentRunId"] == first.run_id

@@ -58,17 +58,25 @@ def test_same_seed_same_result(separable, tmp_path):
 
 
 def test_resumed_trial_continues_exactly(separable, tmp_path):
+    """Stopped after epoch 3 and resumed, a trial repeats the uninterrupted one, lr decays and EMA included."""
     corpus, runs = separable
-    straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
+    # a slow lr keeps dev F1 and its EMA moving, and patience=2 leaves the decay counter at 1 at the resume point
+    # (with patience=1 it is back to 0 after every epoch, and losing it on resume would go unseen)
+    rules = ("trial.aug_prob=0.5", "trial.lr=0.0001", "trial.patience=2", "trial.lr_decay=0.5", "trial.early_stop=4")
+    straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=7", *rules),
                          TrialContext(workdir=tmp_path / "straight", **QUIET))
-    run_trial(trial_config(corpus, runs, "trial.max_epochs=2", "trial.aug_prob=0.5"),
-              TrialContext(workdir=tmp_path / "part", **QUIET))
-    resumed = run_trial(trial_config(corpus, runs, "trial.max_epochs=4", "trial.aug_prob=0.5"),
+    run_trial(trial_config(corpus, runs, "trial.max_epochs=3", *rules), TrialContext(workdir=tmp_path / "part", **QUIET))
+    resumed = run_trial(trial_config(corpus, runs, "trial.max_epochs=7", *rules),
                         TrialContext(resume_dir=tmp_path / "part" / "checkpoint", workdir=tmp_path / "resumed",
                                      **QUIET))
-    assert resumed["epochs_trained"] == 4
-    assert history(resumed, "train_loss") == history(straight, "train_loss")
-    assert history(resumed, "val_f1") == history(straight, "val_f1")
+    assert resumed["epochs_trained"] == straight["epochs_trained"]
+    for key in ("train_loss", "val_f1", "lr", "val_f1_ema", "best_val_f1"):
+        assert history(resumed, key) == history(straight, key), key
+    # the test can tell: after the resume point the lr decayed, the EMA still moved and early stopping struck
+    decays = [e for e, (a, b) in enumerate(zip(history(straight, "lr"), history(straight, "lr")[1:]), 2) if b < a]
+    assert decays and max(decays) > 3
+    assert len(set(history(straight, "val_f1_ema")[3:])) > 1
+    assert straight["epochs_trained"] < 7
 
 
 def test_a_trial_given_the_cache_index_never_loads_an_encoder(separable, tmp_path):
@@ -181,3 +189,27 @@ def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path):
     assert since_best >= 3 and len(rows) == epoch < 20  # it stopped early, at the first epoch the rule says
     assert summary["patience_stopped"] == 1.0
     assert min(r["lr"] for r in rows) < 0.002  # the decay happened at least once
+
+
+def test_feature_standardisation_and_the_tokenizer_learn_from_the_training_split_only(separable, tmp_path):
+    from pathlib import Path
+
+    from emotune.features.tiny import tiny_text_hash
+    from emotune.trial import Trainer, feature_statistics
+
+    corpus, runs = separable
+    trainer = Trainer(trial_config(corpus, runs, "encoders.speech=fbank", "encoders.text=tiny-bert"),
+                      TrialContext(workdir=tmp_path / "t", **QUIET))
+    train, dev, test = trainer.corpus.train, trainer.corpus.dev, trainer.corpus.test
+    assert trainer.norms["speech"] == "global"
+    # fbank frames are standardised with statistics of the training clips, not of the clips it is judged on
+    adapter = trainer.model.adapters["speech"]
+    mean, std = feature_statistics(trainer.source, train, "speech")
+    leaky_mean, _ = feature_statistics(trainer.source, train + dev + test, "speech")
+    torch.testing.assert_close(adapter.mean, mean)
+    torch.testing.assert_close(adapter.std, std)
+    assert not torch.allclose(mean, leaky_mean, atol=1e-4)  # the test can tell the two apart
+    # the tiny tokenizer's folder is named by the texts it was trained on: the training transcripts alone
+    folder = Path(trainer.described["text"]["folder"]).name
+    assert folder.endswith(tiny_text_hash([u.text for u in train])[:12])
+    assert not folder.endswith(tiny_text_hash([u.text for u in train + dev])[:12])

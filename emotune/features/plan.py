@@ -21,6 +21,7 @@ from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJo
 from emotune.features.catalog import hub_entry, resolve_encoder
 from emotune.features.encode import (EncoderRecipe, check_storage, encoder_folder, make_recipe, recipe_settings,
                                      resolve_layers, resolve_waveform_norm)
+from emotune.features.prepare import plan_jobs, tokenizer_texts
 from emotune.names import SAMPLE_RATE
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.
@@ -224,7 +225,7 @@ def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_d
     spec = resolve_encoder(name, modality)
     corpus = splits.utterances
     models_dir = Path(runs_dir) / "encoders"
-    texts = [u.text for u in corpus.train + corpus.dev] if corpus else None
+    texts = tokenizer_texts(corpus) if corpus else None
     if spec.kind == "tiny" and modality == "text" and corpus is None:
         # a described corpus has no text to train a tokenizer on: size a throw-away build (same shapes)
         models_dir, texts = Path(tempfile.mkdtemp(prefix="emotune-plan-")), ["un texto de ejemplo"]
@@ -239,8 +240,6 @@ def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_d
 
 def _jobs(recipe: EncoderRecipe, splits: ClipSplits, features: dict, store: FeatureStore) -> list:
     """The cache jobs of a corpus on disk (keys included), as the fill will make them; the hash memo is not saved."""
-    from emotune.features.prepare import plan_jobs
-
     jobs = plan_jobs(splits.utterances, recipe, features, store, save_hashes=False)
     return [j for row in jobs.values() for j in row]
 

@@ -20,6 +20,15 @@ from emotune.features.encode import (EncoderRecipe, FrozenEncoder, encoder_folde
                                      recipe_settings)
 
 
+def tokenizer_texts(corpus: PreparedCorpus) -> list[str]:
+    """The text a tiny preset's tokenizer is trained on: the training split only.
+
+    Dev chooses hyperparameters and members and test scores them; a vocabulary fitted to their words would
+    tokenize them better than any unseen text, and the scores would no longer say how new text fares.
+    """
+    return [u.text for u in corpus.train]
+
+
 def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
                    download: bool = True) -> EncoderRecipe | None:
     """The recipe of one named encoder (a tiny preset is built on first use, its tokenizer on the training text).
@@ -27,8 +36,7 @@ def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: d
     With ``download=False`` a hub model that is not on this machine gives None instead of a download.
     """
     spec = resolve_encoder(name, modality)
-    texts = [u.text for u in corpus.train + corpus.dev]  # the training CSV's text, never the test split's
-    folder = encoder_folder(spec, Path(runs_dir) / "encoders", texts, download)
+    folder = encoder_folder(spec, Path(runs_dir) / "encoders", tokenizer_texts(corpus), download)
     if folder is None and spec.kind != "classic":
         return None
     return make_recipe(spec, folder, **recipe_settings(features, modality))
