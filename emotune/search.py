@@ -155,15 +155,38 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
     (train or trainable)(cfg, replace(launch, index=index))
 
 
-def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
-    """Tune's tuner for this search; ``payload`` is what every trial gets (see :func:`search_trainable`)."""
+def make_searcher(cfg: dict):
+    """Optuna's TPE over the search space, the space's known-good points first, seeded by search.sampler_seed."""
     import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from emotune.space import DefineByRun, points_to_evaluate
+
+    search = cfg["search"]
+    sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
+                                         constant_liar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna flags multivariate/group as experimental
+        searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",
+                                sampler=sampler, points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
+    # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
+    return ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
+
+
+def make_scheduler(cfg: dict):
+    """ASHA on the trials' own epoch count: a trial Tune starts again continues its epochs where it stopped."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
+    return ASHAScheduler(time_attr="epoch", metric=search["metric"], mode="max", max_t=max_epochs,
+                         grace_period=min(int(search["grace_period"]), max_epochs),
+                         reduction_factor=float(search["reduction_factor"]))
+
+
+def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
+    """Tune's tuner for this search; ``payload`` is what every trial gets (see :func:`search_trainable`)."""
+    from ray import tune
 
     search = cfg["search"]
     resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"]["gpu"])}
@@ -174,22 +197,11 @@ def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
     trainable = tune.with_resources(with_data, resources)
     if restore:
         return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
-    sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
-                                         constant_liar=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna flags multivariate/group as experimental
-        searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",
-                                sampler=sampler, points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
-    # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
-    limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
     max_epochs = int(cfg["trial"]["max_epochs"])
-    # judged by the trial's own epoch count: a trial Tune starts again continues its epochs where it stopped
-    scheduler = ASHAScheduler(time_attr="epoch", metric=search["metric"], mode="max", max_t=max_epochs,
-                              grace_period=min(int(search["grace_period"]), max_epochs),
-                              reduction_factor=float(search["reduction_factor"]))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=limited, scheduler=scheduler, num_samples=int(search["num_samples"]),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
+                                    num_samples=int(search["num_samples"]),
                                     reuse_actors=True,  # saves each trial the worker's start-up and imports
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
