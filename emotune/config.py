@@ -182,6 +182,7 @@ class SearchSettings:
 
     name: str
     num_samples: int
+    time_budget_s: float | None
     max_concurrent: int
     metric: str
     grace_period: int

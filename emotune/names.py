@@ -7,7 +7,13 @@ from pathlib import Path
 
 MODALITIES = ("speech", "text")  # in the order the model concatenates them in time
 SAMPLE_RATE = 16_000  # Hz: every clip is decoded to this rate, the rate all supported speech encoders expect
-ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1")  # what a trial reports that ASHA may judge (mode max)
+# what a trial reports that ASHA may judge: F1s are maximised, the dev cross-entropy val_loss is minimised
+ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1", "val_loss")
+
+
+def asha_mode(metric: str) -> str:
+    """Whether ASHA keeps the trials with the highest (max) or the lowest (min) values of ``metric``."""
+    return "min" if metric == "val_loss" else "max"
 ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.ensemble combines members in these ways
 
 

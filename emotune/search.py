@@ -24,7 +24,7 @@ from pathlib import Path
 
 from emotune.driver_lock import DriverLock
 from emotune.errors import EmotuneError, run_command
-from emotune.names import ASHA_METRICS
+from emotune.names import ASHA_METRICS, asha_mode
 from emotune.search_report import progress_table, summarise, trial_table
 from emotune.search_resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
                                    trial_runs_callback)
@@ -61,6 +61,9 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
+    if search["time_budget_s"] is not None and float(search["time_budget_s"]) <= 0:
+        raise EmotuneError(f"search.time_budget_s must be a positive number of seconds or null (no budget), got "
+                           f"{search['time_budget_s']}")
     return encoders_in_play(cfg)
 
 
@@ -171,7 +174,12 @@ def make_searcher(cfg: dict):
         searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",
                                 sampler=sampler, points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
-    return ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
+    limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
+    if search["time_budget_s"] is None:
+        return limited
+    from emotune.search_budget import TimeBudget
+
+    return TimeBudget(limited, float(search["time_budget_s"]))
 
 
 def make_scheduler(cfg: dict):
@@ -179,9 +187,33 @@ def make_scheduler(cfg: dict):
     from ray.tune.schedulers import ASHAScheduler
 
     search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
-    return ASHAScheduler(time_attr="epoch", metric=search["metric"], mode="max", max_t=max_epochs,
+    return ASHAScheduler(time_attr="epoch", metric=search["metric"], mode=asha_mode(search["metric"]), max_t=max_epochs,
                          grace_period=min(int(search["grace_period"]), max_epochs),
                          reduction_factor=float(search["reduction_factor"]))
+
+
+def asha_rungs(scheduler) -> list[int]:
+    """The epochs at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one bracket)."""
+    return sorted(int(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
+
+
+def ladder_lines(cfg: dict) -> list[str]:
+    """What ASHA will do in this search, said at its start; a second line warns when it makes one cut or none."""
+    search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
+    rungs = asha_rungs(make_scheduler(cfg))
+    grace, factor = min(int(search["grace_period"]), max_epochs), float(search["reduction_factor"])
+    lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_epochs} (it judges {search['metric']}, "
+             f"{asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} at each rung)"]
+    cuts = [r for r in rungs if r < max_epochs]  # a rung at max_epochs stops nothing that would go on
+    fix = ("lower search.grace_period or search.reduction_factor, or raise trial.max_epochs")
+    if not cuts:
+        lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches "
+                     f"trial.max_epochs={max_epochs}. To prune, {fix}.")
+    elif len(cuts) == 1:
+        lines.append(f"Warning: ASHA has a single rung (epoch {cuts[0]}): the next would be at epoch "
+                     f"{cuts[0] * factor:g}, past trial.max_epochs={max_epochs}. It makes one cut, judging each trial "
+                     f"against whichever trials reached epoch {cuts[0]} before it. For a ladder, {fix}.")
+    return lines
 
 
 def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
@@ -265,6 +297,9 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")
     parent.log_json(plan.to_dict(), "cache_plan.json")
+    ladder = ladder_lines(cfg)
+    print("\n".join(ladder), flush=True)
+    parent.log_params({"asha_rungs": ",".join(map(str, asha_rungs(make_scheduler(cfg))))})
 
     started_ray = _init_ray(cfg["ray"])
     try:

@@ -12,7 +12,7 @@ def progress_table(cfg: dict):
 
     # conditional parameters are left out: Tune's table fails on trials that lack a column's key
     params = {key: key.split(".")[-1] for key, spec in cfg["space"]["params"].items() if not spec.get("when")}
-    return CLIReporter(metric_columns={"epoch": "epoch", "val_f1": "val_f1", "val_f1_ema": "ema",
+    return CLIReporter(metric_columns={"epoch": "epoch", "val_loss": "loss", "val_f1": "val_f1", "val_f1_ema": "ema",
                                        "best_val_f1": "best"},
                        parameter_columns=params, max_report_frequency=20, max_progress_rows=30,
                        metric="best_val_f1", mode="max", sort_by_metric=True, print_intermediate_tables=True)
@@ -26,6 +26,7 @@ def trial_table(results) -> list[dict]:
         rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name),
                      "status": "ERROR" if result.error else "TERMINATED",
                      "epochs": metrics.get("epoch"), "best_val_f1": metrics.get("best_val_f1"),
+                     "val_loss": metrics.get("val_loss"), "early_stopped": bool(metrics.get("early_stopped")),
                      "mlflow_run_id": metrics.get("mlflow_run_id"), "path": result.path,
                      **{f"param:{k}": v for k, v in (result.config or {}).items()}})
     return sorted(rows, key=lambda r: -(r["best_val_f1"] if r["best_val_f1"] is not None else -1))
@@ -66,7 +67,10 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
 
     rows = trial_table(results)
     finished = [r for r in rows if r["best_val_f1"] is not None]
-    stopped = sum(1 for r in finished if r["epochs"] is not None and r["epochs"] < int(cfg["trial"]["max_epochs"]))
+    # a trial that ended before max_epochs was cut by ASHA unless its own early stopping (trial.early_stop) ended it
+    early = sum(1 for r in finished if r["early_stopped"])
+    cut = sum(1 for r in finished if not r["early_stopped"] and r["epochs"] is not None
+              and r["epochs"] < int(cfg["trial"]["max_epochs"]))
     out_dir = experiment_dir / "summary"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "trials.csv"
@@ -82,16 +86,22 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     best = finished[0] if finished else None
     errors = [r for r in rows if r["status"] == "ERROR"]
     parent.log_metrics({"best_val_f1": best["best_val_f1"] if best else None, "trials": len(rows),
-                        "trials_stopped_early": stopped, "trials_failed": len(errors), "search_seconds": seconds})
+                        "trials_cut_by_asha": cut, "trials_early_stopped": early, "trials_failed": len(errors),
+                        "search_seconds": seconds})
     parent.log_artifacts(files, "summary")
     parent.finish("FINISHED" if not errors else "FAILED")
 
-    summary = {"name": cfg["search"]["name"], "trials": len(rows), "stopped_early": stopped, "failed": len(errors),
+    summary = {"name": cfg["search"]["name"], "trials": len(rows), "cut_by_asha": cut, "early_stopped": early,
+               "failed": len(errors),
                "seconds": seconds, "parent_run_id": parent.run_id, "best": best, "experiment_dir": str(experiment_dir),
                "cache": reports}
     print()
-    print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {stopped} stopped "
-          f"early by ASHA, {len(errors)} failed.")
+    print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
+          f"{early} ended by their own early stopping, {len(errors)} failed.")
+    budget, wanted = cfg["search"]["time_budget_s"], int(cfg["search"]["num_samples"])
+    if budget is not None and len(rows) < wanted:
+        print(f"The time budget (search.time_budget_s={budget:g}) was spent after {len(rows)} of the {wanted} trials "
+              "asked for; the trials under way then were finished.")
     for row in errors:  # Tune's own table points at a temporary copy; these files stay with the search
         error_file = Path(row["path"]) / "error.txt"
         last = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else "no error file"

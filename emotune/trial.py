@@ -4,7 +4,7 @@
 its own checkpoint in ``<runs>/trials/<search>/<trial id>``, which it resumes from whenever Tune starts it
 again. Outside Ray the same function runs alone:
 ``emotune train key=value ...``. Every epoch reports ``val_f1`` (dev macro-F1), its smoothed
-``val_f1_ema``, ``best_val_f1``, ``train_loss`` and ``lr``. Each trial is one MLflow run; whenever dev
+``val_f1_ema``, ``best_val_f1``, ``val_loss`` (dev cross-entropy), ``train_loss`` and ``lr``. Each trial is one MLflow run; whenever dev
 macro-F1 improves, the best checkpoint (safetensors), the dev and test class probabilities with ids, a
 confusion-matrix PNG and a classification report are logged, so even a trial that ASHA stops early leaves
 everything the ensemble selector needs. Test data is only ever predicted, never scored or selected on.
@@ -168,7 +168,8 @@ def feature_statistics(source, utterances: Sequence[Utterance], modality: str, b
 
 
 def _print_reporter(metrics: dict, _checkpoint: str) -> None:
-    print(f"epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  val_f1 {metrics['val_f1']:.4f}  "
+    print(f"epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+          f"val_f1 {metrics['val_f1']:.4f}  "
           f"ema {metrics['val_f1_ema']:.4f}  best {metrics['best_val_f1']:.4f}  lr {metrics['lr']:.2e}  "
           f"({metrics['epoch_seconds']:.1f} s)", flush=True)
 
@@ -333,7 +334,7 @@ class Trainer:
             # resumed with nothing left to train, but Tune may not have the last result yet
             summary = self._finish(self._stopped_early())
             if self.state.history:
-                self._report(self.state.history[-1])
+                self._report(self.state.history[-1] | {"early_stopped": float(self._stopped_early())})
             return summary
         while True:
             metrics, dev_probs, improved = self._epoch()
@@ -345,6 +346,7 @@ class Trainer:
             save_checkpoint(self.workdir / "checkpoint", self.model, self.optimizer, self.state,
                             self.workdir / "best" / "model.safetensors")
             stopped_early = self._stopped_early()
+            metrics["early_stopped"] = float(stopped_early)  # tells the search this trial's own rule ended it
             last = stopped_early or self.state.epoch >= max_epochs
             if last:  # close the run before the last report: Ray may end the process as soon as it has it
                 summary = self._finish(stopped_early)
@@ -362,10 +364,23 @@ class Trainer:
         improved = self._record(f1)
         self.state.train_seconds += time.perf_counter() - epoch_start
         metrics = {"epoch": self.state.epoch, "val_f1": f1, "val_f1_ema": self.state.ema,
-                   "best_val_f1": self.state.best_f1, "train_loss": float(np.mean(losses)), "lr": self.state.lr,
+                   "best_val_f1": self.state.best_f1, "val_loss": self._dev_loss(dev_probs),
+                   "train_loss": float(np.mean(losses)), "lr": self.state.lr,
                    "epoch_seconds": time.perf_counter() - epoch_start}
         self.state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
         return metrics, dev_probs, improved
+
+    def _dev_loss(self, dev_probs: np.ndarray) -> float:
+        """Dev cross-entropy, weighted per class as the training loss is (``trial.class_weights``).
+
+        With the default balanced weights every class counts about equally, as it does in macro-F1, which ranks
+        the trials; and train_loss and val_loss stay comparable. It moves with every probability, not only with
+        the argmax, so it is a smoother signal to prune on than macro-F1 over a hundred clips.
+        """
+        weight = self.loss_fn.weight
+        log_probs = torch.log(torch.from_numpy(dev_probs).clamp_min(1e-12))
+        return float(torch.nn.functional.nll_loss(log_probs, torch.tensor(self.dev_true),
+                                                  weight=None if weight is None else weight.cpu().double()))
 
     def _train_epoch(self) -> list[float]:
         self.model.train()

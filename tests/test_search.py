@@ -68,6 +68,9 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     assert [row["epoch"] for row in _result_rows(errors[0].parent)] == [3, 4]
     assert parents[0].data.metrics["trials"] == 6
     assert parents[0].data.tags["emotune.space"] == "smoke"
+    assert parents[0].data.params["asha_rungs"] == "1,2,4"  # the ladder went to the search's run
+    # no trial has early stopping here (smoke: trial.early_stop=null): every short trial was an ASHA cut
+    assert summary["cut_by_asha"] == len(stopped) and summary["early_stopped"] == 0
 
 
 def test_resuming_with_other_settings_is_refused(smoke_search, separable):
@@ -312,3 +315,24 @@ def test_a_spaces_folder_of_your_own_adds_spaces_and_overrides_shipped_ones(tmp_
         load_config(["space=tiny_lr"], "search")
     with pytest.raises(EmotuneError, match=r"paths.spaces_dir=.*nowhere/space is not a folder.*space/NAME.yaml"):
         load_config([f"paths.spaces_dir={tmp_path / 'nowhere'}", "space=smoke"], "search")
+
+
+def test_a_time_budget_ends_the_search_with_a_summary_and_early_stops_are_not_asha_cuts(separable, tmp_path, capsys):
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=40",
+                                  "search.max_concurrent=1", "search.time_budget_s=15", "search.metric=val_loss",
+                                  "trial.early_stop=1"), "search")
+    summary = run_search(cfg)
+    out = capsys.readouterr().out
+    assert "ASHA rungs at epochs 1, 2, 4; max 4 (it judges val_loss, minimised" in out
+    assert 1 <= summary["trials"] < 40 and summary["failed"] == 0
+    assert f"The time budget (search.time_budget_s=15) was spent after {summary['trials']} of the 40 trials" in out
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, summary["trials"])
+    # the trials' own early stopping and ASHA's cuts are told apart
+    early = [c for c in children if c.data.metrics.get("patience_stopped") == 1.0]
+    cut = [c for c in children if c.data.tags.get("emotune.stopped_by") == "asha"]
+    assert early and summary["early_stopped"] == len(early) and summary["cut_by_asha"] == len(cut)
+    assert not set(c.info.run_id for c in early) & set(c.info.run_id for c in cut)
+    assert f"{len(cut)} cut by ASHA, {len(early)} ended by their own early stopping" in out

@@ -70,3 +70,41 @@ def test_a_known_good_point_outside_the_space_is_refused():
     cfg["space"]["points_to_evaluate"] = [{"model.width": 64}]
     with pytest.raises(EmotuneError, match=r"points_to_evaluate names \['model.width'\], which are not parameters"):
         make_searcher(cfg)
+
+
+@pytest.mark.parametrize("overrides, rungs, warning", [
+    ([], [15], "single rung (epoch 15)"),  # 15 x 3 = 45 > 40
+    (["search.grace_period=5"], [5, 15], None),
+    (["search.grace_period=3", "search.reduction_factor=2", "trial.max_epochs=60"], [3, 6, 12, 24, 48], None),
+    (["search.grace_period=40"], [40], "never stops a trial"),
+])
+def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, warning):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from emotune.search import ladder_lines
+
+    cfg = load_config(overrides, "search")
+    search = cfg["search"]
+    ray_own = ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=cfg["trial"]["max_epochs"],
+                            grace_period=search["grace_period"], reduction_factor=search["reduction_factor"])
+    lines = ladder_lines(cfg)
+    assert sorted(m for m, _ in ray_own._brackets[0]._rungs) == rungs
+    assert lines[0].startswith(f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {cfg['trial']['max_epochs']}")
+    assert (len(lines) == 2 and warning in lines[1]) if warning else len(lines) == 1
+
+
+def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from emotune.search import make_scheduler
+
+    scheduler = make_scheduler(smoke_cfg("search.metric=val_loss", "search.reduction_factor=2"))
+    decisions = {}
+    for name, loss in (("first", 0.5), ("worse", 0.9), ("better", 0.3)):  # each reaches the epoch-1 rung in turn
+        trial = SimpleNamespace(trial_id=name)  # all Ray's scheduler reads of a trial is its id
+        scheduler.on_trial_add(None, trial)
+        decisions[name] = scheduler.on_trial_result(None, trial, {"epoch": 1, "val_loss": loss, "val_f1": 0.5})
+    assert decisions == {"first": TrialScheduler.CONTINUE, "worse": TrialScheduler.STOP,
+                         "better": TrialScheduler.CONTINUE}
