@@ -189,6 +189,7 @@ class SearchSettings:
     reduction_factor: float
     max_failures: int
     take_over_lock: bool
+    sampler: str
     sampler_seed: int
     resources: dict
 

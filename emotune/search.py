@@ -59,6 +59,8 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
     validate_space(space, cfg)
     if search["metric"] not in ASHA_METRICS:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
+    if search["sampler"] not in ("tpe", "random"):
+        raise EmotuneError(f"search.sampler must be tpe or random, got '{search['sampler']}'")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
     if search["time_budget_s"] is not None and float(search["time_budget_s"]) <= 0:
@@ -159,7 +161,8 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
 
 
 def make_searcher(cfg: dict):
-    """Optuna's TPE over the search space, the space's known-good points first, seeded by search.sampler_seed."""
+    """Optuna's TPE (or random draws) over the search space, its known-good points first, seeded by
+    search.sampler_seed."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -167,8 +170,11 @@ def make_searcher(cfg: dict):
     from emotune.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
-    sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
-                                         constant_liar=True)
+    if search["sampler"] == "random":
+        sampler = optuna.samplers.RandomSampler(seed=int(search["sampler_seed"]))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
+                                             constant_liar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna flags multivariate/group as experimental
         searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",

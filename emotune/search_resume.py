@@ -67,6 +67,7 @@ RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "searc
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search
 # saved without them resumes with these, so its cache keys and trials stay what they were.
 ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16", "model.branch_width": 256,
+              "search.sampler": "tpe",
               "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 
 

@@ -33,14 +33,17 @@ def smoke_cfg(*overrides: str) -> dict:
     return load_config(["space=smoke", "search.max_concurrent=1", *overrides], "search")
 
 
-def test_the_known_good_point_comes_first_and_the_same_seed_proposes_the_same_search():
-    cfg = smoke_cfg("search.sampler_seed=3")
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_the_known_good_point_comes_first_and_the_same_seed_proposes_the_same_search(sampler):
+    cfg = smoke_cfg("search.sampler_seed=3", f"search.sampler={sampler}")
     first = proposals(cfg, 14)  # TPE's 10 random start-up proposals, then 4 from its model
     assert first[0] == {"model.family": "attention", "model.hidden_layers": 2, "model.dropout": 0.1,
                         "trial.lr": 1e-3}  # the space's points_to_evaluate
     assert proposals(cfg, 14) == first
-    other = proposals(smoke_cfg("search.sampler_seed=4"), 14)
+    other = proposals(smoke_cfg("search.sampler_seed=4", f"search.sampler={sampler}"), 14)
     assert other[0] == first[0] and other[1:] != first[1:]
+    sampler_class = type(make_searcher(cfg).searcher._ot_study.sampler).__name__
+    assert sampler_class == {"tpe": "TPESampler", "random": "RandomSampler"}[sampler]
 
 
 @pytest.mark.parametrize("params, expected", [
