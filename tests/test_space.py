@@ -76,10 +76,11 @@ def test_a_known_good_point_outside_the_space_is_refused():
 
 
 @pytest.mark.parametrize("overrides, rungs, warning", [
-    ([], [15], "single rung (epoch 15)"),  # 15 x 3 = 45 > 40
-    (["search.grace_period=5"], [5, 15], None),
+    (["search.grace_period=15", "search.reduction_factor=3"], [15], "single rung (epoch 15)"),  # 15 x 3 > 40
+    (["search.grace_period=5", "search.reduction_factor=3"], [5, 15], None),
+    ([], [5, 10, 20, 40], None),  # the shipped default
     (["search.grace_period=3", "search.reduction_factor=2", "trial.max_epochs=60"], [3, 6, 12, 24, 48], None),
-    (["search.grace_period=40"], [40], "never stops a trial"),
+    (["search.grace_period=40", "search.reduction_factor=3"], [40], "never stops a trial"),
 ])
 def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, warning):
     from ray.tune.schedulers import ASHAScheduler
@@ -111,3 +112,13 @@ def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
         decisions[name] = scheduler.on_trial_result(None, trial, {"epoch": 1, "val_loss": loss, "val_f1": 0.5})
     assert decisions == {"first": TrialScheduler.CONTINUE, "worse": TrialScheduler.STOP,
                          "better": TrialScheduler.CONTINUE}
+
+
+def test_the_shipped_asha_defaults_are_the_ones_the_benchmark_chose():
+    import json
+    from pathlib import Path
+
+    chosen = json.loads((Path(__file__).parents[1] / "benchmarks" / "asha.json").read_text())["defaults"]
+    cfg = load_config([], "search")
+    assert chosen == {"metric": cfg["search"]["metric"], "grace_period": cfg["search"]["grace_period"],
+                      "reduction_factor": cfg["search"]["reduction_factor"], "max_epochs": cfg["trial"]["max_epochs"]}
