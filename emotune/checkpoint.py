@@ -77,10 +77,13 @@ class ModelCard:
             if not description.get("max_tokens"):
                 description["max_tokens"] = int(features.get("max_text_tokens") or 256)
             encoders[modality] = description
+        model = dict(data["model"])
+        if model.get("family") == "cognicic":  # searches that sampled the family wrote no width: the 256 they used
+            model.setdefault("branch_width", 256)
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known and k not in ("dims", "encoders", "format")},
+        return cls(**{k: v for k, v in data.items() if k in known and k not in ("dims", "encoders", "format", "model")},
                    dims={m: (int(d[0]), int(d[1])) for m, d in data["dims"].items()}, encoders=encoders,
-                   format=CARD_FORMAT)
+                   model=model, format=CARD_FORMAT)
 
     @classmethod
     def load(cls, folder: str | Path) -> "ModelCard":

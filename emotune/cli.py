@@ -78,8 +78,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     utterances, report = read_inputs(args.csv, args.audio_dir, args.audio, args.text, args.on_error)
     if len(report):
         print(report.summary(), file=sys.stderr)
-    if not utterances:
-        raise EmotuneError("nothing to predict: every input row was skipped")
     predicted, scores = ensemble.predict(utterances)
     text = write_output(args.out, utterances, predicted, scores, ensemble.labels)
     if args.out:
@@ -189,7 +187,8 @@ def _add_select_top(sub) -> None:
         help="ensemble the best trials of a search, evaluate it, write predictions",
         description="Pick the best trials of a search by dev macro-F1, combine them (hard vote, soft vote or "
         "greedy ensemble selection), score the ensemble on data not used to choose it, and save a folder that "
-        "`emotune predict` can use. Example: emotune select-top --k 3 --method soft",
+        "`emotune predict` can use. Trials with equal dev macro-F1 rank by run start, earlier first. "
+        "Example: emotune select-top --k 3 --method soft",
     )
     select.add_argument("--k", type=int, default=3, help="members for hard/soft voting (default 3)")
     select.add_argument("--method", choices=ENSEMBLE_METHODS, default="hard",
@@ -200,7 +199,8 @@ def _add_select_top(sub) -> None:
     select.add_argument("--steps", type=int, default=25, help="greedy selection steps (default 25)")
     select.add_argument("--calibrate", action="store_true",
                         help="also tune per-class logit offsets on dev and report them beside the plain result")
-    select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK)")
+    select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK); an "
+                        "existing one is replaced only if it holds an earlier ensemble or nothing")
     select.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (paths, tracking)")
     select.set_defaults(func=_cmd_select_top)
 

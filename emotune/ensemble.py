@@ -11,6 +11,11 @@ ranked by their final ``best_val_f1`` (dev macro-F1), combines them and evaluate
 
 Members are chosen on dev only. The ensemble is scored on the labelled test split when there is one;
 otherwise dev is split in two and the second half, never used for choosing, is the evaluation data.
+Trials with equal dev macro-F1 (common once several reach the same score) rank by when their MLflow run
+started, earlier first, then by run id, so the same search always gives the same members.
+
+The ensemble folder (``--out``) is replaced only when it holds an ensemble emotune wrote (its
+``ensemble.json``), an interrupted ``select-top`` or nothing: any other folder is left alone.
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class Candidate:
     stopped_by_asha: bool
     folder: Path | None = None
     params: dict = field(default_factory=dict)
+    started: int = 0  # the run's start time (ms since the epoch): breaks ties of dev_f1
 
 
 def find_search(tracking: dict, search: str | None):
@@ -143,7 +149,7 @@ def find_search(tracking: dict, search: str | None):
 
 
 def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candidate]:
-    """The search's finished trials, best dev macro-F1 first."""
+    """The search's finished trials, best dev macro-F1 first; equal scores by run start, then run id."""
     from emotune.tracking import TAG_KIND, child_runs
 
     found = []
@@ -156,8 +162,8 @@ def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candida
         if exclude_stopped and stopped:
             continue
         found.append(Candidate(run.info.run_id, run.info.run_name, float(run.data.metrics["best_val_f1"]), stopped,
-                               params=dict(run.data.params)))
-    return sorted(found, key=lambda c: (-c.dev_f1, c.name))
+                               params=dict(run.data.params), started=int(run.info.start_time or 0)))
+    return sorted(found, key=lambda c: (-c.dev_f1, c.started, c.run_id))
 
 
 def download(tracking: dict, candidate: Candidate, into: Path) -> Path:
@@ -307,14 +313,16 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
         raise EmotuneError(f"asked for {k} members but search '{name}' has only {len(candidates)} finished trials"
                            f"{note}. Lower --k, or run more trials (search.num_samples).")
 
+    out = Path(request.out_dir).resolve() if request.out_dir else (
+        Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
+    check_replaceable(out)  # before any work, so a refusal costs nothing
+
     search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
     corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     labels = list(corpus.labels)
     dev_ids = [u.id for u in corpus.dev]
     dev_true = _truth(dev_ids, corpus.dev, labels)
     plan = evaluation_plan(corpus, dev_true, labels, int(search_cfg["seed"]))
-    out = Path(request.out_dir).resolve() if request.out_dir else (
-        Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
     if out.exists():
         shutil.rmtree(out)
 
@@ -326,7 +334,7 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     sel_true = [dev_true[i] for i in plan.select_idx]
     sel_probs = [_aligned(c.folder, "dev", dev_ids)[plan.select_idx] for c in pool]
     sel_f1 = [evaluation.macro_f1(sel_true, p.argmax(1), len(labels)) for p in sel_probs]
-    if plan.eval_split == "dev":  # rank on the selection half only
+    if plan.eval_split == "dev":  # rank on the selection half only; a stable sort: ties keep the candidates' order
         order = sorted(range(len(pool)), key=lambda i: -sel_f1[i])
         pool, sel_probs, sel_f1 = [pool[i] for i in order], [sel_probs[i] for i in order], [sel_f1[i] for i in order]
     ranking = [{"name": c.name, "run_id": c.run_id, "selection_macro_f1": f} for c, f in zip(pool, sel_f1)]
@@ -344,6 +352,28 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
                "greedy_curve": curve}
     _print_summary(summary, scored.report, labels)
     return summary
+
+
+# What select-top leaves in a folder it writes: the finished ensemble's manifest, or its downloads in progress.
+ENSEMBLE_MARKERS = ("ensemble.json", ".candidates")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an ``--out`` that select-top may not replace: anything but an ensemble it wrote or an empty folder.
+
+    The folder is deleted before the new ensemble is written, so a user's own folder given by mistake would
+    be lost with everything in it.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EmotuneError(f"the ensemble folder {out} is a file. Pass --out a folder that does not exist yet "
+                           "(select-top creates it) or one that holds an earlier ensemble.")
+    if any((out / marker).exists() for marker in ENSEMBLE_MARKERS) or not any(out.iterdir()):
+        return
+    raise EmotuneError(f"the ensemble folder {out} already exists and holds files that are not an emotune ensemble "
+                       "(no ensemble.json); select-top replaces its folder, so it refuses to delete them. Pass --out "
+                       "a new folder (or one holding an earlier ensemble), or move those files away first.")
 
 
 def _download_text(tracking: dict, run_id: str, path: str) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from emotune.checkpoint import ModelCard
 from emotune.data.audio import NormStats, load_audio
-from emotune.data.corpus import Utterance
+from emotune.data.corpus import ErrorPolicy, Utterance
 from emotune.errors import DataError, EmotuneError
 
 
@@ -70,7 +70,7 @@ class Ensemble:
         if key in self._encoders:
             return self._encoders[key]
         spec = EncoderSpec(description["name"], modality, description["kind"], description["source"])
-        folder = None
+        folder, shipped = None, None
         if spec.kind != "classic":
             shipped = self.manifest.get("encoder_folders", {}).get(description.get("folder") or "")
             folder = self.folder / shipped if shipped else locate_hf_folder(spec)
@@ -79,8 +79,7 @@ class Ensemble:
         recipe = make_recipe(spec, folder, description["layer_indices"], max_tokens=int(description["max_tokens"]),
                              waveform_norm=description["waveform_norm"], storage=description["storage"])
         if recipe.key != key:
-            raise EmotuneError(f"the {modality} encoder '{spec.name}' found now ({recipe.key}) differs from the one "
-                               f"the ensemble was trained with ({key}); its predictions would be meaningless.")
+            raise _changed_encoder(recipe, key, description, shipped_with_ensemble=bool(shipped))
         self._encoders[key] = open_encoder(recipe)
         return self._encoders[key]
 
@@ -140,28 +139,71 @@ class Ensemble:
                        self.offsets)
 
 
+def _changed_encoder(recipe, trained_key: str, description: dict, shipped_with_ensemble: bool) -> EmotuneError:
+    """The refusal to feed members from an encoder that is not the one they were trained on, with its remedy."""
+    what = (f"the {recipe.modality} encoder '{recipe.spec.name}' in {recipe.folder or recipe.spec.source} is not the "
+            f"one this ensemble was trained with")
+    if recipe.folder and not trained_key.startswith(recipe.identity):
+        change = "its files (weights, config or tokenizer) changed since the search"
+    else:
+        change = "its settings differ"
+    found = (f"{what}: {change} (cache key now {recipe.key}, trained with {trained_key}), so the members would get "
+             "features they never saw and their predictions would be meaningless.")
+    if shipped_with_ensemble:
+        fix = (f"select-top copied it into the ensemble folder from {description.get('folder')}: put the original "
+               "files back, or write the ensemble again with `emotune select-top`.")
+    else:
+        fix = ("Put back the version the search used (the same hub revision or saved folder), or run the search "
+               "and `emotune select-top` again with this encoder.")
+    return EmotuneError(f"{found} Fix: {fix}")
+
+
+class _RowPolicy(ErrorPolicy):
+    """The corpus' row policy; a bad row that stops predict also says that ``--on-error skip`` would go on."""
+
+    def handle(self, error: DataError) -> None:
+        if self.on_error == "raise":
+            raise DataError(error.problem, file=error.file, row=error.row, utt_id=error.utt_id, kind=error.kind,
+                            fix=f"{error.fix} Or pass --on-error skip to predict the other rows and list the bad ones.")
+        super().handle(error)
+
+
 def read_inputs(csv_path: str | None, audio_dir: str | None, audio: str | None, text: str | None,
                 on_error: str = "raise"):
-    """The utterances to predict and the report of rows left out (``on_error=skip``)."""
-    from emotune.data.corpus import ErrorPolicy, SkipReport, read_split_csv, scan_audio
+    """The utterances to predict (never none) and the report of rows left out (``on_error=skip``)."""
+    from emotune.data.corpus import SkipReport, read_split_csv, scan_audio
 
     report = SkipReport()
-    policy = ErrorPolicy(on_error, report)
     if csv_path:
         if not audio_dir:
             raise EmotuneError("--csv needs --audio-dir: the folder holding the audio files named by id")
+        policy = _RowPolicy(on_error, report)
         utterances = read_split_csv(csv_path, audio_dir, require_labels=False, policy=policy)
-    elif audio:
+        utterances, _ = scan_audio(utterances, policy, progress=False)
+        _require_rows(utterances, report, csv_path)
+        return utterances, report
+    if audio:
         if text is None or not text.strip():
             raise EmotuneError("--audio needs --text with the clip's transcript (the model uses both)")
         path = Path(audio).expanduser().resolve()
         if not path.is_file():
             raise DataError("audio file not found", file=path, fix="Check the path.")
         utterances = [Utterance(path.name, path, " ".join(text.split()), None, "(command line)", 0)]
-    else:
-        raise EmotuneError("give either --csv FILE --audio-dir DIR or --audio FILE --text TEXT")
-    utterances, _ = scan_audio(utterances, policy, progress=False)
-    return utterances, report
+        utterances, _ = scan_audio(utterances, ErrorPolicy("raise", report), progress=False)
+        return utterances, report
+    raise EmotuneError("give either --csv FILE --audio-dir DIR or --audio FILE --text TEXT")
+
+
+def _require_rows(utterances: list, report, csv_path: str) -> None:
+    """Nothing to predict is an error that says why: a CSV without rows, or every row skipped (listed)."""
+    if utterances:
+        return
+    if not len(report):
+        raise DataError("has no rows to predict, only a header", file=Path(csv_path).expanduser().resolve(),
+                        fix="Add one row per clip (id,transcription, the id naming its file in --audio-dir).",
+                        kind="no rows")
+    raise EmotuneError(f"nothing to predict: all {len(report)} rows of {csv_path} were skipped. {report.summary()}\n"
+                       "Fix those rows (each line says how) and predict again.")
 
 
 def write_output(path: str | None, utterances, predicted: np.ndarray, scores: np.ndarray, labels) -> str:

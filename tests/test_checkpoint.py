@@ -52,6 +52,11 @@ def test_a_card_from_before_formats_gets_the_settings_of_its_time(tmp_path):
         assert (description["storage"], description["waveform_norm"], description["layer_indices"],
                 description["max_tokens"]) == ("float16", "global", "all", 128)
     assert card.dims == CARD.dims
+    # a CogniCIC trial of a search that sampled the family wrote no branch width: it used 256, and loads so
+    data["model"] = {"family": "cognicic", "modalities": ["speech", "text"], "dropout": 0.3}
+    (tmp_path / "model_card.json").write_text(json.dumps(data))
+    model = ModelCard.load(tmp_path).build_model()
+    assert model.branches["speech"].out_features == 256
 
 
 def test_bad_cards_are_refused_with_the_file_and_the_fix(tmp_path):

@@ -55,14 +55,24 @@ def test_greedy_selection_picks_what_helps_and_may_repeat_a_member():
     assert (combined == y).all() and curve[2] == 1.0 and curve[0] < 1.0
 
 
-def test_calibration_offsets_never_lower_dev_macro_f1():
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 3, size=60)
-    logits = np.log(rng.dirichlet(np.ones(3), size=60)) + 1.5 * np.eye(3)[y] - 1.0 * np.eye(3)[np.zeros(60, int)]
+def test_calibration_offsets_lift_a_class_the_members_are_biased_against():
+    """Members that under-score one class lose its items to the others; the tuned offsets must give that class a
+    positive offset, above every other class's, and win back at least the dev macro-F1 the bias cost."""
     from emotune.evaluation import macro_f1
 
-    offsets = tune_offsets(logits, y, 3)
-    assert macro_f1(y, (logits + offsets).argmax(1), 3) >= macro_f1(y, logits.argmax(1), 3)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=60)
+    unbiased = np.log(rng.dirichlet(np.ones(3), size=60)) + 2.0 * np.eye(3)[y]
+    penalised = 2
+    biased = unbiased - 1.5 * np.eye(3)[np.full(60, penalised)]
+    assert macro_f1(y, biased.argmax(1), 3) < macro_f1(y, unbiased.argmax(1), 3) - 0.05  # the bias costs F1
+
+    offsets = tune_offsets(biased, y, 3)
+    others = np.delete(offsets, penalised)
+    assert offsets[penalised] > 0 and offsets[penalised] > others.max(), offsets
+    calibrated = macro_f1(y, (biased + offsets).argmax(1), 3)
+    assert calibrated > macro_f1(y, biased.argmax(1), 3)
+    assert calibrated >= macro_f1(y, unbiased.argmax(1), 3)
 
 
 # --- end to end on a real search ---------------------------------------------------------------------------
@@ -168,35 +178,6 @@ def test_the_prediction_files_agree_on_vote_ties_and_calibrated_scores(tmp_path)
         assert submitted == written == expected, method
 
 
-def test_predict_in_chunks_equals_all_at_once_and_old_cards_still_load(smoke_search, separable, tmp_path):
-    import shutil
-
-    from emotune.predict import Ensemble, read_inputs
-
-    runs, _ = smoke_search
-    corpus, _ = separable
-    select_top(config_for(runs), EnsembleRequest(k=3, method="soft", out_dir=tmp_path / "ens"))
-    utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
-    ensemble = Ensemble(tmp_path / "ens")
-    whole, whole_scores = ensemble.predict(utterances, chunk_size=10**9)
-    chunked, chunked_scores = ensemble.predict(utterances, chunk_size=2, batch_size=1)
-    assert chunked.tolist() == whole.tolist() and len(whole) == len(utterances)
-    np.testing.assert_allclose(chunked_scores, whole_scores, atol=1e-6)
-    # an ensemble saved before cards recorded input normalisation and storage still loads and predicts the same
-    old = tmp_path / "old"
-    shutil.copytree(tmp_path / "ens", old)
-    for card_path in old.glob("members/*/model_card.json"):
-        card = json.loads(card_path.read_text())
-        assert card.pop("format") == 2  # cards had no format number then
-        for description in card["encoders"].values():
-            for key in ("waveform_norm", "storage", "max_tokens"):
-                description.pop(key)
-        card_path.write_text(json.dumps(card))
-    again, again_scores = Ensemble(old).predict(utterances)
-    assert again.tolist() == whole.tolist()
-    np.testing.assert_allclose(again_scores, whole_scores, atol=1e-6)
-
-
 def test_select_top_errors_are_clear(smoke_search, tmp_path):
     runs, _ = smoke_search
     cfg = config_for(runs)
@@ -208,24 +189,113 @@ def test_select_top_errors_are_clear(smoke_search, tmp_path):
         select_top(config_for(tmp_path / "empty"), EnsembleRequest(k=2))
 
 
-def test_predict_with_a_missing_member_is_a_clear_error(smoke_search, tmp_path):
+def finished_trials(runs, parent_run_id: str) -> list:
+    """The search's trial runs that finished (ASHA-stopped ones included), straight from the MLflow store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return [r for r in children if r.data.tags.get("emotune.kind") == "trial" and r.info.status == "FINISHED"]
+
+
+def test_select_top_never_deletes_a_folder_it_did_not_write(smoke_search, tmp_path, capsys):
+    from emotune.cli import main
+    from emotune.ensemble import check_replaceable
+
     runs, _ = smoke_search
-    select_top(config_for(runs), EnsembleRequest(k=2, method="soft", out_dir=tmp_path / "ens"))
-    (tmp_path / "ens" / "members" / "02" / "model.safetensors").unlink()
-    result = subprocess.run([sys.executable, "-m", "emotune", "predict", str(tmp_path / "ens"), "--audio", "x.wav",
-                             "--text", "hola"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "ensemble member members/02" in result.stderr and "model.safetensors missing" in result.stderr
+    mine = tmp_path / "my-results"
+    (mine / "tables").mkdir(parents=True)
+    (mine / "notes.txt").write_text("a week of work")
+    (mine / "tables" / "f1.csv").write_text("trial,f1\n")
+    assert main(["select-top", "--k", "1", "--out", str(mine), f"paths.runs_dir={runs}"]) == 2
+    message = capsys.readouterr().err
+    assert f"the ensemble folder {mine} already exists" in message and "refuses to delete them" in message
+    assert "Pass --out a new folder" in message  # the fix
+    assert (mine / "notes.txt").read_text() == "a week of work"
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == ["notes.txt", "tables", "tables/f1.csv"]
+
+    # an ensemble select-top wrote earlier is replaced whole: its stale files go
+    earlier = tmp_path / "ens"
+    select_top(config_for(runs), EnsembleRequest(k=1, method="hard", out_dir=earlier))
+    (earlier / "stale.txt").write_text("left from an earlier ensemble")
+    select_top(config_for(runs), EnsembleRequest(k=2, method="soft", out_dir=earlier))
+    manifest = json.loads((earlier / "ensemble.json").read_text())
+    assert manifest["method"] == "soft" and len(manifest["members"]) == 2
+    assert not (earlier / "stale.txt").exists()
+    # so are an empty folder and the leftovers of an interrupted select-top (its downloads, no manifest yet)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "interrupted" / ".candidates" / "00").mkdir(parents=True)
+    check_replaceable(tmp_path / "empty")
+    check_replaceable(tmp_path / "interrupted")
+    (tmp_path / "a-file").write_text("kept")
+    with pytest.raises(EmotuneError, match="is a file. Pass --out a folder that does not exist yet"):
+        check_replaceable(tmp_path / "a-file")
+
+
+def test_exclude_stopped_leaves_out_every_trial_asha_stopped(smoke_search, tmp_path, capsys):
+    from emotune.cli import main
+
+    runs, search = smoke_search
+    finished = finished_trials(runs, search["parent_run_id"])
+    stopped = {r.info.run_id for r in finished if r.data.tags.get("emotune.stopped_by") == "asha"}
+    # stopped trials end FINISHED with a dev score: without the option they compete like any other
+    assert stopped and all("best_val_f1" in r.data.metrics for r in finished)
+    summary = select_top(config_for(runs), EnsembleRequest(method="greedy", exclude_stopped=True,
+                                                           out_dir=tmp_path / "ens"))
+    # greedy selection draws from every candidate: they must be exactly the trials ASHA let finish
+    assert {r["run_id"] for r in summary["ranking"]} == {r.info.run_id for r in finished} - stopped
+    assert not {m["run_id"] for m in summary["members"]} & stopped
+    assert not any(m["stopped_by_asha"] for m in summary["members"])
+    # the command-line flag reaches select-top: asking for every finished trial is then too many
+    assert main(["select-top", "--k", str(len(finished)), "--exclude-stopped", "--out", str(tmp_path / "cli"),
+                 f"paths.runs_dir={runs}"]) == 2
+    assert (f"has only {len(finished) - len(stopped)} finished trials (trials stopped by ASHA left out)"
+            in capsys.readouterr().err)
+
+
+def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tmp_path):
+    """A tie (common: tiny corpora reach F1 1.0) must not be decided by chance or by Ray's random trial names.
+
+    The test works on a copy of the search's store where every trial is tied and the names sort in the opposite
+    order of the start times.
+    """
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from emotune.ensemble import candidates_of, find_search
+
+    runs, search = smoke_search
+    copy = tmp_path / "runs"
+    copy.mkdir()
+    shutil.copy2(runs / "mlflow.db", copy / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    trials = sorted(finished_trials(copy, search["parent_run_id"]), key=lambda r: (r.info.start_time, r.info.run_id))
+    assert len(trials) >= 3
+    for i, run in enumerate(trials):
+        client.log_metric(run.info.run_id, "best_val_f1", 0.5, step=10**6)  # the latest value: all tied
+        client.update_run(run.info.run_id, name=f"trial-{len(trials) - i:02d}")  # names sort latest-started first
+    tracking = config_for(copy)["tracking"]
+    ranked = candidates_of(tracking, find_search(tracking, "smoke"), exclude_stopped=False)
+    assert [c.dev_f1 for c in ranked] == [0.5] * len(trials)
+    assert [c.run_id for c in ranked] == [r.info.run_id for r in trials]
 
 
 def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path):
+    from mlflow import MlflowClient
+
     from conftest import search_args
+    from emotune.data.prepare import prepare_corpus
+    from emotune.ensemble import evaluation_plan
+    from emotune.evaluation import macro_f1
     from emotune.search import run_search
 
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
-    run_search(load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
-                                       "data.test_labels=null", "search.name=unlabelled"), "search"))
+    search_cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
+                                         "data.test_labels=null", "search.name=unlabelled"), "search")
+    run_search(search_cfg)
     summary = select_top(config_for(runs), EnsembleRequest(k=2, method="soft", out_dir=tmp_path / "ens"))
     assert summary["evaluation"].startswith("held-out half of dev (6 clips")  # 12 dev clips, half held out
     assert "ranked on the other half" in summary["evaluation"]
@@ -237,3 +307,31 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
     assert "held-out half of dev" in (tmp_path / "ens" / "evaluation.txt").read_text()
     lines = (tmp_path / "ens" / "submission.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 1 + 12  # the unlabelled test split gets its submission
+
+    # the two halves of dev, as select-top draws them from the search's corpus and seed: disjoint, covering dev
+    prepared = prepare_corpus(search_cfg["data"], runs, progress=False)
+    labels = list(prepared.labels)
+    dev_ids = [u.id for u in prepared.dev]
+    plan = evaluation_plan(prepared, [labels.index(u.label) for u in prepared.dev], labels, int(search_cfg["seed"]))
+    selection, held_out = [dev_ids[i] for i in plan.select_idx], plan.eval_ids
+    assert plan.eval_split == "dev" and len(selection) == len(held_out) == 6
+    assert not set(selection) & set(held_out) and set(selection) | set(held_out) == set(dev_ids)
+
+    # each trial's selection score is the macro-F1 of its own dev predictions on the selection half alone
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    truth, probs = {}, {}
+    for entry in summary["ranking"]:
+        local = client.download_artifacts(entry["run_id"], "best/dev_predictions.csv", str(tmp_path / entry["run_id"]))
+        with open(local, newline="") as f:
+            rows = {r["id"]: r for r in csv.DictReader(f)}
+        truth = {uid: labels.index(r["label"]) for uid, r in rows.items()}
+        probs[entry["run_id"]] = {uid: np.array([float(r[f"p_{c}"]) for c in labels]) for uid, r in rows.items()}
+        own = probs[entry["run_id"]]
+        recomputed = macro_f1([truth[i] for i in selection], [own[i].argmax() for i in selection], len(labels))
+        assert entry["selection_macro_f1"] == pytest.approx(recomputed, abs=1e-12), entry["name"]
+    # and the ensemble was scored on the held-out half: its members' soft vote there, with that half's class counts
+    voted = np.mean([[probs[m["run_id"]][i] for i in held_out] for m in summary["members"]], axis=0).argmax(1)
+    held_truth = [truth[i] for i in held_out]
+    assert summary["macro_f1"] == pytest.approx(macro_f1(held_truth, voted, len(labels)), abs=1e-12)
+    report = json.loads((tmp_path / "ens" / "evaluation.json").read_text())["report"]
+    assert [report[c]["support"] for c in labels] == [held_truth.count(i) for i in range(len(labels))]
