@@ -84,6 +84,17 @@ def test_augmentation_is_deterministic_under_a_seed_and_respects_p():
     assert all(np.array_equal(augmenter(wave, rng, p=0.0), wave) for _ in range(20))
 
 
+def best_window_correlation(signal: np.ndarray, recording: np.ndarray) -> float:
+    """The highest correlation coefficient between ``signal`` and any window of ``recording`` of its length."""
+    n = signal.size
+    size = 1 << (recording.size + n).bit_length()
+    # every window's dot product with the signal at once, by FFT cross-correlation
+    spectrum = np.fft.rfft(recording, size) * np.conj(np.fft.rfft(signal, size))
+    dots = np.fft.irfft(spectrum, size)[: recording.size - n + 1]
+    energy = np.convolve(recording**2, np.ones(n), mode="valid")
+    return float(np.max(dots / np.sqrt(energy * np.sum(signal**2))))
+
+
 def test_impulse_responses_and_noises_from_folders(tmp_path):
     rirs, noises = tmp_path / "rirs" / "room1", tmp_path / "noises"
     rirs.mkdir(parents=True)
@@ -91,7 +102,10 @@ def test_impulse_responses_and_noises_from_folders(tmp_path):
     impulse = np.zeros(4000, dtype=np.float32)
     impulse[[0, 800, 2000]] = [1.0, 0.5, 0.25]  # a direct path and two echoes
     sf.write(rirs / "rir.wav", impulse, 16_000)
-    sf.write(noises / "hum.flac", tone(0.7, freq=50, seed=3), 16_000)
+    # a known recording, longer than the clip so that a window of it is cut: noise generated on the fly would
+    # not match any window of it
+    recording = (0.1 * np.random.default_rng(3).standard_normal(32_000)).astype(np.float32)
+    sf.write(noises / "street.wav", recording, 16_000, subtype="FLOAT")
     augmenter = Augmenter(rir_dir=tmp_path / "rirs", noise_dir=noises)
     wave = tone(1.0, freq=400)
     wet = augmenter.apply("reverb", wave, np.random.default_rng(0))
@@ -101,6 +115,12 @@ def test_impulse_responses_and_noises_from_folders(tmp_path):
     # the echo of the impulse response appears 800 samples later
     echo = np.convolve(wave, impulse)[: wave.size]
     assert np.corrcoef(wet, echo)[0, 1] > 0.99
+    # what the noise effect added is a window of the folder's recording, scaled to an SNR in the 15-25 dB range
+    added = (noisy - wave).astype(np.float64)
+    match = best_window_correlation(added, recording.astype(np.float64))
+    snr = 10 * np.log10(np.sum(wave.astype(np.float64) ** 2) / np.sum(added**2))
+    assert match > 0.999, f"the added noise is not a window of the folder's recording (correlation {match:.3f})"
+    assert 15.0 - 0.1 <= snr <= 25.0 + 0.1, snr
 
 
 def test_empty_augmentation_folder_is_a_clear_error(tmp_path):

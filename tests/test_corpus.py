@@ -68,12 +68,25 @@ def test_demo_corpus_round_trips_through_the_reader(demo_corpus):
 
 
 def test_resampled_to_16k_and_mixed_to_mono(tmp_path):
+    """The loaded clip is the channel mean, band-limited down to 16 kHz with torchaudio (as load_audio documents).
+
+    One channel carries a 12 kHz tone, above the 8 kHz that 16 kHz audio can hold: resampling without a
+    low-pass filter would fold it back to 4 kHz, and keeping one channel would drop half the signal.
+    """
+    import torch
+    import torchaudio.functional as AF
+
     from emotune.data.audio import load_audio
 
-    stereo = np.stack([tone(1.0, 44_100, 200), tone(1.0, 44_100, 300)], axis=1)
-    sf.write(tmp_path / "s.flac", stereo, 44_100)
+    seconds, sr = 1.0, 44_100
+    t = np.arange(int(seconds * sr)) / sr
+    left = tone(seconds, sr, 200)
+    right = tone(seconds, sr, 300, seed=1) + (0.2 * np.sin(2 * np.pi * 12_000 * t)).astype(np.float32)
+    sf.write(tmp_path / "s.flac", np.stack([left, right], axis=1), sr, subtype="PCM_24")
     wave = load_audio(tmp_path / "s.flac")
     assert wave.dtype == np.float32 and wave.ndim == 1 and wave.size == 16_000
+    expected = AF.resample(torch.from_numpy((left + right) / 2), sr, 16_000).numpy()
+    np.testing.assert_allclose(wave, expected, atol=1e-5, rtol=0)  # 24-bit FLAC: quantisation is far below that
 
 
 def test_id_without_extension_finds_the_file(tiny_corpus):

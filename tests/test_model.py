@@ -46,6 +46,32 @@ def make_batch(dims: dict[str, tuple[int, int]], lengths: dict[str, list[int]], 
     return batch
 
 
+def with_gradient_leaves(batch: dict) -> tuple[dict, dict]:
+    """The batch fed as float16 (as cached on disk) from float32 leaves whose gradients the test can read."""
+    leaves = {k: v.clone().requires_grad_() for k, v in batch.items() if not k.endswith("_mask")}
+    return {**batch, **{m: leaf.half() for m, leaf in leaves.items()}}, leaves
+
+
+def assert_gradient_reaches_every_weight_and_real_position(model: nn.Module, batch: dict, leaves: dict) -> None:
+    """After a backward pass: every trainable weight and every real frame or token got a non-zero, finite
+    gradient (a weight or input that gets none is never learnt from), and padding got exactly none.
+
+    The one exception is the layer mix of a single-layer encoder: it is the layer itself and has nothing to learn.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith("layer_mix.logits") and param.numel() == 1:
+            assert param.grad is None or not param.grad.any(), name
+            continue
+        assert param.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
+    for m, leaf in leaves.items():
+        mask = batch[m + "_mask"]
+        per_position = leaf.grad.abs().sum(dim=(1, 3))  # (batch, time): summed over layers and width
+        assert torch.all(per_position[mask] > 0), f"a real {m} position gets no gradient"
+        assert torch.all(per_position[~mask] == 0), f"{m} padding gets a gradient"
+
+
 def pad_more(batch: dict, extra: int) -> dict:
     """The same batch with ``extra`` more padded positions of garbage appended to every modality."""
     out = {}
@@ -207,16 +233,15 @@ def test_attention_model_forward_backward(dims, projected):
         assert _linears(adapter) == (1 if m in projected else 0)
     lengths = {"speech": [9, 4, 1], "text": [3, 5, 2]}
     total = {"speech": 9, "text": 5}
-    batch = make_batch(dims, lengths, total)
-    batch = {k: v.half() if not k.endswith("_mask") else v for k, v in batch.items()}  # as cached on disk
+    batch, leaves = with_gradient_leaves(make_batch(dims, lengths, total))
     logits = model(batch)
     assert logits.shape == (3, N_CLASSES)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     logits.logsumexp(dim=1).sum().backward()
-    for m in model.modalities:
-        assert model.adapters[m].layer_mix.logits.grad is not None or dims[m][0] == 1
-    assert model.attention.query.grad is not None and model.attention.query.grad.abs().sum() > 0
+    # the layer mix, the LayerNorm, the projection (when widths differ), the attention query that makes the
+    # pooling scores and every classifier layer all learn; so does every real frame's and token's input
+    assert_gradient_reaches_every_weight_and_real_position(model, batch, leaves)
 
 
 def test_attention_model_pool_exposes_weights_over_the_fused_sequence():
@@ -311,11 +336,12 @@ def test_cognicic_runs_and_ignores_padding():
     model = CogniCICModel(dims, N_CLASSES, dropout=0.5)
     assert model.modalities == ("speech", "text")
     assert model.classifier[0].in_features == 2 * 256
-    batch = make_batch(dims, {"speech": [7, 3], "text": [2, 5]}, {"speech": 7, "text": 5})
+    lengths, total = {"speech": [7, 3], "text": [2, 5]}, {"speech": 7, "text": 5}
+    batch, leaves = with_gradient_leaves(make_batch(dims, lengths, total))
     logits = model(batch)
     assert logits.shape == (2, N_CLASSES)
-    logits.sum().backward()
-    assert model.adapters["speech"].layer_mix.logits.grad is not None
+    logits.logsumexp(dim=1).sum().backward()
+    assert_gradient_reaches_every_weight_and_real_position(model, batch, leaves)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(pad_more(batch, 4)), model(batch), atol=1e-6, rtol=0)
@@ -344,7 +370,8 @@ def test_classifier_head_layer_count(hidden_layers):
 
 def test_build_model_families():
     dims = {"speech": (3, 16), "text": (1, 24)}
-    cfg = {"family": "attention", "width": 32, "hidden_layers": 0, "dropout": 0.1, "fused_dim": None}
+    cfg = {"family": "attention", "width": 32, "hidden_layers": 0, "dropout": 0.1, "fused_dim": None,
+           "branch_width": 64}  # every model config carries it (model/attention.yaml): a search may switch family
     model = build_model(cfg, dims, N_CLASSES)
     assert isinstance(model, AttentionPoolingModel)
     assert _linears(model.classifier) == 2
@@ -352,7 +379,7 @@ def test_build_model_families():
     model = build_model({**cfg, "fused_dim": 8}, dims, N_CLASSES, norms={"speech": "none"})
     assert model.fused_dim == 8 and model.adapters["speech"].norm_kind == "none"
     model = build_model({**cfg, "family": "cognicic", "dropout": 0.5}, dims, N_CLASSES)
-    assert isinstance(model, CogniCICModel)
+    assert isinstance(model, CogniCICModel) and model.classifier[0].in_features == 2 * 64
 
 
 def test_build_model_unknown_family_names_the_known_ones():

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# Before transformers/huggingface_hub are imported: they read these once, at import time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import json
 import subprocess
 import sys
@@ -20,6 +13,22 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer
 
 from emotune.errors import EmotuneError
 from emotune.features.tiny import TINY_MARKER, TINY_PRESETS, build_tiny_encoder, tiny_text_hash
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """For tests that build and load models: they work from local folders only, so any attempt to reach the
+    Hugging Face hub must fail at once instead of waiting on the network. Scoped to those tests: the rest of
+    the session keeps the hub settings it was started with.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import: the variable reaches the subprocesses started here,
+    and the flag it would have set is set for this process too.
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
 
 SPEECH = [name for name, spec in TINY_PRESETS.items() if spec["modality"] == "speech"]
 TEXT = [name for name, spec in TINY_PRESETS.items() if spec["modality"] == "text"]
@@ -41,6 +50,7 @@ def test_presets_cover_the_families() -> None:
 
 
 @pytest.mark.parametrize("preset", SPEECH)
+@pytest.mark.usefixtures("hub_offline")
 def test_speech_preset_loads_and_keeps_50_frames_per_second(preset: str, tmp_path: Path) -> None:
     folder = build_tiny_encoder(preset, tmp_path / preset)
     model, info = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
@@ -67,6 +77,7 @@ def test_speech_preset_loads_and_keeps_50_frames_per_second(preset: str, tmp_pat
 
 
 @pytest.mark.parametrize("preset", LAYER_NORM_SPEECH)
+@pytest.mark.usefixtures("hub_offline")
 def test_layer_norm_presets_are_padding_invariant(preset: str, tmp_path: Path) -> None:
     folder = build_tiny_encoder(preset, tmp_path / preset)
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
@@ -90,6 +101,7 @@ def test_layer_norm_presets_are_padding_invariant(preset: str, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("preset", TEXT)
+@pytest.mark.usefixtures("hub_offline")
 def test_text_preset_tokenizes_spanish_and_encodes(preset: str, tmp_path: Path) -> None:
     folder = build_tiny_encoder(preset, tmp_path / preset, texts=TEXTS)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -120,6 +132,7 @@ def test_text_preset_tokenizes_spanish_and_encodes(preset: str, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("preset", ["tiny-wavlm", "tiny-roberta"])
+@pytest.mark.usefixtures("hub_offline")
 def test_builds_are_byte_identical(preset: str, tmp_path: Path) -> None:
     # Shuffled and repeated texts must not change anything: the tokenizer trains on the sorted unique set.
     a = build_tiny_encoder(preset, tmp_path / "a", texts=TEXTS, seed=3)
@@ -132,6 +145,7 @@ def test_builds_are_byte_identical(preset: str, tmp_path: Path) -> None:
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_builds_are_identical_across_processes(tmp_path: Path) -> None:
     # The tokenizers library hashes with a per-process random seed; a tokenizer that is stable within one
     # process can still differ in the next one (tokenizers' own WordPieceTrainer does), which would
@@ -149,6 +163,7 @@ def test_builds_are_identical_across_processes(tmp_path: Path) -> None:
         assert (here / name).read_bytes() == (tmp_path / "there" / name).read_bytes(), name
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_building_does_not_disturb_the_global_rng(tmp_path: Path) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -157,6 +172,7 @@ def test_building_does_not_disturb_the_global_rng(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.rand(3), expected)
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_second_call_reuses_the_build(tmp_path: Path) -> None:
     folder = build_tiny_encoder("tiny-bert", tmp_path / "bert", texts=TEXTS)
     marker = folder / TINY_MARKER
@@ -178,6 +194,7 @@ def test_second_call_reuses_the_build(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]
 
 
+@pytest.mark.usefixtures("hub_offline")
 def test_size_override(tmp_path: Path) -> None:
     folder = build_tiny_encoder("tiny-wav2vec2", tmp_path / "big", hidden_size=128, num_layers=3)
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()

@@ -128,7 +128,14 @@ class Augmenter:
         return self.apply(effect, wave, rng)
 
     def apply(self, effect: str, wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = getattr(self, effect)(wave, rng)
+        # torch splits its FFTs and resampling convolutions across threads, and the split changes the last bits
+        # of the result: on one thread (as in a Ray cache worker) a copy is the same whichever process makes it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out = getattr(self, effect)(wave, rng)
+        finally:
+            torch.set_num_threads(threads)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def speed(self, wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:

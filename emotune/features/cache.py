@@ -79,6 +79,19 @@ def _crc(tensors: dict[str, np.ndarray]) -> str:
     return f"{crc:08x}"
 
 
+def _sorted_header(data: bytes) -> bytes:
+    """A safetensors file's bytes with the keys of its JSON header in sorted order.
+
+    safetensors writes the metadata in the order of a Rust hash map, which changes from call to call: the same
+    arrays would make files that differ in their header, so a cache filled by Ray workers, by another process
+    or again would not be the same bytes. Sorted, equal arrays make equal files whoever writes them.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format starts the array data on a multiple of 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]
+
+
 class FeatureStore:
     """Content-addressed arrays in safetensors files (float16, or int8 with scales), written atomically, CRC-checked."""
 
@@ -92,13 +105,14 @@ class FeatureStore:
         return self.path(key).is_file()
 
     def write(self, key: str, array: np.ndarray, storage: str = "float16") -> int:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         tensors = pack(array, storage)
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"crc32": _crc(tensors), "format": CACHE_FORMAT, "storage": storage})
+        data = save(tensors, metadata={"crc32": _crc(tensors), "format": CACHE_FORMAT, "storage": storage})
+        tmp.write_bytes(_sorted_header(data))
         os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
         return path.stat().st_size
 
