@@ -94,7 +94,9 @@ def _init_ray(ray_cfg: dict) -> bool:
     if address:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
     else:
-        ray.init(num_cpus=ray_cfg["num_cpus"], **kwargs)
+        # "local": a Ray of this search's own; without it ray.init joins whatever cluster this machine last
+        # started (another user's or a test's), which ray.address=null promises not to do
+        ray.init(address="local", num_cpus=ray_cfg["num_cpus"], **kwargs)
     return True
 
 

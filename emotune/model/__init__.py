@@ -71,5 +71,5 @@ def build_model(
     except KeyError as missing:
         raise EmotuneError(
             f"the model configuration has no {missing} entry; the '{family}' family needs "
-            f"{'width, hidden_layers and dropout' if family == 'attention' else 'dropout'}."
+            f"{'width, hidden_layers and dropout' if family == 'attention' else 'branch_width and dropout'}."
         ) from None
