@@ -236,6 +236,7 @@ class Trainer:
         self.state = TrainerState(lr=self.settings.lr)
         self.rng = np.random.default_rng(seed)
         self._resume()
+        self.resumed_from = self.state.epoch  # 0 for a fresh start: reported, so a retry shows where it went on
         self.run = self._start_run()
         self.setup_seconds = time.perf_counter() - started
 
@@ -417,7 +418,8 @@ class Trainer:
         return False
 
     def _report(self, metrics: dict) -> None:
-        extra = {"setup_seconds": self.setup_seconds} | ({"mlflow_run_id": self.run.run_id} if self.run else {})
+        extra = {"setup_seconds": self.setup_seconds, "resumed_from_epoch": self.resumed_from}
+        extra |= {"mlflow_run_id": self.run.run_id} if self.run else {}
         self.reporter(metrics | extra, str(self.workdir / "checkpoint"))
 
     # --- what the trial leaves ----------------------------------------------------------------------------------
