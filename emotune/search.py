@@ -172,13 +172,13 @@ def make_searcher(cfg: dict):
     from emotune.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
-    if search["sampler"] == "random":
-        sampler = optuna.samplers.RandomSampler(seed=int(search["sampler_seed"]))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
-                                             constant_liar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna flags multivariate/group as experimental
+        if search["sampler"] == "random":
+            sampler = optuna.samplers.RandomSampler(seed=int(search["sampler_seed"]))
+        else:
+            sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
+                                                 constant_liar=True)
         searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",
                                 sampler=sampler, points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
