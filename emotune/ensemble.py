@@ -260,14 +260,17 @@ class Chosen:
     offsets: np.ndarray | None
     labels: list[str]
 
+    def member_probs(self, split: str, ids: Sequence[str]) -> list[np.ndarray]:
+        """Each member's class probabilities on ``ids`` of ``split``, from its prediction files."""
+        return [_aligned(m.folder, split, ids) for m in self.members]
+
     def combine(self, split: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Class indices and class scores of the ensemble (offsets applied) on ``ids`` of ``split``."""
-        probs = [_aligned(m.folder, split, ids) for m in self.members]
-        return combine(self.method, probs, self.weights, self.offsets)
+        return combine(self.method, self.member_probs(split, ids), self.weights, self.offsets)
 
     def score(self, plan: EvaluationPlan) -> Scored:
         n_classes = len(self.labels)
-        probs = [_aligned(m.folder, plan.eval_split, plan.eval_ids) for m in self.members]
+        probs = self.member_probs(plan.eval_split, plan.eval_ids)
         predicted, _ = combine(self.method, probs, self.weights)
         result = {"macro_f1": evaluation.macro_f1(plan.eval_true, predicted, n_classes)}
         if self.offsets is not None:

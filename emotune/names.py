@@ -9,12 +9,12 @@ MODALITIES = ("speech", "text")  # in the order the model concatenates them in t
 SAMPLE_RATE = 16_000  # Hz: every clip is decoded to this rate, the rate all supported speech encoders expect
 # what a trial reports that ASHA may judge: F1s are maximised, the dev cross-entropy val_loss is minimised
 ASHA_METRICS = ("val_f1", "val_f1_ema", "best_val_f1", "val_loss")
+ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.ensemble combines members in these ways
 
 
 def asha_mode(metric: str) -> str:
     """Whether ASHA keeps the trials with the highest (max) or the lowest (min) values of ``metric``."""
     return "min" if metric == "val_loss" else "max"
-ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.ensemble combines members in these ways
 
 
 def file_identity(path: str | Path) -> str:

@@ -205,15 +205,15 @@ def asha_rungs(scheduler) -> list[int]:
     return sorted(int(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
 
 
-def ladder_lines(cfg: dict) -> list[str]:
-    """What ASHA will do in this search, said at its start; a second line warns when it makes one cut or none."""
+def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
+    """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
+    second line warns when it makes one cut or none."""
     search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
-    rungs = asha_rungs(make_scheduler(cfg))
     grace, factor = min(int(search["grace_period"]), max_epochs), float(search["reduction_factor"])
     lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_epochs} (it judges {search['metric']}, "
              f"{asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} at each rung)"]
     cuts = [r for r in rungs if r < max_epochs]  # a rung at max_epochs stops nothing that would go on
-    fix = ("lower search.grace_period or search.reduction_factor, or raise trial.max_epochs")
+    fix = "lower search.grace_period or search.reduction_factor, or raise trial.max_epochs"
     if not cuts:
         lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches "
                      f"trial.max_epochs={max_epochs}. To prune, {fix}.")
@@ -305,9 +305,9 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")
     parent.log_json(plan.to_dict(), "cache_plan.json")
-    ladder = ladder_lines(cfg)
-    print("\n".join(ladder), flush=True)
-    parent.log_params({"asha_rungs": ",".join(map(str, asha_rungs(make_scheduler(cfg))))})
+    rungs = asha_rungs(make_scheduler(cfg))
+    print("\n".join(ladder_lines(cfg, rungs)), flush=True)
+    parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
 
     started_ray = _init_ray(cfg["ray"])
     try:

@@ -17,7 +17,7 @@ class TimeBudget(Searcher):
 
     def __init__(self, searcher: Searcher, seconds: float) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
-        self.searcher, self.seconds, self.deadline, self.spent = searcher, seconds, None, False
+        self.searcher, self.seconds, self.deadline = searcher, seconds, None
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -26,7 +26,6 @@ class TimeBudget(Searcher):
         if self.deadline is None:
             self.deadline = time.time() + self.seconds
         if time.time() >= self.deadline:
-            self.spent = True
             return Searcher.FINISHED
         return self.searcher.suggest(trial_id)
 

@@ -85,13 +85,13 @@ def test_a_known_good_point_outside_the_space_is_refused():
 def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, warning):
     from ray.tune.schedulers import ASHAScheduler
 
-    from emotune.search import ladder_lines
+    from emotune.search import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(overrides, "search")
     search = cfg["search"]
     ray_own = ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=cfg["trial"]["max_epochs"],
                             grace_period=search["grace_period"], reduction_factor=search["reduction_factor"])
-    lines = ladder_lines(cfg)
+    lines = ladder_lines(cfg, asha_rungs(make_scheduler(cfg)))
     assert sorted(m for m, _ in ray_own._brackets[0]._rungs) == rungs
     assert lines[0].startswith(f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {cfg['trial']['max_epochs']}")
     assert (len(lines) == 2 and warning in lines[1]) if warning else len(lines) == 1

@@ -209,8 +209,7 @@ def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe |
     entry = hub_entry(spec)
     if entry is None:
         return None
-    layers = tuple(resolve_layers(features[f"{modality}_layers"],
-                                  entry.layers))
+    layers = tuple(resolve_layers(features[f"{modality}_layers"], entry.layers))
     common = {"spec": spec, "folder": None, "identity": "not-downloaded", "n_layers": entry.layers,
               "width": entry.width, "layers": layers, "batch_size": int(features["batch_size"])}
     if modality == "speech":
