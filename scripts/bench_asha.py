@@ -181,6 +181,7 @@ def main() -> int:
     chosen, why = choose(results)
 
     from emotune.config import load_config
+    from emotune.search import asha_rungs
 
     shipped = load_config([], "search")
     shipped_key = "{}@{}/{:g}/{}".format(shipped["search"]["metric"], shipped["search"]["grace_period"],
@@ -206,8 +207,7 @@ def main() -> int:
     for key in sorted(results, key=lambda k: (-results[k]["survival"], results[k]["epoch_share"])):
         metric, rest = key.split("@")
         grace, factor, max_t = rest.split("/")
-        rungs = ", ".join(str(int(m)) for m, _ in sorted(scheduler_for(metric, int(max_t), int(grace),
-                                                                     float(factor))._brackets[0]._rungs))
+        rungs = ", ".join(map(str, asha_rungs(scheduler_for(metric, int(max_t), int(grace), float(factor)))))
         r = results[key]
         mark = " **(chosen)**" if key == chosen else (" (shipped before)" if key == shipped_key else "")
         lines.append(f"| `{metric}`{mark} | {grace} | {factor} | {max_t} | {rungs} | {r['survival']:.0%} | "
