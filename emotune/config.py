@@ -138,6 +138,7 @@ class TrialSettings:
     """``trial.*``: one trial's training loop (conf/trial/default.yaml)."""
 
     max_epochs: int
+    evals_per_epoch: int
     batch_size: int
     eval_batch_size: int
     lr: float

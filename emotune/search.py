@@ -34,7 +34,7 @@ USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
 Search spaces (space=NAME): {spaces}
 Common keys: search.num_samples, search.max_concurrent, search.metric ({metrics}), search.grace_period,
   search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name, trial.max_epochs,
-  encoders=offline|hub, data=demo|folder, data.root, ray.address, paths.runs_dir, seed
+  trial.evals_per_epoch, encoders=offline|hub, data=demo|folder, data.root, ray.address, paths.runs_dir, seed
 Spaces of your own: DIR/space/NAME.yaml, used with paths.spaces_dir=DIR space=NAME
 Show the composed configuration: python -m emotune.search --cfg [key=value ...]
 Size the feature cache first (nothing is downloaded or encoded): emotune plan [key=value ...]"""
@@ -190,37 +190,56 @@ def make_searcher(cfg: dict):
     return TimeBudget(limited, float(search["time_budget_s"]))
 
 
+def asha_clock(cfg: dict) -> tuple[int, int, int]:
+    """ASHA's time unit is the dev evaluation: (evaluations per epoch, grace period and max_t in evaluations)."""
+    search, trial = cfg["search"], cfg["trial"]
+    per_epoch = int(trial["evals_per_epoch"])
+    max_t = int(trial["max_epochs"]) * per_epoch
+    return per_epoch, min(int(search["grace_period"]), max_t), max_t
+
+
 def make_scheduler(cfg: dict):
-    """ASHA on the trials' own epoch count: a trial Tune starts again continues its epochs where it stopped."""
+    """ASHA on the trials' own count of dev evaluations (``trial.evals_per_epoch`` per epoch): a trial Tune starts
+    again continues its count where its checkpoint left it."""
     from ray.tune.schedulers import ASHAScheduler
 
-    search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
-    return ASHAScheduler(time_attr="epoch", metric=search["metric"], mode=asha_mode(search["metric"]), max_t=max_epochs,
-                         grace_period=min(int(search["grace_period"]), max_epochs),
-                         reduction_factor=float(search["reduction_factor"]))
+    _, grace, max_t = asha_clock(cfg)
+    metric = cfg["search"]["metric"]
+    return ASHAScheduler(time_attr="evaluation", metric=metric, mode=asha_mode(metric), max_t=max_t,
+                         grace_period=grace, reduction_factor=float(cfg["search"]["reduction_factor"]))
 
 
 def asha_rungs(scheduler) -> list[int]:
-    """The epochs at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one bracket)."""
+    """The evaluations at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one
+    bracket)."""
     return sorted(int(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
 
 
 def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
     """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
-    second line warns when it makes one cut or none."""
-    search, max_epochs = cfg["search"], int(cfg["trial"]["max_epochs"])
-    grace, factor = min(int(search["grace_period"]), max_epochs), float(search["reduction_factor"])
-    lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_epochs} (it judges {search['metric']}, "
-             f"{asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} at each rung)"]
-    cuts = [r for r in rungs if r < max_epochs]  # a rung at max_epochs stops nothing that would go on
+    second line warns when it makes one cut or none. Rungs are in dev evaluations, which are epochs unless
+    ``trial.evals_per_epoch`` is above 1."""
+    search = cfg["search"]
+    per_epoch, grace, max_t = asha_clock(cfg)
+    factor = float(search["reduction_factor"])
+    unit = "epoch" if per_epoch == 1 else "evaluation"
+    judged = (f"it judges {search['metric']}, {asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} "
+              "at each rung")
+    if per_epoch == 1:
+        lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_t} ({judged})"]
+    else:
+        epochs = ", ".join(f"{r / per_epoch:g}" for r in rungs)
+        lines = [f"ASHA rungs at evaluations {', '.join(map(str, rungs))} (epochs {epochs}, at {per_epoch} "
+                 f"evaluations per epoch); max {max_t} ({judged})"]
+    cuts = [r for r in rungs if r < max_t]  # a rung at max_t stops nothing that would go on
     fix = "lower search.grace_period or search.reduction_factor, or raise trial.max_epochs"
     if not cuts:
-        lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches "
-                     f"trial.max_epochs={max_epochs}. To prune, {fix}.")
+        lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches the trial's "
+                     f"last {unit} ({max_t}). To prune, {fix}.")
     elif len(cuts) == 1:
-        lines.append(f"Warning: ASHA has a single rung (epoch {cuts[0]}): the next would be at epoch "
-                     f"{cuts[0] * factor:g}, past trial.max_epochs={max_epochs}. It makes one cut, judging each trial "
-                     f"against whichever trials reached epoch {cuts[0]} before it. For a ladder, {fix}.")
+        lines.append(f"Warning: ASHA has a single rung ({unit} {cuts[0]}): the next would be at {unit} "
+                     f"{cuts[0] * factor:g}, past the trial's last ({max_t}). It makes one cut, judging each trial "
+                     f"against whichever trials reached {unit} {cuts[0]} before it. For a ladder, {fix}.")
     return lines
 
 

@@ -32,7 +32,8 @@ def trial_runs_callback(tracking: dict, max_epochs: int, trials_dir: Path):
                 return  # the trial finished its run itself
             stopped = status == "FINISHED" and int(result.get("epoch", 0)) < max_epochs
             run.log_metrics({"best_val_f1": result.get("best_val_f1"), "epochs_trained": result.get("epoch"),
-                             "asha_stopped": float(stopped)}, step=int(result.get("epoch", 0)))
+                             "asha_stopped": float(stopped)},
+                            step=int(result.get("evaluation", result.get("epoch", 0))))
             if result.get("best_val_f1") is not None:
                 title = f"dev macro-F1 {result['best_val_f1']:.4f}, best of {result.get('epoch')} epochs"
                 run.log_artifacts(dev_reports(trials_dir / trial.trial_id / "best", title), "best")
@@ -67,6 +68,7 @@ RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "searc
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search
 # saved without them resumes with these, so its cache keys and trials stay what they were.
 ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16", "model.branch_width": 256,
+              "trial.evals_per_epoch": 1,
               "search.sampler": "tpe",
               "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 

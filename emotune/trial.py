@@ -3,9 +3,10 @@
 :func:`trainable` is what Ray Tune calls with a plain dict config; it reports through ``tune.report`` and keeps
 its own checkpoint in ``<runs>/trials/<search>/<trial id>``, which it resumes from whenever Tune starts it
 again. Outside Ray the same function runs alone:
-``emotune train key=value ...``. Every epoch reports ``val_f1`` (dev macro-F1), its smoothed
-``val_f1_ema``, ``best_val_f1``, ``val_loss`` (dev cross-entropy), ``train_loss`` and ``lr``. Each trial is one MLflow run; whenever dev
-macro-F1 improves, the best checkpoint (safetensors), the dev and test class probabilities with ids, a
+``emotune train key=value ...``. Every dev evaluation (one per epoch, or ``trial.evals_per_epoch``) reports
+``val_f1`` (dev macro-F1), its smoothed ``val_f1_ema``, ``best_val_f1``, ``val_loss`` (dev cross-entropy),
+``train_loss`` and ``lr``, with ``epoch`` (fractional between epochs) and ``evaluation`` (the count of dev
+evaluations, which is ASHA's clock). Each trial is one MLflow run; whenever dev macro-F1 improves, the best checkpoint (safetensors), the dev and test class probabilities with ids, a
 confusion-matrix PNG and a classification report are logged, so even a trial that ASHA stops early leaves
 everything the ensemble selector needs. Test data is only ever predicted, never scored or selected on.
 """
@@ -55,9 +56,10 @@ def class_weights(train: Sequence[Utterance], labels: Sequence[str], mode: str) 
 class TrainerState:
     """Everything besides tensors that a resumed trial needs to continue exactly where it stopped."""
 
-    epoch: int = 0
+    epoch: int = 0  # whole epochs trained
+    evaluation: int = 0  # dev evaluations so far (evals_per_epoch per epoch)
     best_f1: float = -1.0
-    best_epoch: int = 0
+    best_epoch: int | float = 0  # fractional when the best evaluation came within an epoch
     ema: float | None = None
     since_best: int = 0
     since_decay: int = 0
@@ -167,8 +169,8 @@ def feature_statistics(source, utterances: Sequence[Utterance], modality: str, b
     return mean.float(), std.float()
 
 
-def _print_reporter(metrics: dict, _checkpoint: str) -> None:
-    print(f"epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+def _print_reporter(metrics: dict, _checkpoint: str | None) -> None:
+    print(f"epoch {metrics['epoch']:>3g}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}  "
           f"val_f1 {metrics['val_f1']:.4f}  "
           f"ema {metrics['val_f1_ema']:.4f}  best {metrics['best_val_f1']:.4f}  lr {metrics['lr']:.2e}  "
           f"({metrics['epoch_seconds']:.1f} s)", flush=True)
@@ -182,7 +184,8 @@ class TrialContext:
     """
 
     workdir: str | Path | None = None  # checkpoints and the best model; a new temporary folder when None
-    reporter: Reporter | None = None  # called after every epoch (Ray's tune.report in a search); prints when None
+    reporter: Reporter | None = None  # called after every dev evaluation (Ray's tune.report in a search); prints
+    # when None. Its second argument is the checkpoint folder at the end of an epoch, None within one.
     resume_dir: str | Path | None = None  # a checkpoint written by an earlier attempt of the same trial
     index: object | None = None  # FeatureIndex of a cache the search filled; None: the trial fills it itself
     verify_cache: bool = True  # check cached files' CRCs when the trial fills the cache itself
@@ -233,6 +236,7 @@ class Trainer:
         weights = class_weights(self.corpus.train, self.labels, self.settings.class_weights)
         self.loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
         self.lengths = {uid: info.n_samples for uid, info in self.corpus.audio.items()}
+        self.evals_per_epoch = self._evals_per_epoch()
         self.state = TrainerState(lr=self.settings.lr)
         self.rng = np.random.default_rng(seed)
         self._resume()
@@ -279,11 +283,21 @@ class Trainer:
                 adapter.set_statistics(*feature_statistics(self.source, self.corpus.train, m))
         return model.to(self.device)
 
+    def _evals_per_epoch(self) -> int:
+        evals = self.settings.evals_per_epoch
+        batches = -(-len(self.corpus.train) // self.settings.batch_size)
+        if not 1 <= evals <= batches:
+            raise EmotuneError(f"trial.evals_per_epoch={evals}, but an epoch has {batches} training batches of "
+                               f"{self.settings.batch_size} clips: set it between 1 and {batches}.")
+        return evals
+
     def _resume(self) -> None:
         resume_dir = self.context.resume_dir
         if not resume_dir or not (Path(resume_dir) / "trainer.json").is_file():
             return
         self.state = load_checkpoint(Path(resume_dir), self.model, self.optimizer)
+        if self.state.evaluation == 0:  # a checkpoint from before evaluations were counted: one per epoch
+            self.state.evaluation = self.state.epoch * self.evals_per_epoch
         self.rng.bit_generator.state = self.state.rng
         best_src = Path(resume_dir) / "model.safetensors"
         if best_src.is_file():
@@ -303,7 +317,7 @@ class Trainer:
         self.state.run_id = run.run_id
         # A trial killed after logging an epoch but before its checkpoint was kept retrains that epoch on
         # resume (with identical results, as the RNG state is restored); MLflow already has it.
-        self.state.logged_upto = run.last_step("val_f1")
+        self.state.logged_upto = run.last_step("val_f1")  # steps count dev evaluations
         if self.state.epoch == 0:
             params = params_of(self.cfg, self.corpus, self.dims, self.norms)
             params["trial"] = params["trial"] | {"cpus": torch.get_num_threads()}  # what it ran with
@@ -338,11 +352,16 @@ class Trainer:
                 self._report(self.state.history[-1] | {"early_stopped": float(self._stopped_early())})
             return summary
         while True:
-            metrics, dev_probs, improved = self._epoch()
-            if improved:
-                self._save_best(dev_probs)
-            if self.run is not None and self.state.epoch > self.state.logged_upto:
-                self.run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.state.epoch)
+            for metrics, dev_probs, improved in self._epoch():
+                if improved:
+                    self._save_best(dev_probs)
+                if self.run is not None and self.state.evaluation > self.state.logged_upto:
+                    # MLflow's step is the evaluation; the epoch goes along when the two differ
+                    skip = ("evaluation",) + (("epoch",) if self.evals_per_epoch == 1 else ())
+                    self.run.log_metrics({k: v for k, v in metrics.items() if k not in skip},
+                                         step=self.state.evaluation)
+                if metrics["epoch"] != self.state.epoch:  # within the epoch: no checkpoint, the epoch goes on
+                    self._report(metrics, checkpoint=False)
             self.state.rng = self.rng.bit_generator.state
             save_checkpoint(self.workdir / "checkpoint", self.model, self.optimizer, self.state,
                             self.workdir / "best" / "model.safetensors")
@@ -355,21 +374,35 @@ class Trainer:
             if last:
                 return summary
 
-    def _epoch(self) -> tuple[dict, np.ndarray, bool]:
-        """Train one epoch and evaluate on dev: the epoch's metrics, the dev probabilities, whether F1 improved."""
-        epoch_start = time.perf_counter()
-        losses = self._train_epoch()
-        dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths, self.settings.eval_batch_size,
-                            self.device)
-        f1 = evaluation.macro_f1(self.dev_true, dev_probs.argmax(1), len(self.labels))
-        improved = self._record(f1)
-        self.state.train_seconds += time.perf_counter() - epoch_start
-        metrics = {"epoch": self.state.epoch, "val_f1": f1, "val_f1_ema": self.state.ema,
-                   "best_val_f1": self.state.best_f1, "val_loss": self._dev_loss(dev_probs),
-                   "train_loss": float(np.mean(losses)), "lr": self.state.lr,
-                   "epoch_seconds": time.perf_counter() - epoch_start}
-        self.state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
-        return metrics, dev_probs, improved
+    def _epoch(self):
+        """Train one epoch, evaluating on dev ``evals_per_epoch`` times, at even shares of its batches.
+
+        Yields, per evaluation, its metrics, the dev probabilities and whether dev macro-F1 improved. The epoch's
+        own bookkeeping (patience, lr decay, early stopping count epochs) is done before its last evaluation is
+        yielded, whose ``epoch`` is then the whole number of epochs trained.
+        """
+        train, batch_size, evals = self.corpus.train, self.settings.batch_size, self.evals_per_epoch
+        order = self.rng.permutation(len(train))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        improved_in_epoch = False
+        for share, indices in enumerate(np.array_split(np.arange(len(batches)), evals), start=1):
+            started = time.perf_counter()
+            losses = self._train_batches([batches[i] for i in indices])
+            dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths,
+                                self.settings.eval_batch_size, self.device)
+            f1 = evaluation.macro_f1(self.dev_true, dev_probs.argmax(1), len(self.labels))
+            progress = self.state.epoch + 1 if share == evals else round(self.state.epoch + share / evals, 4)
+            improved = self._record_evaluation(f1, progress)
+            improved_in_epoch |= improved
+            if share == evals:
+                self._close_epoch(improved_in_epoch)
+            self.state.train_seconds += time.perf_counter() - started
+            metrics = {"epoch": progress, "evaluation": self.state.evaluation, "val_f1": f1,
+                       "val_f1_ema": self.state.ema, "best_val_f1": self.state.best_f1,
+                       "val_loss": self._dev_loss(dev_probs), "train_loss": float(np.mean(losses)),
+                       "lr": self.state.lr, "epoch_seconds": time.perf_counter() - started}  # since the last report
+            self.state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
+            yield metrics, dev_probs, improved
 
     def _dev_loss(self, dev_probs: np.ndarray) -> float:
         """Dev cross-entropy, weighted per class as the training loss is (``trial.class_weights``).
@@ -383,14 +416,13 @@ class Trainer:
         return float(torch.nn.functional.nll_loss(log_probs, torch.tensor(self.dev_true),
                                                   weight=None if weight is None else weight.cpu().double()))
 
-    def _train_epoch(self) -> list[float]:
+    def _train_batches(self, batches: list[np.ndarray]) -> list[float]:
+        """One optimiser step per batch of training-clip indices; their losses."""
         self.model.train()
-        train, batch_size = self.corpus.train, self.settings.batch_size
-        order = self.rng.permutation(len(train))
+        train = self.corpus.train
         losses = []
-        for start in range(0, len(order), batch_size):
-            batch = _to(self.source.batch([train[i] for i in order[start : start + batch_size]], True, self.rng),
-                        self.device)
+        for indices in batches:
+            batch = _to(self.source.batch([train[i] for i in indices], True, self.rng), self.device)
             loss = self.loss_fn(self.model(batch), batch["labels"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -398,16 +430,25 @@ class Trainer:
             losses.append(loss.item())
         return losses
 
-    def _record(self, f1: float) -> bool:
-        """Count the epoch: EMA, best so far, and the winners' rule of lr x ``lr_decay`` after ``patience``
-        epochs without improvement. Returns whether dev macro-F1 improved."""
+    def _record_evaluation(self, f1: float, progress: int | float) -> bool:
+        """Count a dev evaluation at epoch ``progress``: its EMA and the best so far. Returns whether F1 improved."""
         state, alpha = self.state, self.settings.ema_alpha
-        state.epoch += 1
+        state.evaluation += 1
         state.ema = f1 if state.ema is None else alpha * f1 + (1 - alpha) * state.ema
         if f1 > state.best_f1:
-            state.best_f1, state.best_epoch = f1, state.epoch
-            state.since_best = state.since_decay = 0
+            state.best_f1, state.best_epoch = f1, progress
             return True
+        return False
+
+    def _close_epoch(self, improved: bool) -> None:
+        """Count the epoch (``improved``: any of its evaluations beat the best), and apply the winners' rule of
+        lr x ``lr_decay`` after ``patience`` epochs without improvement. Patience and early stopping count epochs
+        whatever the evaluation cadence, so that changing the cadence does not change how long a trial waits."""
+        state = self.state
+        state.epoch += 1
+        if improved:
+            state.since_best = state.since_decay = 0
+            return
         state.since_best += 1
         state.since_decay += 1
         if state.since_decay >= self.settings.patience:
@@ -415,12 +456,11 @@ class Trainer:
             state.since_decay = 0
             for group in self.optimizer.param_groups:
                 group["lr"] = state.lr
-        return False
 
-    def _report(self, metrics: dict) -> None:
+    def _report(self, metrics: dict, checkpoint: bool = True) -> None:
         extra = {"setup_seconds": self.setup_seconds, "resumed_from_epoch": self.resumed_from}
         extra |= {"mlflow_run_id": self.run.run_id} if self.run else {}
-        self.reporter(metrics | extra, str(self.workdir / "checkpoint"))
+        self.reporter(metrics | extra, str(self.workdir / "checkpoint") if checkpoint else None)
 
     # --- what the trial leaves ----------------------------------------------------------------------------------
 
@@ -431,7 +471,8 @@ class Trainer:
                          encoders=self.described, encoder_names=cfg["encoders"], norm_stats=corpus.norm.to_dict(),
                          features={k: cfg["features"].get(k) for k in ("speech_layers", "text_layers",
                                                                          "max_text_tokens")},
-                         best_epoch=self.state.epoch, best_val_f1=self.state.best_f1, trial_seed=self.settings.seed)
+                         best_epoch=self.state.best_epoch, best_val_f1=self.state.best_f1,
+                         trial_seed=self.settings.seed)
         files = save_model(self.model, card, best)
         files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
                                                   labels, [u.label for u in corpus.dev]))
@@ -447,10 +488,10 @@ class Trainer:
         state = self.state
         summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
                    "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
-                   "seconds_per_epoch": state.train_seconds / max(1, len(state.history)),
+                   "seconds_per_epoch": state.train_seconds / max(1, state.epoch),
                    "feature_seconds": self.feature_seconds}
         if self.run is not None:
-            self.run.log_metrics(summary, step=state.epoch)
+            self.run.log_metrics(summary, step=state.evaluation)
             self.run.log_json(state.history, "history.json")
             self.run.log_artifacts(evaluation.dev_reports(self.workdir / "best",
                                                           best_title(state.best_f1, state.best_epoch)), "best")
@@ -510,16 +551,18 @@ def trainable(config: dict, launch: TrialContext | None = None) -> dict | None:
     if device == "auto":
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
-    def report(metrics: dict, _checkpoint_dir: str) -> None:
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
         # Tune gets a marker of a few bytes per epoch, kept (never deleted), so that it restores the trial and its
         # result files after an interruption; the state itself is the trial's own checkpoint below. Were it
         # Tune's, Tune would delete old ones as new ones arrive, and a driver killed before saving its state
-        # would send the resume to a deleted checkpoint.
+        # would send the resume to a deleted checkpoint. Within an epoch there is no checkpoint, and no marker.
+        extra = {"node_id": node_id, "gpu_ids": ",".join(gpu_ids), "cuda_initialized": torch.cuda.is_initialized()}
+        if checkpoint_dir is None:
+            tune.report(metrics | extra)
+            return
         with tempfile.TemporaryDirectory(prefix="emotune-marker-") as marker:
             Path(marker, "epoch.json").write_text(json.dumps({"epoch": metrics["epoch"]}))
-            tune.report(metrics | {"node_id": node_id, "gpu_ids": ",".join(gpu_ids),
-                                   "cuda_initialized": torch.cuda.is_initialized()},
-                        checkpoint=tune.Checkpoint.from_directory(marker))
+            tune.report(metrics | extra, checkpoint=tune.Checkpoint.from_directory(marker))
 
     # The trial resumes from its own checkpoint, in a folder named by its id, whenever Tune starts it again (a
     # retry after a crash, or a resumed search), whichever marker Tune restores it from.

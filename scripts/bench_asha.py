@@ -67,7 +67,7 @@ def replay(curves: list[list[dict]], order: list[int], scheduler, max_t: int, co
         for trial in list(running):  # one epoch each, in turn
             index = int(trial.trial_id)
             epochs[index] += 1
-            result = dict(curves[index][epochs[index] - 1]) | {"epoch": epochs[index]}
+            result = dict(curves[index][epochs[index] - 1]) | {"epoch": epochs[index], "evaluation": epochs[index]}
             decision = scheduler.on_trial_result(None, trial, result)
             if decision == TrialScheduler.STOP or epochs[index] >= max_t:
                 scheduler.on_trial_complete(None, trial, result)
@@ -82,7 +82,7 @@ def replay_with_tune(curves: list[list[dict]], order: list[int], scheduler, max_
 
     def trainable(config: dict) -> None:
         for epoch, row in enumerate(curves[config["curve_id"]][:max_t], start=1):
-            tune.report(dict(row) | {"epoch": epoch})
+            tune.report(dict(row) | {"epoch": epoch, "evaluation": epoch})
 
     tuner = tune.Tuner(
         trainable, param_space={"curve_id": tune.grid_search(order)},

@@ -119,7 +119,10 @@ def search_args(corpus: Path, runs: Path, cache: Path, *extra: str) -> list[str]
 
 @pytest.fixture(scope="session")
 def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
-    """One real smoke search (6 trials, one crashing once and retried), shared by the search and ensemble tests."""
+    """One real smoke search (6 trials, one crashing once and retried), shared by the search and ensemble tests.
+
+    It evaluates twice per epoch, so that ASHA's clock (dev evaluations) differs from the epochs that patience,
+    checkpoints and retries count."""
     from emotune.config import load_config
     from emotune.search import run_search
 
@@ -129,5 +132,6 @@ def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
     runs = tmp_path_factory.mktemp("smoke") / "runs"
     # one trial at a time: ASHA then judges each trial against all earlier ones, the same way every run
     cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                                  "search.max_concurrent=1", "search.max_failures=1"), "search")
+                                  "search.max_concurrent=1", "search.max_failures=1", "trial.evals_per_epoch=2"),
+                      "search")
     return runs, run_search(cfg, train=crash_once_at(2, runs.parent / "crashed-once"))

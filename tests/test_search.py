@@ -48,6 +48,8 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     assert_one_tree(client, parents, children, 6)
     stopped = [c for c in children if c.data.tags.get("emotune.stopped_by") == "asha"]
     assert stopped and all(c.data.metrics["epochs_trained"] < 4 for c in stopped)  # ASHA stopped some early
+    # ASHA's clock is the dev evaluation (two per epoch here): its cuts fall on rungs 1, 2, 4 of 8, even mid-epoch
+    assert {2 * c.data.metrics["epochs_trained"] for c in stopped} <= {1, 2, 4}
     complete = [c for c in children if c not in stopped]
     for child in complete:
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "best")}
@@ -63,14 +65,15 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     # the deliberately crashed trial was retried from its checkpoint and finished
     errors = list((runs / "ray" / "smoke").glob("*/error.txt"))
     assert len(errors) == 1 and "deliberate crash" in errors[0].read_text()
-    # it went on from its epoch-2 checkpoint (whether Ray's result.json then keeps epochs 1-2 varies), and its
-    # MLflow curve holds epochs 1..4 once each (assert_one_tree)
+    # it went on from its epoch-2 checkpoint (whether Ray's result.json then keeps evaluations 1-4 varies), and
+    # its MLflow curve holds evaluations 1..8 once each (assert_one_tree)
     rows = _result_rows(errors[0].parent)
-    assert rows[-1]["epoch"] == 4 and rows[-1]["resumed_from_epoch"] == 2
-    assert [row["epoch"] for row in rows] in ([1, 2, 3, 4], [3, 4])
+    assert rows[-1]["epoch"] == 4 and rows[-1]["evaluation"] == 8 and rows[-1]["resumed_from_epoch"] == 2
+    assert [row["evaluation"] for row in rows] in (list(range(1, 9)), [5, 6, 7, 8])
+    assert [row["epoch"] for row in rows][-4:] == [2.5, 3, 3.5, 4]
     assert parents[0].data.metrics["trials"] == 6
     assert parents[0].data.tags["emotune.space"] == "smoke"
-    assert parents[0].data.params["asha_rungs"] == "1,2,4"  # the ladder went to the search's run
+    assert parents[0].data.params["asha_rungs"] == "1,2,4,8"  # the ladder went to the search's run
     # no trial has early stopping here (smoke: trial.early_stop=null): every short trial was an ASHA cut
     assert summary["cut_by_asha"] == len(stopped) and summary["early_stopped"] == 0
 
@@ -79,7 +82,7 @@ def test_resuming_with_other_settings_is_refused(smoke_search, separable):
     runs, _ = smoke_search
     corpus, shared_runs = separable
     args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                       "search.max_concurrent=1", "search.max_failures=1")
+                       "search.max_concurrent=1", "search.max_failures=1", "trial.evals_per_epoch=2")
     with pytest.raises(EmotuneError, match=r"already exists .*trial\.max_epochs: 4 -> 9.*search\.name=NEW_NAME"):
         run_search(load_config(args + ["trial.max_epochs=9"], "search"))
     # where it runs may change: a finished search resumed elsewhere just reports again

@@ -75,25 +75,32 @@ def test_a_known_good_point_outside_the_space_is_refused():
         make_searcher(cfg)
 
 
-@pytest.mark.parametrize("overrides, rungs, warning", [
-    (["search.grace_period=15", "search.reduction_factor=3"], [15], "single rung (epoch 15)"),  # 15 x 3 > 40
-    (["search.grace_period=5", "search.reduction_factor=3"], [5, 15], None),
-    ([], [5, 10, 20, 40], None),  # the shipped default
-    (["search.grace_period=3", "search.reduction_factor=2", "trial.max_epochs=60"], [3, 6, 12, 24, 48], None),
-    (["search.grace_period=40", "search.reduction_factor=3"], [40], "never stops a trial"),
+@pytest.mark.parametrize("overrides, rungs, head, warning", [
+    (["search.grace_period=15", "search.reduction_factor=3"], [15], "at epochs 15; max 40", "single rung (epoch 15)"),
+    (["search.grace_period=5", "search.reduction_factor=3"], [5, 15], "at epochs 5, 15; max 40", None),
+    ([], [5, 10, 20, 40], "at epochs 5, 10, 20, 40; max 40", None),  # the shipped default
+    (["search.grace_period=3", "search.reduction_factor=2", "trial.max_epochs=60"], [3, 6, 12, 24, 48],
+     "at epochs 3, 6, 12, 24, 48; max 60", None),
+    (["search.grace_period=40", "search.reduction_factor=3"], [40], "at epochs 40; max 40", "never stops a trial"),
+    # ASHA's clock counts dev evaluations: at 4 per epoch, grace 6 is one and a half epochs
+    (["trial.evals_per_epoch=4", "search.grace_period=6", "search.reduction_factor=3", "trial.max_epochs=20"],
+     [6, 18, 54], "at evaluations 6, 18, 54 (epochs 1.5, 4.5, 13.5, at 4 evaluations per epoch); max 80", None),
+    (["trial.evals_per_epoch=2", "search.grace_period=30", "search.reduction_factor=3"], [30],
+     "at evaluations 30 (epochs 15, at 2 evaluations per epoch); max 80", "single rung (evaluation 30)"),
 ])
-def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, warning):
+def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, head, warning):
     from ray.tune.schedulers import ASHAScheduler
 
     from emotune.search import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(overrides, "search")
-    search = cfg["search"]
-    ray_own = ASHAScheduler(time_attr="epoch", metric="val_f1", mode="max", max_t=cfg["trial"]["max_epochs"],
+    search, trial = cfg["search"], cfg["trial"]
+    ray_own = ASHAScheduler(time_attr="evaluation", metric="val_f1", mode="max",
+                            max_t=trial["max_epochs"] * trial["evals_per_epoch"],
                             grace_period=search["grace_period"], reduction_factor=search["reduction_factor"])
     lines = ladder_lines(cfg, asha_rungs(make_scheduler(cfg)))
     assert sorted(m for m, _ in ray_own._brackets[0]._rungs) == rungs
-    assert lines[0].startswith(f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {cfg['trial']['max_epochs']}")
+    assert lines[0].startswith(f"ASHA rungs {head} ")
     assert (len(lines) == 2 and warning in lines[1]) if warning else len(lines) == 1
 
 
@@ -109,7 +116,8 @@ def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
     for name, loss in (("first", 0.5), ("worse", 0.9), ("better", 0.3)):  # each reaches the epoch-1 rung in turn
         trial = SimpleNamespace(trial_id=name)  # all Ray's scheduler reads of a trial is its id
         scheduler.on_trial_add(None, trial)
-        decisions[name] = scheduler.on_trial_result(None, trial, {"epoch": 1, "val_loss": loss, "val_f1": 0.5})
+        decisions[name] = scheduler.on_trial_result(None, trial, {"evaluation": 1, "val_loss": loss,
+                                                                               "val_f1": 0.5})
     assert decisions == {"first": TrialScheduler.CONTINUE, "worse": TrialScheduler.STOP,
                          "better": TrialScheduler.CONTINUE}
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import trial_config
+from emotune.errors import EmotuneError
 from emotune.trial import TrainerState, TrialContext, load_checkpoint, run_trial, save_checkpoint
 
 QUIET = {"reporter": lambda metrics, checkpoint: None, "progress": False}
@@ -163,32 +164,49 @@ def test_class_weights_come_from_the_training_split_only_inverse_to_its_counts(s
             assert (train_counts[i] < train_counts[j]) == (weights[i] > weights[j])
 
 
-def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path):
+@pytest.mark.parametrize("evals_per_epoch", [1, 3])
+def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path, evals_per_epoch):
+    """The EMA and the best follow every dev evaluation; patience, lr decay and early stopping count epochs."""
     corpus, runs = separable
     cfg = trial_config(corpus, runs, "trial.max_epochs=20", "trial.patience=2", "trial.lr_decay=0.5",
-                       "trial.early_stop=3", "trial.ema_alpha=0.3", "trial.lr=0.002")
-    summary = run_trial(cfg, TrialContext(workdir=tmp_path / "t", **QUIET))
+                       "trial.early_stop=3", "trial.ema_alpha=0.3", "trial.lr=0.002",
+                       f"trial.evals_per_epoch={evals_per_epoch}")
+    reports = []
+    summary = run_trial(cfg, TrialContext(workdir=tmp_path / "t", progress=False,
+                                          reporter=lambda metrics, checkpoint: reports.append((metrics, checkpoint))))
     rows = summary["history"]
     # replay the rules on the reported dev F1 and compare with what the trial reported
-    lr, ema, best, since_best, since_decay = 0.002, None, -1.0, 0, 0
-    for epoch, row in enumerate(rows, start=1):
+    lr, ema, best, since_best, since_decay, improved = 0.002, None, -1.0, 0, 0, False
+    for evaluation, row in enumerate(rows, start=1):
         f1 = row["val_f1"]
         ema = f1 if ema is None else 0.3 * f1 + 0.7 * ema
         if f1 > best:
-            best, since_best, since_decay = f1, 0, 0
-        else:
-            since_best, since_decay = since_best + 1, since_decay + 1
-            if since_decay >= 2:
-                lr, since_decay = lr * 0.5, 0
-        assert row["epoch"] == epoch
+            best, improved = f1, True
+        if evaluation % evals_per_epoch == 0:  # the epoch ends here
+            if improved:
+                since_best, since_decay, improved = 0, 0, False
+            else:
+                since_best, since_decay = since_best + 1, since_decay + 1
+                if since_decay >= 2:
+                    lr, since_decay = lr * 0.5, 0
+        assert row["evaluation"] == evaluation
+        assert row["epoch"] == pytest.approx(evaluation / evals_per_epoch, abs=1e-4)
         assert row["val_f1_ema"] == pytest.approx(ema, abs=2e-6)
         assert row["best_val_f1"] == pytest.approx(best, abs=2e-6)
         assert row["lr"] == pytest.approx(lr, rel=1e-9)
         if since_best >= 3:
             break
-    assert since_best >= 3 and len(rows) == epoch < 20  # it stopped early, at the first epoch the rule says
+    # it stopped early, at the end of the first epoch the rule says
+    assert since_best >= 3 and len(rows) == evaluation < 20 * evals_per_epoch
+    assert evaluation % evals_per_epoch == 0 and summary["epochs_trained"] == evaluation // evals_per_epoch
     assert summary["patience_stopped"] == 1.0
     assert min(r["lr"] for r in rows) < 0.002  # the decay happened at least once
+    # every evaluation is reported; only the one that ends an epoch comes with a checkpoint to resume from
+    assert [m["evaluation"] for m, _ in reports] == list(range(1, len(rows) + 1))
+    assert [c is not None for _, c in reports] == [m["evaluation"] % evals_per_epoch == 0 for m, _ in reports]
+    if evals_per_epoch > 1:
+        with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=99, but an epoch has \d+ training batches"):
+            run_trial(trial_config(corpus, runs, "trial.evals_per_epoch=99"), TrialContext(**QUIET))
 
 
 def test_feature_standardisation_and_the_tokenizer_learn_from_the_training_split_only(separable, tmp_path):
