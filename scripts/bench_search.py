@@ -35,8 +35,8 @@ import numpy as np
 from _bench import BENCH_DIR, RUNS_DIR, mean_sd, run_search, write
 
 METHODS = ("default", "random", "tpe", "paper")
-NO_PRUNING = "search.grace_period=1000"
-PARTIAL = RUNS_DIR / "bench-search-partial.json"  # the results so far, written after every search  # past every max_epochs: ASHA never stops a trial
+NO_PRUNING = "search.grace_period=1000"  # past every max_epochs: ASHA never stops a trial
+PARTIAL = RUNS_DIR / "bench-search-partial.json"  # the results so far, written after every search
 
 
 def paper_repeats_space(cfg: dict) -> Path:
