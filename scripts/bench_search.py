@@ -18,7 +18,8 @@ random search's final best, and the test macro-F1 of the best trial and of `sele
     python scripts/bench_search.py                          # 5 seeds x 4 methods x 150 s (about 1 hour)
     python scripts/bench_search.py --seeds 0 1 --budget 60  # a quick look
 
-Writes benchmarks/search.json, benchmarks/search.md and benchmarks/search.png.
+Writes benchmarks/search.json, benchmarks/search.md and benchmarks/search.png (``--out NAME``: NAME.* instead,
+to keep another budget's results beside them; search.md links them).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ from _bench import BENCH_DIR, RUNS_DIR, mean_sd, run_search, write
 
 METHODS = ("default", "random", "tpe", "paper")
 NO_PRUNING = "search.grace_period=1000"  # past every max_epochs: ASHA never stops a trial
-PARTIAL = RUNS_DIR / "bench-search-partial.json"  # the results so far, written after every search
+
+
+def partial_file(out: str) -> Path:
+    """The results so far, written after every search: a failure later on loses none of them."""
+    return RUNS_DIR / f"bench-{out}-partial.json"
 
 
 def paper_repeats_space(cfg: dict) -> Path:
@@ -92,12 +97,14 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=150, help="seconds per search, from its first trial "
                         "(default 150)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
-    parser.add_argument("--report-only", action="store_true", help=f"write the report from {PARTIAL} (the results "
-                        "of an earlier run) without running searches")
+    parser.add_argument("--out", default="search", help="name of the files written to benchmarks/ (default "
+                        "search)")
+    parser.add_argument("--report-only", action="store_true", help="write the report from runs/bench-OUT-partial.json "
+                        "(the results of an earlier run) without running searches")
     args = parser.parse_args()
     if args.report_only:
-        saved = json.loads(PARTIAL.read_text())
-        report(saved["runs"], argparse.Namespace(**saved["args"]))
+        saved = json.loads(partial_file(args.out).read_text())
+        report(saved["runs"], argparse.Namespace(**(saved["args"] | {"out": args.out})))
         return 0
 
     from emotune.config import load_config
@@ -126,7 +133,7 @@ def main() -> int:
                 "best_trial_test_f1": ensemble["members"][0]["eval_macro_f1"], "ensemble_test_f1": ensemble["macro_f1"],
                 "cut_by_asha": summary["cut_by_asha"]}
             print(method, seed, {k: v for k, v in runs[f"{method}/{seed}"].items() if k != "curve"}, flush=True)
-            PARTIAL.write_text(json.dumps({"args": vars(args), "runs": runs}))  # a later failure loses no search
+            partial_file(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}))
     report(runs, args)
     return 0
 
@@ -180,11 +187,15 @@ def report(runs: dict, args) -> None:
                   "its first 10 proposals (n_startup_trials) at random, from the same seed as the random sampler, and "
                   f"no search here ran more than {max(runs[f'tpe/{s}']['trials'] for s in args.seeds)} trials without "
                   "pruning. Within this budget only ASHA's extra trials can tell TPE + ASHA from random search."]
-    lines += ["", "![best dev macro-F1 against time](search.png)", "",
+    out = getattr(args, "out", "search")  # runs saved before --out existed wrote "search"
+    lines += ["", f"![best dev macro-F1 against time]({out}.png)", "",
               f"Command: `python scripts/bench_search.py --seeds {' '.join(map(str, args.seeds))} --budget "
-              f"{args.budget:g}`."]
-    plot(runs, args, BENCH_DIR / "search.png")
-    write("search", data, lines)
+              f"{args.budget:g}{'' if out == 'search' else ' --out ' + out}`."]
+    others = sorted(p.stem for p in BENCH_DIR.glob("search*.md") if p.stem != out)
+    if others:
+        lines += ["", "Other runs of this benchmark: " + ", ".join(f"[{o}]({o}.md)" for o in others) + "."]
+    plot(runs, args, BENCH_DIR / f"{out}.png")
+    write(out, data, lines)
 
 
 def plot(runs: dict, args, path: Path) -> None:
