@@ -41,7 +41,7 @@ class ModelCard:
     encoder_names: dict = field(default_factory=dict)  # ``encoders.*`` as configured
     norm_stats: dict = field(default_factory=dict)  # the training side's waveform mean and std
     features: dict = field(default_factory=dict)  # the feature settings the cache was built with
-    best_epoch: int = 0
+    best_epoch: int | float = 0  # fractional when the best dev evaluation came within an epoch
     best_val_f1: float = float("nan")
     trial_seed: int | None = None
     format: int = CARD_FORMAT

@@ -60,9 +60,9 @@ def trainable_name(experiment_dir: Path, restore: bool) -> str:
 
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
-RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock", "features.batch_size",
-                     "features.device",
-                     "features.verify", "features.gpu_per_worker", "features.max_cache_gb", "features.plan_tflops",
+RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock",
+                     "features.batch_size", "features.device", "features.verify", "features.gpu_per_worker",
+                     "features.max_cache_gb", "features.plan_tflops",
                      "trial.device", "trial.cpus",
                      "trial.fail_once_at_epoch")  # a testing aid of earlier versions, recorded by their searches
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search

@@ -6,9 +6,10 @@ again. Outside Ray the same function runs alone:
 ``emotune train key=value ...``. Every dev evaluation (one per epoch, or ``trial.evals_per_epoch``) reports
 ``val_f1`` (dev macro-F1), its smoothed ``val_f1_ema``, ``best_val_f1``, ``val_loss`` (dev cross-entropy),
 ``train_loss`` and ``lr``, with ``epoch`` (fractional between epochs) and ``evaluation`` (the count of dev
-evaluations, which is ASHA's clock). Each trial is one MLflow run; whenever dev macro-F1 improves, the best checkpoint (safetensors), the dev and test class probabilities with ids, a
-confusion-matrix PNG and a classification report are logged, so even a trial that ASHA stops early leaves
-everything the ensemble selector needs. Test data is only ever predicted, never scored or selected on.
+evaluations, which is ASHA's clock). Each trial is one MLflow run; whenever dev macro-F1 improves, the best
+checkpoint (safetensors), the dev and test class probabilities with ids, a confusion-matrix PNG and a
+classification report are logged, so even a trial that ASHA stops early leaves everything the ensemble selector
+needs. Test data is only ever predicted, never scored or selected on.
 """
 
 from __future__ import annotations
