@@ -361,7 +361,7 @@ class Trainer:
                     skip = ("evaluation",) + (("epoch",) if self.evals_per_epoch == 1 else ())
                     self.run.log_metrics({k: v for k, v in metrics.items() if k not in skip},
                                          step=self.state.evaluation)
-                if metrics["epoch"] != self.state.epoch:  # within the epoch: no checkpoint, the epoch goes on
+                if metrics["evaluation"] % self.evals_per_epoch:  # within the epoch: no checkpoint, it goes on
                     self._report(metrics, checkpoint=False)
             self.state.rng = self.rng.bit_generator.state
             save_checkpoint(self.workdir / "checkpoint", self.model, self.optimizer, self.state,
