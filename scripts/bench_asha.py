@@ -107,9 +107,14 @@ def recorded(experiment_dir, epochs: int) -> tuple[list[list[dict]], float]:
     return [[{k: row[k] for k in METRICS} for row in rows[:epochs]] for rows in trials], float(seconds)
 
 
+def at_epoch(curves, epoch: int, metric: str = "best_val_f1") -> np.ndarray:
+    """Every recorded trial's ``metric`` at ``epoch`` (1-based); at max_t, best_val_f1 is a trial's final F1."""
+    return np.array([c[epoch - 1][metric] for c in curves])
+
+
 def evaluate(curves, draws, setting: tuple, concurrent: int) -> dict:
     metric, grace, factor, max_t = setting
-    final = np.array([c[max_t - 1]["best_val_f1"] for c in curves])
+    final = at_epoch(curves, max_t)
     rows = []
     for order in draws:
         best = max(order, key=lambda i: final[i])
@@ -131,19 +136,19 @@ def early_signal(curves, max_t: int, epochs=(3, 5, 10, 15, 20)) -> list[str]:
     """How well each metric at an early epoch predicts the final best F1 at ``max_t`` (Spearman's rank
     correlation over the recorded trials), and where the eventual best trial ranks early on: what any ASHA setting
     can at most get from these curves."""
-    final = np.array([c[max_t - 1]["best_val_f1"] for c in curves])
+    final = at_epoch(curves, max_t)
     header = "| metric | " + " | ".join(f"epoch {e}" for e in epochs) + " |"
     lines = [header, "|---|" + "---|" * len(epochs)]
     for metric in METRICS:
         cells = []
         for epoch in epochs:
-            early = np.array([c[epoch - 1][metric] for c in curves]) * (-1 if metric == "val_loss" else 1)
+            early = at_epoch(curves, epoch, metric) * (-1 if metric == "val_loss" else 1)
             cells.append(f"{np.corrcoef(_ranks(early), _ranks(final))[0, 1]:.2f}")
         lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
     best = int(np.argmax(final))
     places = []
     for epoch in epochs:
-        early = np.array([c[epoch - 1]["best_val_f1"] for c in curves])
+        early = at_epoch(curves, epoch)
         places.append(f"{int((early > early[best]).sum()) + 1} at epoch {epoch}")
     return lines + ["", f"The trial with the best final F1 (of {len(curves)}) ranks, by best_val_f1: "
                     f"{', '.join(places)} (1 is the top)."]
@@ -214,7 +219,7 @@ def main() -> int:
                                          shipped["search"]["reduction_factor"], shipped["trial"]["max_epochs"])
     agreement = check_with_tune(curves, draws, [chosen, shipped_key], results, args) if args.check else None
 
-    final60 = np.array([c[-1]["best_val_f1"] for c in curves])
+    final60 = at_epoch(curves, args.epochs)
     noise = {m: float(np.mean([np.std(np.diff([r[m] for r in c])) for c in curves])) for m in ("val_f1", "val_loss")}
     lines = [f"# ASHA settings on noisy dev curves ({len(curves)} recorded trials x {args.epochs} epochs; "
              f"{args.replays} paired replays of {args.pool} per setting)", "",

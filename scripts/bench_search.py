@@ -187,7 +187,7 @@ def report(runs: dict, args) -> None:
                   "its first 10 proposals (n_startup_trials) at random, from the same seed as the random sampler, and "
                   f"no search here ran more than {max(runs[f'tpe/{s}']['trials'] for s in args.seeds)} trials without "
                   "pruning. Within this budget only ASHA's extra trials can tell TPE + ASHA from random search."]
-    out = getattr(args, "out", "search")  # runs saved before --out existed wrote "search"
+    out = args.out
     lines += ["", f"![best dev macro-F1 against time]({out}.png)", "",
               f"Command: `python scripts/bench_search.py --seeds {' '.join(map(str, args.seeds))} --budget "
               f"{args.budget:g}{'' if out == 'search' else ' --out ' + out}`."]
