@@ -5,8 +5,11 @@ and the input. Each array is stored once, in float16 or (``features.storage=int8
 per layer and frame, as ``<root>/<key[:2]>/<key>.safetensors``, where the key hashes exactly those things:
 for speech the encoder key, the audio file's bytes, the normalisation statistics and the augmentation
 variant; for text the encoder key and the transcript. A trial, another search, or a rerun
-after a crash finds the same keys and never runs the encoder again. Each file carries a CRC32 of its data,
-checked when the cache is built, so a damaged file is found and rebuilt instead of trained on.
+after a crash finds the same keys and never runs the encoder again. Each file carries a CRC32 of its data, so
+a damaged file is found and rebuilt instead of trained on. Reading a large cache in full at every start would take
+hours, so the check is split (see :class:`CheckRecord`): a start compares each file's size and modification time
+with those recorded when it was last known intact and reads in full only the files that changed or have no record;
+a trial checks the CRC of each file it reads in full, the first time it reads it.
 
 Training clips get ``variants`` augmented copies (variant 0 is the clean clip); a trial with augmentation
 probability p then picks, per clip and epoch, the clean copy with probability 1 - p, else a random copy.
@@ -14,8 +17,10 @@ probability p then picks, per clip and epoch, the clean copy with probability 1 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +38,7 @@ from emotune.features.encode import FrozenEncoder
 from emotune.names import file_identity
 
 CACHE_FORMAT = "1"
+READ_DTYPE = np.float16  # what every read returns, whatever the storage: what a trial holds in memory
 
 
 def _digest(*parts) -> str:
@@ -58,8 +64,8 @@ def pack(array: np.ndarray, storage: str = "float16") -> dict[str, np.ndarray]:
 def unpack(tensors: dict[str, np.ndarray]) -> np.ndarray:
     """The stored array as float16, whatever the storage (int8 values are multiplied back by their scales)."""
     if "s" in tensors:
-        return (tensors["x"].astype(np.float32) * tensors["s"][..., None]).astype(np.float16)
-    return tensors["x"]
+        return (tensors["x"].astype(np.float32) * tensors["s"][..., None]).astype(READ_DTYPE)
+    return tensors["x"].astype(READ_DTYPE, copy=False)
 
 
 def as_stored(array: np.ndarray, storage: str) -> np.ndarray:
@@ -75,7 +81,7 @@ def as_stored(array: np.ndarray, storage: str) -> np.ndarray:
 def _crc(tensors: dict[str, np.ndarray]) -> str:
     crc = 0
     for name in sorted(tensors):
-        crc = zlib.crc32(np.ascontiguousarray(tensors[name]).tobytes(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(tensors[name]), crc)  # the array's buffer: no copy of its bytes
     return f"{crc:08x}"
 
 
@@ -92,11 +98,62 @@ def _sorted_header(data: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + data[8 + size :]
 
 
+class CheckRecord:
+    """The size and modification time (ns) of each cache file when it was last known intact, so that a start
+    reads in full only the files that changed since.
+
+    A file is recorded when it is written (its CRC is computed from the arrays it is written from) or when a full
+    read finds its CRC right; a start trusts a file whose stat still matches its record. What this cannot see is
+    a change that keeps both size and modification time (bit rot on the disk, an edit whose mtime was put back):
+    trials catch those when they read the file in full (:meth:`FeatureStore.read`). Entries are observations of
+    one file state each, so a record lost to a concurrent writer only costs a file one more full check; it never
+    vouches for a file that changed. A cache without this record (written by an older emotune) is checked in
+    full once, and recorded.
+    """
+
+    FILE = "checked_files.json"
+
+    def __init__(self, root: Path) -> None:
+        self.file = Path(root) / self.FILE
+        self.entries = self._load()
+        self.noted: dict[str, list[int]] = {}
+
+    def _load(self) -> dict[str, list[int]]:
+        try:
+            return json.loads(self.file.read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):  # none yet, or unreadable: every file is checked in full
+            return {}
+
+    def unchanged(self, key: str, stat: os.stat_result) -> bool:
+        return self.entries.get(key) == [stat.st_size, stat.st_mtime_ns]
+
+    def note(self, key: str, stat: os.stat_result) -> None:
+        self.entries[key] = self.noted[key] = [stat.st_size, stat.st_mtime_ns]
+
+    def save(self) -> None:
+        """Add what this process noted to the record on disk (re-read first: other processes may have added theirs)."""
+        if not self.noted:
+            return
+        entries = self._load() | self.noted
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.{time.time_ns()}.tmp")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "files": entries}))
+            os.replace(tmp, self.file)
+        except OSError as exc:  # a read-only cache still works; only the time the record saves is lost
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            print(f"feature cache: cannot save {self.file} ({exc}); the {len(self.noted)} files just checked "
+                  "(or written) will be checked in full again at the next start.", flush=True)
+        self.noted = {}
+
+
 class FeatureStore:
     """Content-addressed arrays in safetensors files (float16, or int8 with scales), written atomically, CRC-checked."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()  # created by the first write, not before: plans write nothing
+        self.read_intact: set[str] = set()  # keys whose CRC a full read of this store found right
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -116,38 +173,82 @@ class FeatureStore:
         os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
         return path.stat().st_size
 
-    def read(self, key: str, frames: slice | None = None) -> np.ndarray:
-        """The ``(layers, time, width)`` array; ``frames`` reads only part of the time axis (memory-mapped)."""
+    def _load(self, key: str) -> tuple[dict[str, np.ndarray], str | None]:
+        """The stored tensors of ``key`` and the CRC written with them."""
         from safetensors import safe_open
 
+        with safe_open(str(self.path(key)), framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, (f.metadata() or {}).get("crc32")
+
+    def _unusable(self, key: str, problem: str) -> EmotuneError:
+        """The error for a file a trial cannot use. The file's mtime is set to now, so that the next start sees
+        it changed, checks it in full and re-encodes it."""
         path = self.path(key)
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                if frames is None:
-                    return unpack({name: f.get_tensor(name) for name in f.keys()})
-                return unpack({name: f.get_slice(name)[:, frames] for name in f.keys()})
-        except Exception as exc:  # missing, truncated or overwritten
-            raise EmotuneError(
-                f"cannot read cached features {path} ({str(exc).splitlines()[0][:120]}). The cache was changed "
-                "after it was built; rebuild it with features.verify=true (damaged files are then re-encoded)."
-            ) from None
+            os.utime(path)
+            fix = "It is now marked as changed: start again with features.verify=true, which re-encodes it."
+        except OSError:  # gone, or a read-only cache
+            fix = ("Delete it if it is still there and start again with features.verify=true, which re-encodes "
+                   "missing files.")
+        return EmotuneError(f"cached features {path} {problem}: the file changed after the cache was checked. {fix}")
 
-    def is_intact(self, key: str) -> bool:
+    def read(self, key: str, frames: slice | None = None) -> np.ndarray:
+        """The ``(layers, time, width)`` array; ``frames`` reads only part of the time axis (memory-mapped).
+
+        The first full read of each file also checks its CRC, on bytes already in memory: a start checks only
+        files whose size or mtime changed, and this catches the changes that keep both before they are trained on.
+        Partial reads (training crops streamed from disk) are not checked.
+        """
+        from safetensors import safe_open
+
+        try:
+            if frames is not None:
+                with safe_open(str(self.path(key)), framework="numpy") as f:
+                    return unpack({name: f.get_slice(name)[:, frames] for name in f.keys()})
+            tensors, expected = self._load(key)
+        except Exception as exc:  # missing, truncated or overwritten
+            raise self._unusable(key, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        if key not in self.read_intact:
+            if expected != _crc(tensors):
+                raise self._unusable(key, f"fail their CRC check (stored {expected}, read {_crc(tensors)})")
+            self.read_intact.add(key)
+        return unpack(tensors)
+
+    def is_intact(self, key: str, record: CheckRecord | None = None) -> bool:
+        """Whether ``key``'s file holds the arrays its CRC was computed from.
+
+        With ``record``, a file whose size and mtime are those recorded is trusted without reading it, and a
+        file read in full and found intact is recorded.
+        """
+        try:
+            stat = self.path(key).stat()  # before the read: a change during the read must not be recorded as seen
+            if record is not None and record.unchanged(key, stat):
+                return True
+            tensors, expected = self._load(key)
+        except Exception:
+            return False
+        if expected != _crc(tensors):
+            return False
+        if record is not None:
+            record.note(key, stat)
+        return True
+
+    def _shape(self, key: str) -> list[int]:
         from safetensors import safe_open
 
         try:
             with safe_open(str(self.path(key)), framework="numpy") as f:
-                expected = (f.metadata() or {}).get("crc32")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception:
-            return False
-        return expected == _crc(tensors)
+                return list(f.get_slice("x").get_shape())
+        except Exception as exc:
+            raise self._unusable(key, f"cannot be read ({str(exc).splitlines()[0][:120]})") from None
 
     def frames(self, key: str) -> int:
-        from safetensors import safe_open
+        return self._shape(key)[1]
 
-        with safe_open(str(self.path(key)), framework="numpy") as f:
-            return int(f.get_slice("x").get_shape()[1])
+    def held_bytes(self, key: str) -> int:
+        """The memory a full read of ``key`` takes: its values as ``READ_DTYPE`` (int8 is unpacked to float16,
+        twice its size on disk). Only the file's header is read."""
+        return math.prod(self._shape(key)) * np.dtype(READ_DTYPE).itemsize
 
 
 @dataclass(frozen=True)
@@ -173,13 +274,16 @@ class BuildReport:
     hits: int = 0
     built: int = 0
     rebuilt_damaged: int = 0
+    checked_in_full: int = 0  # cached files whose CRC was read (new, changed or not yet recorded); the rest: a stat
     bytes_written: int = 0
     seconds: float = 0.0
     encoder_calls: int = 0
     workers: list = field(default_factory=list)  # what each Ray worker that filled the cache ran on
 
     def line(self) -> str:
-        return (f"{self.encoder}: {self.hits} cached, {self.built} encoded"
+        return (f"{self.encoder}: {self.hits} cached"
+                f"{f' ({self.checked_in_full} new or changed files CRC-checked)' if self.checked_in_full else ''}, "
+                f"{self.built} encoded"
                 f"{f' ({self.rebuilt_damaged} damaged files rebuilt)' if self.rebuilt_damaged else ''}, "
                 f"{self.bytes_written / 1e6:.1f} MB written in {self.seconds:.1f} s")
 
@@ -296,12 +400,16 @@ def _prepare_input(job: SpeechJob | TextJob, norm: NormStats | None, augmenter: 
     return wave
 
 
-def missing_jobs(jobs: Sequence[SpeechJob | TextJob], store: FeatureStore,
-                 verify: bool) -> tuple[list[SpeechJob | TextJob], int, int]:
-    """The jobs whose array is absent or (with ``verify``) damaged, plus the counts of hits and damaged files."""
+def missing_jobs(jobs: Sequence[SpeechJob | TextJob], store: FeatureStore, verify: bool,
+                 record: CheckRecord | None = None) -> tuple[list[SpeechJob | TextJob], int, int]:
+    """The jobs whose array is absent or (with ``verify``) damaged, plus the counts of hits and damaged files.
+
+    With ``record``, ``verify`` reads only the files whose size or mtime differ from their record (see
+    :class:`CheckRecord`); without it, every file in full.
+    """
     todo, hits, damaged = [], 0, 0
     for job in {j.key: j for j in jobs}.values():
-        if store.exists(job.key) and (not verify or store.is_intact(job.key)):
+        if store.exists(job.key) and (not verify or store.is_intact(job.key, record)):
             hits += 1
         else:
             damaged += store.exists(job.key)
@@ -336,7 +444,9 @@ def fill_missing(recipe, jobs: Sequence[SpeechJob | TextJob], store: FeatureStor
     label = f"{recipe.modality} encoder {recipe.spec.name}"
     report = BuildReport(encoder=label)
     began = time.perf_counter()
-    todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify)
+    record = CheckRecord(store.root)
+    todo, report.hits, report.rebuilt_damaged = missing_jobs(jobs, store, verify, record)
+    report.checked_in_full = len(record.noted) + report.rebuilt_damaged
     if todo:
         check_disk(store, estimate_bytes(recipe, todo), label, announce=progress)
         where, encode = start()
@@ -348,6 +458,9 @@ def fill_missing(recipe, jobs: Sequence[SpeechJob | TextJob], store: FeatureStor
         encode(todo, bar, report)
         if bar:
             bar.close()
+        for job in todo:  # written whole from arrays whose CRC they carry: known intact without a read
+            record.note(job.key, store.path(job.key).stat())
+    record.save()
     report.built = len(todo) - report.rebuilt_damaged
     report.seconds = time.perf_counter() - began
     return report

@@ -47,7 +47,11 @@ def label_tensor(utterances: Sequence[Utterance], labels: Sequence[str]) -> torc
 
 
 class CachedFeatures:
-    """Reads batches from the feature cache; small caches are loaded into memory once."""
+    """Reads batches from the feature cache; small caches are loaded into memory once.
+
+    "Small" is what the loaded arrays take in memory (``held_bytes``), at most ``preload_mb``: reads unpack int8
+    to float16, so an int8 cache takes about twice its size on disk.
+    """
 
     def __init__(self, index: FeatureIndex, modalities: Sequence[str], labels: Sequence[str], aug_prob: float = 0.0,
                  crop_seconds: float = 5.5, preload_mb: float = 4096) -> None:
@@ -60,8 +64,8 @@ class CachedFeatures:
         self.crop_frames = max(1, int(round(crop_seconds * speech["frame_rate"]))) if speech else 0
         self.memory: dict[str, np.ndarray] = {}
         keys = self._keys()
-        size = sum(self.store.path(k).stat().st_size for k in keys)
-        if size <= preload_mb * 1e6:
+        self.held_bytes = sum(self.store.held_bytes(k) for k in keys)  # once loaded; reads only the files' headers
+        if self.held_bytes <= preload_mb * 1e6:
             self.memory = {k: self.store.read(k) for k in keys}
 
     def _keys(self) -> list[str]:
