@@ -198,7 +198,10 @@ def _add_select_top(sub) -> None:
     select.add_argument("--exclude-stopped", action="store_true", help="leave out trials that ASHA stopped early")
     select.add_argument("--steps", type=int, default=25, help="greedy selection steps (default 25)")
     select.add_argument("--calibrate", action="store_true",
-                        help="also tune per-class logit offsets on dev and report them beside the plain result")
+                        help="soft and greedy only (the hard vote takes no offsets): tune per-class offsets on the "
+                        "dev clips that choose the members and apply them to the predictions, submission.csv and "
+                        "`emotune predict`; the macro-F1, report and confusion matrix are then the calibrated ones, "
+                        "and the macro-F1 without offsets is printed beside")
     select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK); an "
                         "existing one is replaced only if it holds an earlier ensemble or nothing")
     select.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (paths, tracking)")

@@ -14,6 +14,11 @@ otherwise dev is split in two and the second half, never used for choosing, is t
 Trials with equal dev macro-F1 (common once several reach the same score) rank by when their MLflow run
 started, earlier first, then by run id, so the same search always gives the same members.
 
+``--calibrate`` (soft and greedy; the hard vote takes no offsets) tunes per-class offsets on the selection data
+and applies them to everything the ensemble writes and predicts. Its figures follow: the headline macro-F1
+(printed, ``macro_f1`` in ``evaluation.json``, ``ensemble_macro_f1`` in MLflow), the report and the confusion
+matrix are those of the calibrated predictions; the score without offsets is kept as ``macro_f1_uncalibrated``.
+
 The ensemble folder (``--out``) is replaced only when it holds an ensemble emotune wrote (its
 ``ensemble.json``), an interrupted ``select-top`` or nothing: any other folder is left alone.
 """
@@ -244,10 +249,10 @@ def evaluation_plan(corpus, dev_true: list[int], labels: list[str], seed: int) -
 class Scored:
     """The ensemble's figures on the evaluation data, and each member's alone."""
 
-    result: dict  # macro_f1, and macro_f1_calibrated when there are offsets
-    report: dict  # per-class precision, recall, F1
+    result: dict  # macro_f1 of ``predicted``; with offsets also macro_f1_calibrated (equal) and macro_f1_uncalibrated
+    report: dict  # per-class precision, recall, F1 of ``predicted``
     members: list[dict]
-    predicted: np.ndarray  # the ensemble's classes on the evaluation data, without calibration offsets
+    predicted: np.ndarray  # the ensemble's classes on the evaluation data, offsets applied as in the files it writes
 
 
 @dataclass
@@ -271,11 +276,14 @@ class Chosen:
     def score(self, plan: EvaluationPlan) -> Scored:
         n_classes = len(self.labels)
         probs = self.member_probs(plan.eval_split, plan.eval_ids)
-        predicted, _ = combine(self.method, probs, self.weights)
+        # Scored as written and predicted: the headline, report and confusion matrix must describe those labels.
+        predicted, _ = combine(self.method, probs, self.weights, self.offsets)
         result = {"macro_f1": evaluation.macro_f1(plan.eval_true, predicted, n_classes)}
         if self.offsets is not None:
-            calibrated, _ = combine(self.method, probs, self.weights, self.offsets)
-            result["macro_f1_calibrated"] = evaluation.macro_f1(plan.eval_true, calibrated, n_classes)
+            plain, _ = combine(self.method, probs, self.weights)
+            # the name earlier ensembles gave the calibrated figure, kept so their runs compare with new ones
+            result["macro_f1_calibrated"] = result["macro_f1"]
+            result["macro_f1_uncalibrated"] = evaluation.macro_f1(plan.eval_true, plain, n_classes)
         members = [{"run_id": member.run_id, "name": member.name, "weight": weight, "dev_f1": member.dev_f1,
                     "eval_macro_f1": evaluation.macro_f1(plan.eval_true, alone.argmax(1), n_classes),
                     "stopped_by_asha": member.stopped_by_asha}
@@ -419,18 +427,26 @@ def _save(out: Path, ensemble: Chosen, corpus, parent, request: EnsembleRequest)
 
 def _write_evaluation(out: Path, plan: EvaluationPlan, ensemble: Chosen, scored: Scored) -> list:
     result, labels = scored.result, ensemble.labels
+    calibrated = "macro_f1_uncalibrated" in result
     files = [evaluation.confusion_png(plan.eval_true, scored.predicted, labels, out / "confusion_matrix.png",
                                       title=f"{ensemble.method} ensemble on {plan.description.split(';')[0]}: "
-                                            f"macro-F1 {result['macro_f1']:.3f}")]
+                                            f"macro-F1 {result['macro_f1']:.3f}"
+                                            + (" with calibration offsets" if calibrated else ""))]
     text = [f"evaluation data: {plan.description}", f"ensemble ({ensemble.method}) macro-F1 {result['macro_f1']:.4f}"]
-    if "macro_f1_calibrated" in result:
-        text.append(f"with calibration offsets: {result['macro_f1_calibrated']:.4f}")
+    if calibrated:
+        text[-1] += (" with calibration offsets: the report below, confusion_matrix.png, submission.csv and the "
+                     "prediction column of test_predictions.csv apply them")
+        text.append(f"ensemble ({ensemble.method}) macro-F1 {result['macro_f1_uncalibrated']:.4f} without "
+                    "calibration offsets (for comparison only)")
     text += ["", evaluation.report_text(scored.report, labels), "", "members on the same data:"]
     text += [f"  {s['name']}  weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  evaluation {s['eval_macro_f1']:.4f}"
              for s in scored.members]
     (out / "evaluation.txt").write_text("\n".join(text) + "\n")
     files.append(out / "evaluation.txt")
+    confusion = evaluation.confusion_counts(plan.eval_true, scored.predicted, len(labels))
     files.append(evaluation.save_json({"evaluation": plan.description, **result, "report": scored.report,
+                                       "confusion_matrix": {"rows_true_columns_predicted": labels,
+                                                            "counts": confusion.tolist()},
                                        "members": scored.members}, out / "evaluation.json"))
     return files
 
@@ -473,8 +489,13 @@ def _log(tracking: dict, parent, request: EnsembleRequest, plan: EvaluationPlan,
 def _print_summary(summary: dict, report: dict, labels) -> None:
     print(f"{summary['method']} ensemble of search '{summary['search']}' "
           f"({len(summary['members'])} members), scored on the {summary['evaluation']}:")
-    print(f"  ensemble macro-F1 {summary['macro_f1']:.4f}" + (
-        f"  (calibrated {summary['macro_f1_calibrated']:.4f})" if "macro_f1_calibrated" in summary else ""))
+    if "macro_f1_uncalibrated" in summary:
+        print(f"  ensemble macro-F1 {summary['macro_f1']:.4f} with calibration offsets: the predictions, "
+              "submission.csv, confusion matrix and report written apply them")
+        print(f"  ensemble macro-F1 {summary['macro_f1_uncalibrated']:.4f} without calibration offsets "
+              "(for comparison only)")
+    else:
+        print(f"  ensemble macro-F1 {summary['macro_f1']:.4f}")
     for s in summary["members"]:
         print(f"  member {s['name']:<28} weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  "
               f"evaluation {s['eval_macro_f1']:.4f}{'  (stopped by ASHA)' if s['stopped_by_asha'] else ''}")

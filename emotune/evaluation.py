@@ -36,6 +36,13 @@ def report_text(report: dict, labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def confusion_counts(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class) over all ``n_classes`` classes: rows true, columns predicted."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
+
+
 def confusion_png(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], path: str | Path,
                   title: str = "") -> Path:
     """A confusion matrix (rows: true class, columns: predicted) with counts and row-normalised colour."""
@@ -43,9 +50,8 @@ def confusion_png(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
 
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+    matrix = confusion_counts(y_true, y_pred, len(labels))
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(5.5, 4.8), dpi=110)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)

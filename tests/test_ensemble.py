@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -110,8 +111,10 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
 
     submitted = macro_f1([labels.index(truth[r["id"]]) for r in rows], [labels.index(r["label"]) for r in rows],
                          len(labels))
-    assert submitted == pytest.approx(summary.get("macro_f1_calibrated", summary["macro_f1"]), abs=1e-12)
-    assert ("macro_f1_calibrated" in summary) == (method != "hard")
+    assert submitted == pytest.approx(summary["macro_f1"], abs=1e-12)
+    assert summary.get("macro_f1_calibrated", summary["macro_f1"]) == summary["macro_f1"]
+    # the hard vote takes no offsets: --calibrate leaves it with the one figure
+    assert ("macro_f1_calibrated" in summary) == ("macro_f1_uncalibrated" in summary) == (method != "hard")
     with (out / "test_predictions.csv").open() as f:  # the probabilities file names the same labels
         assert {r["id"]: r["prediction"] for r in csv.DictReader(f)} == {r["id"]: r["label"] for r in rows}
     manifest = json.loads((out / "ensemble.json").read_text())
@@ -153,6 +156,68 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
     shifted, _ = Ensemble(out).predict(utterances)
     assert set(shifted.tolist()) == {len(manifest["labels"]) - 1}
+
+
+@pytest.mark.parametrize("method", ["soft", "greedy"])
+def test_calibrate_reports_the_figures_of_the_predictions_it_writes(smoke_search, separable, method, tmp_path,
+                                                                    capsys):
+    """With --calibrate the written predictions apply the offsets, so the printed headline, the report and
+    confusion matrix, evaluation.json and the MLflow run must be theirs; the score without offsets is printed
+    beside under its own label.
+
+    Trials that reach dev macro-F1 1.0 leave nothing to calibrate (the offsets stay 0), so the test works on a
+    copy of the search's store where they count as failed: the weaker trials left get offsets that change labels.
+    """
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from emotune.evaluation import confusion_counts, macro_f1, read_predictions
+
+    smoke_runs, search = smoke_search
+    corpus, _ = separable
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy2(smoke_runs / "mlflow.db", runs / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    perfect = [r for r in finished_trials(runs, search["parent_run_id"]) if r.data.metrics["best_val_f1"] == 1.0]
+    for run in perfect:
+        client.set_terminated(run.info.run_id, status="FAILED")
+    out = tmp_path / "ens"
+    assert cli_main(["select-top", "--method", method, "--k", "3", "--calibrate", "--out", str(out),
+                     f"paths.runs_dir={runs}"]) == 0
+    printed = capsys.readouterr().out
+    headline = re.search(r"ensemble macro-F1 (\d\.\d{4}) with calibration offsets: the predictions, submission.csv, "
+                         r"confusion matrix and report written apply them", printed)
+    plain = re.search(r"ensemble macro-F1 (\d\.\d{4}) without calibration offsets \(for comparison only\)", printed)
+    assert headline and plain, printed
+
+    # score the written predictions again against the test labels (the evaluation data: the test split is labelled)
+    truth = {r["id"]: r["label"] for r in csv.DictReader((corpus / "test_labels.csv").open())}
+    ids, probs, labels = read_predictions(out / "test_predictions.csv")
+    with (out / "test_predictions.csv").open() as f:
+        written = [labels.index(r["prediction"]) for r in csv.DictReader(f)]
+    true = [labels.index(truth[i]) for i in ids]
+    written_f1 = macro_f1(true, written, len(labels))
+    assert headline.group(1) == f"{written_f1:.4f}"
+    # the probabilities written are the vote before offsets: their argmax scores the figure printed for comparison
+    assert plain.group(1) == f"{macro_f1(true, probs.argmax(1), len(labels)):.4f}"
+    assert written != probs.argmax(1).tolist()  # the offsets changed labels: the two figures measure different files
+
+    evaluated = json.loads((out / "evaluation.json").read_text())
+    assert evaluated["macro_f1"] == pytest.approx(written_f1, abs=1e-12)
+    assert evaluated["macro_f1_calibrated"] == evaluated["macro_f1"]
+    assert f"{evaluated['macro_f1_uncalibrated']:.4f}" == plain.group(1)
+    assert evaluated["report"]["macro avg"]["f1-score"] == pytest.approx(written_f1, abs=1e-12)
+    assert evaluated["confusion_matrix"]["rows_true_columns_predicted"] == labels
+    assert evaluated["confusion_matrix"]["counts"] == confusion_counts(true, written, len(labels)).tolist()
+    assert (out / "evaluation.txt").read_text().splitlines()[1].startswith(
+        f"ensemble ({method}) macro-F1 {written_f1:.4f} with calibration offsets")
+
+    run_id = re.search(r"^MLflow run (\w+)$", printed, re.MULTILINE).group(1)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["ensemble_macro_f1"] == pytest.approx(written_f1, abs=1e-12)
+    assert metrics["ensemble_macro_f1_uncalibrated"] == pytest.approx(evaluated["macro_f1_uncalibrated"], abs=1e-12)
 
 
 def test_the_prediction_files_agree_on_vote_ties_and_calibrated_scores(tmp_path):
