@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -333,33 +334,114 @@ def open_encoder(recipe: EncoderRecipe, device: str = "auto") -> FrozenEncoder:
     return HFTextEncoder(recipe, device)
 
 
+# What loading a hub checkpoint reads besides its weights: config, feature-extractor and tokenizer settings (json),
+# vocabularies and BPE merges (txt) and sentencepiece models (.model). Only top-level files: subfolders hold
+# exports (onnx/, coreml/, openvino/) that from_pretrained never opens. Weight indexes are left to the weights.
+_SUPPORT_FILE = re.compile(r"[^/]+\.(json|txt|model)")
+# PyTorch weights in transformers' order of preference, each a single file or an index with numbered shards. The
+# names are exact so that training leftovers (training_args.bin, optimizer.pt) and variants (model.fp16.safetensors)
+# stay on the hub.
+_WEIGHT_FORMATS = (
+    re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"),
+    re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json"),
+)
+
+
+def hub_load_files(repo_id: str, repo_files: Iterable[str]) -> list[str]:
+    """The files of hub repository ``repo_id`` that loading it needs, chosen from its file listing.
+
+    One weights format only: safetensors when the repository has them, else pytorch_model.bin. Repositories
+    often hold the same weights three to five times over (TensorFlow, Flax, ONNX, Rust, both PyTorch formats),
+    and fetching them all costs gigabytes. A repository with no PyTorch weights is refused before anything is
+    downloaded.
+    """
+    top = sorted({name for name in repo_files if "/" not in name})
+    for pattern in _WEIGHT_FORMATS:
+        weights = [name for name in top if pattern.fullmatch(name)]
+        if weights:
+            break
+    else:
+        raise EmotuneError(
+            f"the hub repository {repo_id} has no PyTorch weights (model.safetensors or pytorch_model.bin) at its top "
+            f"level; its files: {', '.join(top) or 'none'}. emotune loads PyTorch weights only: save the model from "
+            "PyTorch with transformers' save_pretrained and pass that folder (encoders.speech=/path/to/folder or "
+            "encoders.text=/path/to/folder), or choose another checkpoint."
+        )
+    support = [name for name in top if _SUPPORT_FILE.fullmatch(name) and not name.endswith(".index.json")]
+    return sorted({*weights, *support})
+
+
+def hub_offline() -> bool:
+    """Whether the hub is switched off, as huggingface_hub decides it, but read now: huggingface_hub reads the
+    variables once, at import, so a setting made later (a test, a notebook) would otherwise be missed."""
+    import huggingface_hub.constants
+
+    setting = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return setting.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def cached_hub_folder(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id``'s main branch if it holds a config and PyTorch weights, else None.
+
+    Looked up file by file rather than with ``snapshot_download(local_files_only=True)``: recent huggingface_hub
+    releases call a snapshot incomplete, and refuse it, when files of the repository's listing are missing, which
+    is what a download of only the needed files leaves.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repository id, so nothing of it can be cached
+        return None
+    if not isinstance(config, str):  # None, or the marker of a file known not to exist
+        return None
+    folder = Path(config).parent
+    names = [path.name for path in folder.iterdir()]
+    if not any(pattern.fullmatch(name) for pattern in _WEIGHT_FORMATS for name in names):
+        return None  # a partial snapshot (a config fetched alone): download the rest rather than fail to load it
+    return folder
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """Fetch into the Hugging Face cache only the files that loading ``repo_id`` needs (:func:`hub_load_files`)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    wanted = hub_load_files(repo_id, HfApi().list_repo_files(repo_id))
+    # by branch, not by the listed commit's hash: only a branch download records refs/main, which the offline
+    # look-up (cached_hub_folder) follows
+    return Path(snapshot_download(repo_id, allow_patterns=wanted))
+
+
 def locate_hf_folder(spec: EncoderSpec, download: bool = True) -> Path | None:
     """The local folder of a hub model: the Hugging Face cache, downloading only when the hub is allowed.
 
     With ``download=False`` nothing is fetched: the folder is returned if it is already here, else None.
+    A download takes only the files loading needs (:func:`download_hub_model`).
     """
     folder = Path(spec.source).expanduser()
     if folder.is_dir():
         return folder.resolve()
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(spec.source, local_files_only=True))
-    except Exception:  # not cached: fall through to a download if allowed
-        if not download:
-            return None
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        reason = "HF_HUB_OFFLINE is set"
+    cached = cached_hub_folder(spec.source)
+    if cached is not None or not download:
+        return cached
+    if hub_offline():
+        reason = "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
     else:
         try:
-            return Path(snapshot_download(spec.source))
+            return download_hub_model(spec.source)
+        except EmotuneError:
+            raise
         except Exception as exc:  # network refused, unknown repo, no access ...
             reason = str(exc).splitlines()[0][:200]
     raise EmotuneError(
-        f"the {spec.modality} encoder '{spec.name}' ({spec.source}) is not in the local Hugging Face cache and "
-        f"cannot be downloaded ({reason}). On a machine with internet run `huggingface-cli download {spec.source}` "
-        f"and copy the cache (~/.cache/huggingface) here, or save the model with `save_pretrained` and pass its "
-        f"folder: encoders.{spec.modality}=/path/to/folder. Offline, use a tiny preset or fbank/mfcc instead."
+        f"the {spec.modality} encoder '{spec.name}' ({spec.source}) is not in the local Hugging Face cache with "
+        f"its weights and cannot be downloaded ({reason}). On a machine with internet, fetch only the files "
+        f"loading needs with `python -c \"from emotune.features.encode import download_hub_model; "
+        f"download_hub_model('{spec.source}')\"` "
+        f"(or the whole repository with `hf download {spec.source}`, on older huggingface_hub `huggingface-cli "
+        f"download {spec.source}`) and copy the cache (~/.cache/huggingface) here, or save the model with "
+        f"`save_pretrained` and pass its folder: encoders.{spec.modality}=/path/to/folder. Offline, use a tiny "
+        f"preset or fbank/mfcc instead."
     )
 
 
