@@ -190,6 +190,7 @@ class SearchSettings:
     reduction_factor: float
     max_failures: int
     take_over_lock: bool
+    replace: bool
     sampler: str
     sampler_seed: int
     resources: dict
@@ -230,8 +231,26 @@ def typed(settings_class: type, section: dict, prefix: str):
     return settings_class(**{name: _checked(f"{prefix}.{name}", section[name], hint) for name, hint in hints.items()})
 
 
+# Settings whose type alone does not make them valid: (key, test, what the value must be, what the key does).
+_RANGES = (
+    ("search.grace_period", lambda v: v >= 1, "at least 1",
+     "the dev evaluations every trial gets before ASHA's first rung"),
+    ("search.reduction_factor", lambda v: v > 1, "above 1",
+     "ASHA keeps the best 1/reduction_factor of trials at each rung: 2 keeps half, 3 a third"),
+    ("trial.evals_per_epoch", lambda v: v >= 1, "at least 1", "dev evaluations per epoch"),
+    ("features.gpu_per_worker", lambda v: v > 0, "above 0",
+     "the GPUs each cache-filling worker asks Ray for: 1 is one encoder copy per GPU, 0.5 two copies"),
+)
+
+
 def check_settings(cfg: dict) -> None:
-    """Type-check every section that has settings classes; raises :class:`EmotuneError` on the first problem."""
+    """Type-check every section that has settings classes, then the ranges of the keys whose type is not enough;
+    raises :class:`EmotuneError` on the first problem."""
     for name, settings_class in (("trial", TrialSettings), ("features", FeatureSettings), ("search", SearchSettings)):
         if name in cfg:
             typed(settings_class, cfg[name], name)
+    for key, valid, must, meaning in _RANGES:
+        section, name = key.split(".")
+        if section in cfg and not valid(cfg[section][name]):
+            raise EmotuneError(f"{key}={cfg[section][name]} is out of range: it must be {must} ({meaning}). Fix it "
+                               f"on the command line ({key}=...) or in the YAML file that sets it.")

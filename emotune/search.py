@@ -13,18 +13,21 @@ search is one parent run in MLflow with a child run per trial.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from emotune.driver_lock import DriverLock
+from emotune.driver_lock import DriverLock, StoreLock
 from emotune.errors import EmotuneError, run_command
 from emotune.names import ASHA_METRICS, asha_mode
+from emotune.search_identity import identity_of, parent_run
 from emotune.search_report import progress_table, summarise, trial_table
 from emotune.search_resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
                                    trial_runs_callback)
@@ -69,6 +72,17 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
     return encoders_in_play(cfg)
 
 
+def check_evaluation_cadence(cfg: dict, corpus) -> None:
+    """trial.evals_per_epoch against the batches an epoch of this corpus has, at the largest batch size the space
+    may sample: before the cache fill, not inside every trial after it."""
+    from emotune.trial import check_evals_per_epoch
+
+    sizes = [int(cfg["trial"]["batch_size"])]
+    spec = cfg["space"]["params"].get("trial.batch_size") or {}
+    sizes += [int(v) for v in spec.get("choice", [])] + [int(v) for v in spec.get("int", [])[1:]]
+    check_evals_per_epoch(int(cfg["trial"]["evals_per_epoch"]), len(corpus.train), max(sizes))
+
+
 def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):
     """The feature-cache plan of this search, printed; stops the search when the missing part cannot fit."""
     from emotune.features.plan import ClipSplits, plan_cache, refuse_if_too_big
@@ -86,6 +100,9 @@ def _init_ray(ray_cfg: dict) -> bool:
 
     if ray.is_initialized():
         return False
+    # ray.init puts its own SIGTERM handler (sys.exit, after a fatal-looking report) over the driver's: the
+    # driver's handlers go back afterwards, so that SIGTERM and SIGHUP still stop the search as Ctrl-C does
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGHUP)}
     kwargs = {"include_dashboard": bool(ray_cfg["dashboard"]), "log_to_driver": True,
               "configure_logging": True, "logging_level": "WARNING"}
     if ray_cfg["dashboard"]:
@@ -97,6 +114,10 @@ def _init_ray(ray_cfg: dict) -> bool:
         # "local": a Ray of this search's own; without it ray.init joins whatever cluster this machine last
         # started (another user's or a test's), which ray.address=null promises not to do
         ray.init(address="local", num_cpus=ray_cfg["num_cpus"], **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        for stop, handler in handlers.items():
+            if handler is not None:
+                signal.signal(stop, handler)
     return True
 
 
@@ -212,7 +233,9 @@ def make_scheduler(cfg: dict):
 def asha_rungs(scheduler) -> list[int]:
     """The evaluations at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one
     bracket)."""
-    return sorted(int(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
+    # a trial is judged at the first evaluation that reaches a rung's milestone, which is fractional when the
+    # reduction factor is (grace 5, factor 1.5: 7.5, judged at 8)
+    return sorted(math.ceil(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
 
 
 def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
@@ -296,13 +319,14 @@ def run_search(cfg: dict, train=None) -> dict:
 
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"])
     print(corpus.summary(), flush=True)
+    check_evaluation_cadence(cfg, corpus)
     plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
-    lock = DriverLock(experiment_dir)
-    lock.acquire(name, take_over=bool(search["take_over_lock"]))  # before any Ray or MLflow state
-    try:
+    # one driver per name: in its Ray folder (drivers sharing ray.storage) and in the tracking store (drivers on
+    # other storage writing the same MLflow runs), both before any Ray or MLflow state
+    take_over = bool(search["take_over_lock"])
+    with DriverLock(experiment_dir).holding(name, take_over), \
+            StoreLock(cfg["tracking"], f"search/{name}").holding(name, take_over, str(experiment_dir)):
         return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train)
-    finally:
-        lock.release()
 
 
 def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, restore: bool, started: float,
@@ -310,16 +334,17 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     """The search proper, once this driver holds the search's lock."""
     import ray
 
-    from emotune.tracking import TrackedRun, ensure_experiment
+    from emotune.tracking import TAG_SEARCH, ensure_experiment
     from emotune.trial import TrialContext
 
     search = cfg["search"]
     name = str(search["name"])
     check_same_settings(cfg, experiment_dir, restore)
+    me = identity_of(experiment_dir, name, restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
-    parent = TrackedRun.start(cfg["tracking"], name=f"search-{name}", kind="search", run_key=f"search/{name}",
-                              tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
-                                    "emotune.search": name, "emotune.searched": ",".join(cfg["space"]["params"])})
+    parent = parent_run(cfg, me, experiment_dir,
+                        tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
+                              TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
     parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")
@@ -331,9 +356,9 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     started_ray = _init_ray(cfg["ray"])
     try:
         reports, cached = fill_caches(cfg, corpus, encoders)
-        launch = TrialContext(verify_cache=False,  # the driver just verified every cached file
+        launch = TrialContext(verify_cache=False,  # the driver just checked the cache (stats; CRCs of changed files)
                               cpus=max(1, int(float(search["resources"]["cpu"]))), parent_run_id=parent.run_id,
-                              search_name=name)
+                              search_name=name, search_id=me.id)
         payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
         tuner = _tuner(cfg, experiment_dir, restore, payload)
         fit_started = time.perf_counter()
@@ -346,7 +371,7 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
         end_running_trials(cfg["tracking"], parent.run_id)
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    discarded = reconcile_runs(cfg, parent, trial_table(results))
+    discarded = reconcile_runs(cfg, parent, me.id, trial_table(results))
     if discarded:
         print(f"Discarded {discarded} MLflow run(s) of trials the interrupted search had not recorded "
               "(their trials were proposed again).")
@@ -361,8 +386,6 @@ def _fit(tuner):
     done, putting back the SIGINT handler it found. That handler, installed here, being back in place is how the
     interruption shows; a finished fit leaves Tune's handler in place, which is replaced again on the way out.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():  # no signals here: Tune installs none either
         return tuner.fit()
 
@@ -404,11 +427,16 @@ def main(argv: list[str] | None = None, train=None) -> int:
                                    "named there); the other trials are kept, and running the same command again "
                                    "retries the failed ones.")
 
-    # SIGTERM (kill, systemd, a closed tmux pane) and SIGHUP stop the search as Ctrl-C does: Tune saves its state,
-    # the runs end KILLED, the lock is released, and running the same command again resumes it
+    # SIGTERM (kill, systemd, docker stop, SLURM's time limit, a closed tmux pane) and SIGHUP stop the search as
+    # Ctrl-C does: Tune saves its state, the runs end KILLED, the locks are released, and running the same command
+    # again resumes it (_init_ray puts these handlers back after ray.init replaces them)
     for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(stop, _as_ctrl_c)
     return run_command(act, "search interrupted; run the same command again to resume it.")
+
+
+def _as_ctrl_c(*_) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def spaces_dir() -> Path:

@@ -66,7 +66,9 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     from emotune.tracking import TrackedRun
 
     rows = trial_table(results)
-    finished = [r for r in rows if r["best_val_f1"] is not None]
+    # only trials that ended without error compete: a failed one is listed as failed, never crowned or counted as cut
+    # (select-top leaves it out too)
+    finished = [r for r in rows if r["best_val_f1"] is not None and r["status"] != "ERROR"]
     # a trial that ended before max_epochs was cut by ASHA unless its own early stopping (trial.early_stop) ended it
     early = sum(1 for r in finished if r["early_stopped"])
     cut = sum(1 for r in finished if not r["early_stopped"] and r["epochs"] is not None

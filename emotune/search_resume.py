@@ -61,6 +61,7 @@ def trainable_name(experiment_dir: Path, restore: bool) -> str:
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
 RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock",
+                     "search.replace",
                      "features.batch_size", "features.device", "features.verify", "features.gpu_per_worker",
                      "features.max_cache_gb", "features.plan_tflops",
                      "trial.device", "trial.cpus",
@@ -121,17 +122,21 @@ def end_running_trials(tracking: dict, parent_run_id: str) -> None:
             TrackedRun(tracking, run.info.run_id).finish("KILLED")
 
 
-def reconcile_runs(cfg: dict, parent, rows: list[dict]) -> int:
-    """Discard MLflow runs of trials that Ray never recorded (a search killed before it saved its state).
+def reconcile_runs(cfg: dict, parent, search_id: str, rows: list[dict]) -> int:
+    """Discard MLflow runs of this search's trials that Ray never recorded (a search killed before it saved its
+    state).
 
     Such a trial is re-proposed under a new id when the search resumes; keeping its first run would show
-    one trial twice. Returns how many runs were discarded.
+    one trial twice. Only runs tagged with this search's id are candidates: never another search's, whatever
+    its name. Returns how many runs were discarded.
     """
-    from emotune.tracking import TAG_RUN_KEY, child_runs, discard_run
+    from emotune.tracking import TAG_RUN_KEY, TAG_SEARCH_ID, child_runs, discard_run
 
     known = {str(r["trial_id"]) for r in rows}
     discarded = 0
     for run in child_runs(cfg["tracking"], parent.run_id):
+        if run.data.tags.get(TAG_SEARCH_ID) != search_id:
+            continue
         trial_id = run.data.tags.get(TAG_RUN_KEY, "").rsplit("/", 1)[-1]
         if trial_id and trial_id not in known:
             discard_run(cfg["tracking"], run.info.run_id, "trial lost when the search was interrupted")

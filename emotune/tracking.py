@@ -24,6 +24,8 @@ from emotune.errors import EmotuneError  # noqa: E402
 TAG_KIND = "emotune.kind"  # trial | search | ensemble
 TAG_RUN_KEY = "emotune.run_key"  # stable identity (e.g. the Ray trial id) that lets a resumed trial reuse its run
 TAG_PARENT = "mlflow.parentRunId"
+TAG_SEARCH = "emotune.search"  # the search's name, on its run and its trials' runs
+TAG_SEARCH_ID = "emotune.search_id"  # which search of that name: a new one gets a new id (search_identity.py)
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value's length
 
 
@@ -120,11 +122,13 @@ class TrackedRun:
         experiment_id = ensure_experiment(tracking)
         mlflow_client = client(tracking["uri"])
         if run_key:
-            existing = retry(mlflow_client.search_runs, [experiment_id],
-                             filter_string=f"tags.`{TAG_RUN_KEY}` = '{run_key}'", max_results=5)
+            wanted = f"tags.`{TAG_RUN_KEY}` = '{run_key}'"
+            if (tags or {}).get(TAG_SEARCH_ID):  # another search's run with the same key is not this one's
+                wanted += f" and tags.`{TAG_SEARCH_ID}` = '{tags[TAG_SEARCH_ID]}'"
+            existing = retry(mlflow_client.search_runs, [experiment_id], filter_string=wanted, max_results=5)
             if existing:  # a retried or resumed trial continues its own run instead of leaving an orphan
                 run = cls(tracking, existing[0].info.run_id)
-                retry(mlflow_client.update_run, run.run_id, status="RUNNING")
+                run.reopen()
                 return run
         all_tags = {TAG_KIND: kind, **(tags or {})}
         if run_key:
@@ -174,6 +178,10 @@ class TrackedRun:
     def finish(self, status: str = "FINISHED") -> None:
         retry(self.client.set_terminated, self.run_id, status)
 
+    def reopen(self) -> None:
+        """Mark the run running again: its trial or search goes on."""
+        retry(self.client.update_run, self.run_id, status="RUNNING")
+
 
 def child_runs(tracking: dict, parent_run_id: str) -> list:
     """The active runs whose parent is ``parent_run_id``."""
@@ -189,3 +197,104 @@ def discard_run(tracking: dict, run_id: str, reason: str) -> None:
     retry(mlflow_client.set_tag, run_id, "emotune.discarded", reason)
     retry(mlflow_client.set_terminated, run_id, "KILLED")
     retry(mlflow_client.delete_run, run_id)
+
+
+def runs_with_key(tracking: dict, run_key: str) -> list:
+    """The active runs tagged ``run_key``, oldest first."""
+    mlflow_client = client(tracking["uri"])
+    experiment_id = ensure_experiment(tracking)
+    return retry(mlflow_client.search_runs, [experiment_id], filter_string=f"tags.`{TAG_RUN_KEY}` = '{run_key}'",
+                 order_by=["attributes.start_time ASC"], max_results=1000)
+
+
+# --- locks in the tracking store ---------------------------------------------------------------------------------
+# A registered model's name is unique in the store (a database constraint, on a server too), and deleting one
+# removes it for good, so creating one is an atomic "take the lock" that every client of the store sees.
+
+_LOCK_TAG = "emotune.lock"
+
+
+def _lock_name(tracking: dict, key: str) -> str:
+    import re
+
+    return re.sub(r"[/:]", ".", f"emotune-lock.{tracking['experiment']}.{key}")  # '/' and ':' are refused
+
+
+def _lock_record(mlflow_client, name: str) -> dict | None:
+    """The holder recorded in lock ``name``; None when there is no such lock, {} when it has no readable record."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = retry(mlflow_client.get_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    try:
+        return json.loads(model.tags.get(_LOCK_TAG, "{}"))
+    except ValueError:
+        return {}
+
+
+def take_store_lock(tracking: dict, key: str, holder: dict) -> dict | None:
+    """Create the store's lock ``key`` recording ``holder``: None when taken, else the current holder's record."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking["uri"])
+    name = _lock_name(tracking, key)
+    for _ in range(5):
+        try:
+            retry(mlflow_client.create_registered_model, name, tags={_LOCK_TAG: json.dumps(holder)},
+                  description="Held by a running emotune search; deleted when it ends. Not a model.")
+            return None
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise EmotuneError(f"cannot take the search's lock in the MLflow store {tracking['uri']}: "
+                                   f"{str(exc).splitlines()[0]}") from None
+        current = _lock_record(mlflow_client, name)
+        if current is not None:
+            return current
+    return {}  # taken and released over and over: treated as held
+
+
+def clear_stale_store_lock(tracking: dict, key: str, stale: dict) -> bool:
+    """Move lock ``key`` aside when it still records ``stale`` (a driver that is gone); True when this call did.
+
+    The aside name is made from the stale holder's token and stays until the next holder releases the lock: of
+    several drivers clearing the same stale lock, one rename succeeds and the others fail (the lock is gone, or the
+    aside name is taken), so none of them can move aside the lock that is taken next. A lock that is not the stale
+    one is put back.
+    """
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking["uri"])
+    name = _lock_name(tracking, key)
+    aside = f"{name}.stale-{stale.get('token', 'unknown')}"
+    try:
+        retry(mlflow_client.rename_registered_model, name, aside)
+    except MlflowException:
+        return False
+    if _lock_record(mlflow_client, aside) != stale:
+        try:  # someone else's live lock: give it back
+            retry(mlflow_client.rename_registered_model, aside, name)
+        except MlflowException:
+            pass
+        return False
+    return True
+
+
+def release_store_lock(tracking: dict, key: str, holder: dict) -> None:
+    """Delete lock ``key`` if it still records ``holder`` (a lock taken over by another driver stays), and the dead
+    drivers' locks moved aside before it was taken."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(tracking["uri"])
+    name = _lock_name(tracking, key)
+    if _lock_record(mlflow_client, name) != holder:
+        return
+    aside = retry(mlflow_client.search_registered_models, filter_string=f"name LIKE '{name}.stale-%'")
+    for target in [name] + [model.name for model in aside]:
+        try:
+            retry(mlflow_client.delete_registered_model, target)
+        except MlflowException:
+            pass

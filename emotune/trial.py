@@ -177,6 +177,15 @@ def _print_reporter(metrics: dict, _checkpoint: str | None) -> None:
           f"({metrics['epoch_seconds']:.1f} s)", flush=True)
 
 
+def check_evals_per_epoch(evals: int, n_train: int, batch_size: int) -> None:
+    """Each dev evaluation needs at least one training batch before it: raise when an epoch has fewer batches."""
+    batches = -(-n_train // batch_size)
+    if not 1 <= evals <= batches:
+        raise EmotuneError(f"trial.evals_per_epoch={evals} is out of range: an epoch of the training split "
+                           f"({n_train} clips) has {batches} batches of trial.batch_size={batch_size} clips. Set "
+                           f"trial.evals_per_epoch between 1 and {batches}.")
+
+
 @dataclass
 class TrialContext:
     """What a trial gets besides its configuration: where it works, whom it tells, what the search prepared.
@@ -194,6 +203,7 @@ class TrialContext:
     cpus: int | None = None  # torch threads; None: trial.cpus (a search passes the CPUs Ray gives each trial)
     parent_run_id: str | None = None  # the search's MLflow run
     search_name: str = ""
+    search_id: str = ""  # tells this search's runs from those of an earlier search of the same name
     run_key: str | None = None  # names the trial's MLflow run across attempts, so a retry reuses it
     run_name: str | None = None
     progress: bool = True  # progress bars while preparing the corpus and the cache
@@ -285,12 +295,8 @@ class Trainer:
         return model.to(self.device)
 
     def _evals_per_epoch(self) -> int:
-        evals = self.settings.evals_per_epoch
-        batches = -(-len(self.corpus.train) // self.settings.batch_size)
-        if not 1 <= evals <= batches:
-            raise EmotuneError(f"trial.evals_per_epoch={evals}, but an epoch has {batches} training batches of "
-                               f"{self.settings.batch_size} clips: set it between 1 and {batches}.")
-        return evals
+        check_evals_per_epoch(self.settings.evals_per_epoch, len(self.corpus.train), self.settings.batch_size)
+        return self.settings.evals_per_epoch
 
     def _resume(self) -> None:
         resume_dir = self.context.resume_dir
@@ -306,7 +312,7 @@ class Trainer:
             (self.workdir / "best" / "model.safetensors").write_bytes(best_src.read_bytes())
 
     def _start_run(self):
-        from emotune.tracking import TrackedRun
+        from emotune.tracking import TAG_SEARCH, TAG_SEARCH_ID, TrackedRun
 
         tracking = self.cfg.get("tracking")
         if not tracking:
@@ -314,7 +320,8 @@ class Trainer:
         context = self.context
         run = TrackedRun.start(tracking, name=context.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                                kind="trial", run_key=context.run_key, parent_run_id=context.parent_run_id,
-                               tags={"emotune.search": context.search_name})
+                               tags={TAG_SEARCH: context.search_name,
+                                     **({TAG_SEARCH_ID: context.search_id} if context.search_id else {})})
         self.state.run_id = run.run_id
         # A trial killed after logging an epoch but before its checkpoint was kept retrains that epoch on
         # resume (with identical results, as the RNG state is restored); MLflow already has it.

@@ -113,23 +113,28 @@ def _finished_trials(experiment: Path, runs: Path, epochs: int) -> dict[str, tup
     return finished
 
 
-def _wait_until_trials(experiment: Path, process, finished: int, started: int, epochs: int = 6) -> None:
-    """Wait until ``finished`` trials reported all ``epochs`` and ``started`` trials reported something."""
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        results = list(experiment.glob("*/result.json"))
-        done = [p for p in results if sum(1 for line in p.read_text().splitlines() if line.strip()) >= epochs]
-        if len(done) >= finished and len(results) >= started:
-            return
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail("the search did not get far enough to be interrupted")
+def _wait_for(path: Path, process) -> None:
+    """Wait until ``path`` exists (a trial held at the test's gate); fail if the driver ends first."""
+    deadline = time.time() + 300
+    while not path.exists():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the search ended (exit {process.returncode}) before {path.name}:\n{(out + err)[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"no {path.name} after 300 s")
+        time.sleep(0.2)
 
 
 def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
+    from faults import driver_script
+
     corpus, shared_runs = separable
-    runs = tmp_path / "runs"
-    args = [sys.executable, "-m", "emotune.search",
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.mkdir()
+    # trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
+    # under way at each interruption is a state the test sets, not a race against the machine's speed
+    args = [*driver_script(tmp_path / "driver.py", f"held_at(2, {str(gate)!r})"),
             *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
                          "search.max_concurrent=1", "trial.max_epochs=4", "search.grace_period=4")]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -139,9 +144,10 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, env=env, cwd=tmp_path)
 
-    # Ctrl-C (SIGINT to the terminal's whole process group) once a trial has finished and another is under way
+    # Ctrl-C (SIGINT to the terminal's whole process group) once trial 0 has finished and trial 1 is under way
+    (gate / "hold-1").touch()
     first = start()
-    _wait_until_trials(experiment, first, finished=1, started=2, epochs=4)
+    _wait_for(gate / "held-1", first)
     os.killpg(first.pid, signal.SIGINT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err[-3000:]
@@ -150,24 +156,27 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
     _, parents, children = mlflow_runs(runs)
     assert [p.info.status for p in parents] == ["KILLED"]
     assert all(c.info.status != "RUNNING" for c in children)  # no trial run left looking alive
+    assert len(_finished_trials(experiment, runs, 4)) == 1
 
-    # the same command resumes; this time the driver is killed outright once it has finished one more trial
-    finished_so_far = len(_finished_trials(experiment, runs, 4))
+    # the same command resumes; this time the driver is killed outright while trial 3 is under way
+    (gate / "hold-1").unlink()
+    (gate / "hold-3").touch()
     second = start()
-    _wait_until_trials(experiment, second, finished=finished_so_far + 1, started=finished_so_far + 2, epochs=4)
+    _wait_for(gate / "held-3", second)
     os.killpg(second.pid, signal.SIGKILL)
     second.communicate(timeout=30)
-    time.sleep(2)
     lock = json.loads((runs / "ray" / "smoke.lock").read_text())
     assert lock["pid"] == second.pid  # the killed driver could not release its lock
     done_before = _finished_trials(experiment, runs, 4)
-    # some trials are left for the resume (6 trials: the one under way may still finish before the kill lands)
-    assert len(done_before) < 6, sorted(done_before)
+    assert len(done_before) == 3, sorted(done_before)  # trials 0, 1 (resumed) and 2
 
+    (gate / "hold-3").unlink()
     resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert f"taking over the lock of a driver that is gone (pid {second.pid}" in resumed.stdout
+    assert f"taking over its lock in the MLflow store sqlite:///{runs / 'mlflow.db'} from a driver that is gone " \
+           f"(pid {second.pid}" in resumed.stdout
     assert not (runs / "ray" / "smoke.lock").exists()  # released at the end
     ids = _ray_trial_ids(experiment)
     assert len(ids) == len(set(ids)) == 6  # every trial exactly once in Ray's results
@@ -175,7 +184,40 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
     assert_one_tree(client, parents, children, 6)
     # the trials finished before the kill were not re-run: same reported curves, same MLflow runs
     done_after = _finished_trials(experiment, runs, 4)
-    assert len(done_before) >= 2 and {k: done_after[k] for k in done_before} == done_before
+    assert {k: done_after[k] for k in done_before} == done_before
+
+
+def test_sigterm_stops_a_running_search_as_ctrl_c_does_and_it_resumes(separable, tmp_path):
+    from ray import tune
+
+    from faults import driver_script
+
+    corpus, shared_runs = separable
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.mkdir()
+    args = [*driver_script(tmp_path / "driver.py", f"held_at(1, {str(gate)!r})"),
+            *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
+                         "search.max_concurrent=1", "trial.max_epochs=2", "search.grace_period=2")]
+    (gate / "hold-1").touch()  # trial 0 finishes, trial 1 is under way when the driver gets SIGTERM
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, cwd=tmp_path)
+    _wait_for(gate / "held-1", driver)
+    os.kill(driver.pid, signal.SIGTERM)  # as kill, systemd, docker stop and SLURM send it: to the driver alone
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, (out + err)[-3000:]
+    assert "search interrupted; run the same command again to resume it." in err
+    assert "Traceback" not in out + err and "SIGTERM received" not in out + err
+    _, parents, children = mlflow_runs(runs)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert tune.Tuner.can_restore(str(runs / "ray" / "smoke"))  # Tune saved its state
+
+    (gate / "hold-1").unlink()
+    resumed = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    client, parents, children = mlflow_runs(runs)
+    assert_one_tree(client, parents, children, 3)  # every trial once, none proposed twice
 
 
 def test_the_same_search_started_twice_runs_once_and_a_time_budget_ends_it_with_a_summary(separable, tmp_path):
@@ -214,15 +256,14 @@ def test_the_same_search_started_twice_runs_once_and_a_time_budget_ends_it_with_
 
 
 def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
+    from faults import driver_script
+
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
-    driver = tmp_path / "crashing_search.py"  # `python -m emotune.search` whose first trial crashes at epoch 1
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      "from faults import crash_once_at\nfrom emotune.search import main\n"
-                      f"sys.exit(main(sys.argv[1:], train=crash_once_at(1, {str(tmp_path / 'crashed')!r})))\n")
-    result = subprocess.run([sys.executable, str(driver),
-                             *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=2",
-                                          "search.max_failures=0")],
+    # `python -m emotune.search` whose first trial crashes at epoch 1
+    command = driver_script(tmp_path / "crashing_search.py", f"crash_once_at(1, {str(tmp_path / 'crashed')!r})")
+    result = subprocess.run([*command, *search_args(corpus, runs, shared_runs / "cache" / "features",
+                                                    "search.num_samples=2", "search.max_failures=0")],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "1 trial(s) failed" in result.stderr
@@ -232,6 +273,24 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     assert "Traceback (most recent call last)" in output and "deliberate crash to exercise retries" in output
     assert f"trial {trial_id} failed: RuntimeError: crash_once_at(1)" in output
     assert f"traceback: {errors[0]}" in output
+
+
+def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys):
+    from faults import fail_after_first_report
+
+    corpus, shared_runs = separable
+    cfg = load_config(search_args(corpus, tmp_path / "runs", shared_runs / "cache" / "features",
+                                  "search.num_samples=2", "search.max_concurrent=1", "search.max_failures=0",
+                                  "trial.max_epochs=2", "search.grace_period=2"), "search")  # no ASHA cut first
+    summary = run_search(cfg, train=fail_after_first_report())
+    printed = capsys.readouterr().out
+    assert summary["failed"] == 2 and summary["best"] is None, printed[-3000:]
+    assert summary["cut_by_asha"] == 0 and summary["early_stopped"] == 0
+    assert "Best trial" not in printed and "2 failed" in printed
+    _, parents, children = mlflow_runs(tmp_path / "runs")
+    assert "best_val_f1" not in parents[0].data.metrics and parents[0].data.metrics["trials_failed"] == 2
+    # each had a dev score when it failed: a score alone did not make it a candidate
+    assert all("best_val_f1" in c.data.metrics for c in children)
 
 
 @pytest.fixture
@@ -297,6 +356,13 @@ def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     ("search.num_samples=2.5", ["search.num_samples must be a whole number, got 2.5"]),
     ("features.verify=maybe", ["features.verify must be true or false, got 'maybe'"]),
     ("+trial.learning_rate=0.1", ["unknown key trial.learning_rate", "lr, lr_decay, max_epochs"]),
+    # settings whose type is right and value is not: caught as the config loads, not as a traceback later
+    ("search.grace_period=0", ["search.grace_period=0 is out of range: it must be at least 1 (the dev evaluations",
+                               "search.grace_period=..."]),
+    ("search.reduction_factor=1", ["search.reduction_factor=1 is out of range: it must be above 1"]),
+    ("trial.evals_per_epoch=0", ["trial.evals_per_epoch=0 is out of range: it must be at least 1"]),
+    ("features.gpu_per_worker=0", ["features.gpu_per_worker=0 is out of range: it must be above 0"]),
+    ("features.gpu_per_worker=-0.5", ["features.gpu_per_worker=-0.5 is out of range"]),
 ])
 def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     with pytest.raises(EmotuneError) as caught:  # before any Ray, MLflow or cache work
@@ -304,6 +370,18 @@ def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     for fragment in expected:
         assert fragment in str(caught.value), str(caught.value)
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_more_evaluations_per_epoch_than_batches_fails_before_the_cache_and_ray(separable, tmp_path):
+    corpus, _ = separable
+    runs = tmp_path / "runs"
+    # 36 training clips in batches of 8 (search_args): 5 batches an epoch, so at most 5 evaluations
+    cfg = load_config(search_args(corpus, runs, tmp_path / "cache", "trial.evals_per_epoch=6"), "search")
+    with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=6 is out of range: an epoch of the training split "
+                                           r"\(36 clips\) has 5 batches of trial.batch_size=8 clips. Set "
+                                           r"trial.evals_per_epoch between 1 and 5"):
+        run_search(cfg)
+    assert not (runs / "ray").exists() and not (runs / "mlflow.db").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_bad_setting_exits_2_with_the_message_and_no_traceback(tmp_path):

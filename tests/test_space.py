@@ -104,6 +104,27 @@ def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, r
     assert (len(lines) == 2 and warning in lines[1]) if warning else len(lines) == 1
 
 
+@pytest.mark.parametrize("grace, factor", [(5, 1.5), (5, 2), (3, 1.7)])
+def test_the_printed_rungs_are_the_evaluations_at_which_ray_judges(grace, factor):
+    from types import SimpleNamespace
+
+    from emotune.search import asha_rungs, make_scheduler
+
+    cfg = load_config([f"search.grace_period={grace}", f"search.reduction_factor={factor}"], "search")
+    scheduler = make_scheduler(cfg)
+    trial = SimpleNamespace(trial_id="only")  # all Ray's scheduler reads of a trial is its id
+    scheduler.on_trial_add(None, trial)
+    judged = []
+    last = cfg["trial"]["max_epochs"]
+    for evaluation in range(1, last + 1):  # one report per evaluation, as trials send them; Tune ends it at the last
+        before = sum(len(recorded) for _, recorded in scheduler._brackets[0]._rungs)
+        result = {"evaluation": evaluation, "best_val_f1": 0.5}
+        (scheduler.on_trial_complete if evaluation == last else scheduler.on_trial_result)(None, trial, result)
+        if sum(len(recorded) for _, recorded in scheduler._brackets[0]._rungs) > before:
+            judged.append(evaluation)  # a rung recorded the trial: Ray judged it at this evaluation
+    assert asha_rungs(scheduler) == judged
+
+
 def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
     from types import SimpleNamespace
 

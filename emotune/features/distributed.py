@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from emotune.errors import EmotuneError
 from emotune.features.cache import BuildReport, FeatureStore, encode_jobs
 from emotune.features.encode import EncoderRecipe
 
@@ -63,7 +64,10 @@ def worker_shape(features: dict, workers: int) -> tuple[int, float, str]:
     device = str(features["device"])
     if gpus > 0 and device != "cpu":
         per = float(features["gpu_per_worker"])
-        return max(1, int(gpus / per + 1e-9)), per, "auto" if device == "auto" else device
+        if per > gpus:  # Ray would keep the worker waiting for GPUs that never come
+            raise EmotuneError(f"features.gpu_per_worker={per:g} is more than the {gpus:g} GPU(s) the Ray cluster has: "
+                               f"set it to at most {gpus:g} (1 is one encoder copy per GPU), or features.device=cpu.")
+        return int(gpus / per + 1e-9), per, "auto" if device == "auto" else device
     return max(1, workers), 0.0, "cpu"
 
 
