@@ -241,6 +241,22 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
     assert not torch.cuda.is_initialized()
 
 
+def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not_a_wait():
+    import ray
+
+    from emotune.errors import EmotuneError
+    from emotune.features.distributed import worker_shape
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert worker_shape({"device": "auto", "gpu_per_worker": 0.5}, 1) == (2, 0.5, "auto")
+        with pytest.raises(EmotuneError, match=r"features.gpu_per_worker=2 is more than the 1 GPU\(s\) the Ray "
+                                               r"cluster has: set it to at most 1"):
+            worker_shape({"device": "auto", "gpu_per_worker": 2}, 1)
+    finally:
+        ray.shutdown()
+
+
 def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
     from emotune.config import load_config
     from emotune.search import run_search
