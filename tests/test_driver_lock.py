@@ -19,6 +19,7 @@ from emotune.errors import EmotuneError
 
 DRIVERS = 4
 ROUNDS = 50
+STORE_ROUNDS = 6  # MLflow calls are slower than files
 
 
 def _record(pid: int, pid_start: str | None, started: float) -> str:
@@ -32,10 +33,13 @@ def _dead_pid() -> int:
     return gone.pid
 
 
-def _driver(experiment, gates, outcomes) -> None:
-    """One contender: every round it tries the lock at the gate, reports, and holds until all have tried."""
-    for _ in range(ROUNDS):
-        lock = DriverLock(experiment)
+def _driver(where, gates, outcomes, store: bool = False) -> None:
+    """One contender: every round it tries the lock at the gate, reports, and holds until all have tried. ``where``
+    is the search's Ray folder (its lock file), or with ``store`` the MLflow store's URI (its lock there)."""
+    from emotune.driver_lock import StoreLock
+
+    for _ in range(STORE_ROUNDS if store else ROUNDS):
+        lock = StoreLock({"uri": where, "experiment": "emotune"}, "search/race") if store else DriverLock(where)
         gates.wait()
         said = io.StringIO()
         try:
@@ -43,7 +47,7 @@ def _driver(experiment, gates, outcomes) -> None:
                 lock.acquire("race")
             outcomes.put((os.getpid(), "won", said.getvalue()))
         except EmotuneError as e:
-            outcomes.put((os.getpid(), "refused", str(e)))
+            outcomes.put((os.getpid(), "refused", said.getvalue() + str(e)))
         gates.wait()  # everyone has tried while the winner still holds
         gates.wait()  # the test has looked at the lock
         lock.release()
@@ -162,28 +166,6 @@ def test_a_file_system_without_file_locks_stops_a_take_over_safely(tmp_path, mon
     assert path.read_text() == stale and not list(tmp_path.glob(".s.lock.*.*"))  # no draft left behind
 
 
-STORE_ROUNDS = 6
-
-
-def _store_driver(uri: str, gates, outcomes) -> None:
-    """A contender for the MLflow store's lock of a search (drivers with other ray.storage folders, one store)."""
-    from emotune.driver_lock import StoreLock
-
-    for _ in range(STORE_ROUNDS):
-        lock = StoreLock({"uri": uri, "experiment": "emotune"}, "search/race")
-        gates.wait()
-        said = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(said):
-                lock.acquire("race")
-            outcomes.put((os.getpid(), "won", said.getvalue()))
-        except EmotuneError as e:
-            outcomes.put((os.getpid(), "refused", said.getvalue() + str(e)))
-        gates.wait()
-        gates.wait()
-        lock.release()
-        gates.wait()
-
 
 def test_drivers_racing_for_a_dead_drivers_lock_in_the_mlflow_store_take_it_over_one_at_a_time(tmp_path):
     from mlflow import MlflowClient
@@ -195,7 +177,7 @@ def test_drivers_racing_for_a_dead_drivers_lock_in_the_mlflow_store_take_it_over
     client(uri)  # the store exists before the drivers race for its lock
     context = mp.get_context("spawn")
     gates, outcomes = context.Barrier(DRIVERS + 1, timeout=120), context.Queue()
-    procs = [context.Process(target=_store_driver, args=(uri, gates, outcomes), daemon=True) for _ in range(DRIVERS)]
+    procs = [context.Process(target=_driver, args=(uri, gates, outcomes, True), daemon=True) for _ in range(DRIVERS)]
     for p in procs:
         p.start()
     dead = _dead_pid()

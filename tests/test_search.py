@@ -126,17 +126,24 @@ def _wait_for(path: Path, process) -> None:
         time.sleep(0.2)
 
 
-def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
+def _gated_search(separable, tmp_path: Path, hold_at: int, *overrides: str) -> tuple[list[str], Path, Path]:
+    """The command of a smoke search, one trial at a time, whose trials the test can hold at its gate after
+    evaluation ``hold_at`` (faults.held_at); with its runs folder and the gate folder."""
     from faults import driver_script
 
     corpus, shared_runs = separable
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     gate.mkdir()
+    command = driver_script(tmp_path / "driver.py", f"held_at({hold_at}, {str(gate)!r})")
+    return [*command, *search_args(corpus, runs, shared_runs / "cache" / "features", "search.max_concurrent=1",
+                                   *overrides)], runs, gate
+
+
+def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
     # trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
     # under way at each interruption is a state the test sets, not a race against the machine's speed
-    args = [*driver_script(tmp_path / "driver.py", f"held_at(2, {str(gate)!r})"),
-            *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                         "search.max_concurrent=1", "trial.max_epochs=4", "search.grace_period=4")]
+    args, runs, gate = _gated_search(separable, tmp_path, 2, "search.num_samples=6", "trial.max_epochs=4",
+                                     "search.grace_period=4")
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     experiment = runs / "ray" / "smoke"
 
@@ -190,14 +197,8 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
 def test_sigterm_stops_a_running_search_as_ctrl_c_does_and_it_resumes(separable, tmp_path):
     from ray import tune
 
-    from faults import driver_script
-
-    corpus, shared_runs = separable
-    runs, gate = tmp_path / "runs", tmp_path / "gate"
-    gate.mkdir()
-    args = [*driver_script(tmp_path / "driver.py", f"held_at(1, {str(gate)!r})"),
-            *search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=3",
-                         "search.max_concurrent=1", "trial.max_epochs=2", "search.grace_period=2")]
+    args, runs, gate = _gated_search(separable, tmp_path, 1, "search.num_samples=3", "trial.max_epochs=2",
+                                     "search.grace_period=2")
     (gate / "hold-1").touch()  # trial 0 finishes, trial 1 is under way when the driver gets SIGTERM
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True, cwd=tmp_path)
