@@ -242,19 +242,24 @@ def take_store_lock(tracking: dict, key: str, holder: dict) -> dict | None:
 
     mlflow_client = client(tracking["uri"])
     name = _lock_name(tracking, key)
-    for _ in range(5):
+    for _ in range(20):
         try:
             retry(mlflow_client.create_registered_model, name, tags={_LOCK_TAG: json.dumps(holder)},
                   description="Held by a running emotune search; deleted when it ends. Not a model.")
             return None
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # taken; or taken and then moved aside before MLflow could read it back to say so ("not found")
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise EmotuneError(f"cannot take the search's lock in the MLflow store {tracking['uri']}: "
                                    f"{str(exc).splitlines()[0]}") from None
         current = _lock_record(mlflow_client, name)
-        if current is not None:
+        if current == holder:  # this create went through, and a retry after a busy store found it
+            return None
+        if current:
             return current
-    return {}  # taken and released over and over: treated as held
+        # gone (released, or moved aside), or caught without its record (a rename rewrites the tags): look again
+        time.sleep(0.05 * (1 + random.random()))
+    return {}  # never readable: treated as held by an unknown driver
 
 
 def clear_stale_store_lock(tracking: dict, key: str, stale: dict) -> bool:

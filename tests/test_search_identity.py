@@ -94,7 +94,4 @@ def test_two_drivers_of_one_name_on_two_ray_folders_against_one_store_run_once(s
     assert first.returncode == 0, (out + err)[-3000:]
     client, parents, children = mlflow_runs(runs)
     assert len(parents) == 1 and len(children) == 1
-    # released at the end: the same name can run again from the other folder (as a replacement, being a new search)
-    third = subprocess.run([sys.executable, "-m", "emotune.search", *common, f"ray.storage={tmp_path / 'ray-b'}"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert third.returncode == 2 and "already exists in the MLflow store" in third.stderr, third.stderr[-3000:]
+    assert client.search_registered_models() == []  # the store's lock went with the driver that held it

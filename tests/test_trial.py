@@ -205,7 +205,7 @@ def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path, 
     assert [m["evaluation"] for m, _ in reports] == list(range(1, len(rows) + 1))
     assert [c is not None for _, c in reports] == [m["evaluation"] % evals_per_epoch == 0 for m, _ in reports]
     if evals_per_epoch > 1:
-        with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=99, but an epoch has \d+ training batches"):
+        with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=99 is out of range: an epoch of the training split \(\d+ clips\) has \d+ batches"):
             run_trial(trial_config(corpus, runs, "trial.evals_per_epoch=99"), TrialContext(**QUIET))
 
 
