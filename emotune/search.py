@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,12 +340,18 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
 
     search = cfg["search"]
     name = str(search["name"])
+    fresh = not experiment_dir.exists()
     check_same_settings(cfg, experiment_dir, restore)
     me = identity_of(experiment_dir, name, restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
-    parent = parent_run(cfg, me, experiment_dir,
-                        tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
-                              TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
+    try:
+        parent = parent_run(cfg, me, experiment_dir,
+                            tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
+                                  TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
+    except EmotuneError:
+        if fresh:  # a refused start leaves nothing behind: the old search's Ray folder can be put back here
+            shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise
     parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
                        "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
     parent.log_json(cfg, "config.json")

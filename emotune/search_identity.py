@@ -89,7 +89,7 @@ def parent_run(cfg: dict, me: SearchIdentity, experiment_dir: Path, tags: dict):
     Raises :class:`EmotuneError` when the name belongs to another search in the store and ``search.replace`` is
     false. ``tags`` go on a new run.
     """
-    from emotune.tracking import TAG_SEARCH_ID, TrackedRun, child_runs, runs_with_key
+    from emotune.tracking import TAG_KIND, TAG_SEARCH_ID, TrackedRun, child_runs, runs_with_key
 
     tracking = cfg["tracking"]
     found = runs_with_key(tracking, me.parent_key)
@@ -99,7 +99,8 @@ def parent_run(cfg: dict, me: SearchIdentity, experiment_dir: Path, tags: dict):
     others = [r for r in found if r not in mine]
     if others and not cfg["search"]["replace"]:
         old = others[-1]
-        raise EmotuneError(_clash_message(cfg, me, old, len(child_runs(tracking, old.info.run_id)), experiment_dir))
+        trials = [r for r in child_runs(tracking, old.info.run_id) if r.data.tags.get(TAG_KIND) == "trial"]
+        raise EmotuneError(_clash_message(cfg, me, old, len(trials), experiment_dir))
     for old in others:
         _mark_replaced(cfg, old, me)
     if not mine:

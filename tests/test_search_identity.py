@@ -44,6 +44,7 @@ def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separa
                      "Nothing was started", "put its Ray folder back", "search.name=NEW_NAME", "search.replace=true"):
         assert fragment in message, message
     assert "Traceback" not in message
+    assert not (runs / "ray" / "shared").exists()  # the refused start left no folder in the old one's place
     trials = _trial_runs(runs, include_deleted=True)
     assert {r.info.run_id for r in trials} == old_ids
     assert all(r.info.lifecycle_stage == "active" and r.info.status == "FINISHED" for r in trials)
