@@ -135,6 +135,22 @@ def _gated_search(separable, tmp_path: Path, hold_at: int, *overrides: str) -> t
                                    *overrides)], runs, gate
 
 
+def _wait_for_saved(experiment: Path, process, terminated: int) -> None:
+    """Wait until Tune's saved experiment state records ``terminated`` finished trials: a trial that finished after
+    the last save is, to a resumed search, one it never recorded (its run is discarded and it is proposed again)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        for state in sorted(experiment.glob("experiment_state-*.json"))[-1:]:
+            try:
+                trials = [json.loads(trial) for trial, _ in json.loads(state.read_text())["trial_data"]]
+            except (OSError, ValueError, KeyError):
+                continue  # being replaced
+            if sum(t.get("status") == "TERMINATED" for t in trials) >= terminated:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"Tune's saved state never recorded {terminated} finished trials")
+
+
 def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
     # trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
     # under way at each interruption is a state the test sets, not a race against the machine's speed
@@ -166,6 +182,7 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
     (gate / "hold-3").touch()
     second = start()
     _wait_for(gate / "held-3", second)
+    _wait_for_saved(experiment, second, terminated=3)
     os.killpg(second.pid, signal.SIGKILL)
     second.communicate(timeout=30)
     lock = json.loads((runs / "ray" / "smoke.lock").read_text())
