@@ -64,6 +64,42 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, since {since}"
 
 
+def _my_record(name: str, **extra) -> dict:
+    """What a lock records of this driver."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "started": time.time(), "search": name, **extra}
+
+
+def _already_running(name: str, holder: dict, running: str, details: str, resumes: bool) -> EmotuneError:
+    """The refusal when ``holder`` holds the lock and is not known to be dead (``resumes``: the same command run
+    afterwards resumes that driver's search, which is so when both share the Ray folder)."""
+    elsewhere = holder.get("host") != socket.gethostname()
+    return EmotuneError(
+        f"search '{name}' is already running{running}: its driver is {_describe(holder)}{details}. Wait for it to "
+        f"finish{' (running the same command afterwards resumes it)' if resumes else ''}, or start another search "
+        "with search.name=NEW_NAME."
+        + (" If that driver is dead (its host went down), pass search.take_over_lock=true." if elsewhere else ""))
+
+
+class _Lock:
+    """What both locks share: held for a ``with`` block."""
+
+    def acquire(self, name: str, take_over: bool = False) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def holding(self, name: str, take_over: bool = False):
+        """The lock, held for the ``with`` block and released after it, however it ends."""
+        self.acquire(name, take_over)
+        try:
+            yield self
+        finally:
+            self.release()
+
+
 def _parse(record: str) -> dict:
     try:
         return json.loads(record)
@@ -71,7 +107,7 @@ def _parse(record: str) -> dict:
         return {}  # damaged: treated as held by an unknown driver
 
 
-class DriverLock:
+class DriverLock(_Lock):
     """The lock of one search; ``acquire`` or raise, ``release`` at the end (also on Ctrl-C and errors)."""
 
     def __init__(self, experiment_dir: Path) -> None:
@@ -88,8 +124,7 @@ class DriverLock:
 
     def acquire(self, name: str, take_over: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-              "started": time.time(), "search": name}
+        me = _my_record(name)
         # the record is written first and put in place whole, so a reader never sees a half-written lock
         draft = self.path.with_name(f".{self.path.name}.{me['host']}.{me['pid']}")
         try:
@@ -119,13 +154,7 @@ class DriverLock:
         elif take_over:
             note = f"taking over the lock of {_describe(holder)}, as search.take_over_lock=true asks."
         else:
-            elsewhere = holder.get("host") != socket.gethostname()
-            raise EmotuneError(
-                f"search '{name}' is already running: its driver is {_describe(holder)} (lock {self.path}). "
-                "Wait for it to finish (running the same command afterwards resumes it), or start another "
-                "search with search.name=NEW_NAME."
-                + (" If that driver is dead (its host went down), pass search.take_over_lock=true."
-                   if elsewhere else ""))
+            raise _already_running(name, holder, "", f" (lock {self.path})", resumes=True)
         if not self._replace(record, draft, name):
             return False
         print(f"search '{name}': {note}", flush=True)
@@ -157,17 +186,8 @@ class DriverLock:
             self.path.unlink(missing_ok=True)
         self.held = False
 
-    @contextmanager
-    def holding(self, name: str, take_over: bool = False):
-        """The lock, held for the ``with`` block and released after it, however it ends."""
-        self.acquire(name, take_over)
-        try:
-            yield self
-        finally:
-            self.release()
 
-
-class StoreLock:
+class StoreLock(_Lock):
     """The lock of one search name in the MLflow store, beside the file lock in its Ray folder.
 
     Drivers with other ``ray.storage`` folders (another disk, another machine) never see each other's file lock,
@@ -176,30 +196,25 @@ class StoreLock:
     and a dead driver's lock is taken over as with the file lock.
     """
 
-    def __init__(self, tracking: dict, key: str) -> None:
-        self.tracking, self.key = tracking, key
+    def __init__(self, tracking: dict, key: str, ray_folder: str = "") -> None:
+        self.tracking, self.key, self.ray_folder = tracking, key, ray_folder  # the folder is named to other drivers
         self.holder: dict | None = None
 
-    def acquire(self, name: str, take_over: bool = False, ray_folder: str = "") -> None:
+    def acquire(self, name: str, take_over: bool = False) -> None:
         from emotune.tracking import clear_stale_store_lock, take_store_lock
 
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-              "started": time.time(), "search": name, "ray_folder": ray_folder, "token": uuid.uuid4().hex}
+        me = _my_record(name, ray_folder=self.ray_folder, token=uuid.uuid4().hex)
         where = f"the MLflow store {self.tracking['uri']}"
         for _ in range(3):
             holder = take_store_lock(self.tracking, self.key, me)
             if holder is None:
                 self.holder = me
                 return
-            if not (_is_gone(holder) or take_over):
-                elsewhere = holder.get("host") != socket.gethostname()
-                raise EmotuneError(
-                    f"search '{name}' is already running against {where}: its driver is {_describe(holder)}, with its "
-                    f"Ray folder in {holder.get('ray_folder') or 'an unknown place'}. Wait for it to finish, or start "
-                    "another search with search.name=NEW_NAME."
-                    + (" If that driver is dead (its host went down), pass search.take_over_lock=true."
-                       if elsewhere else ""))
             gone = _is_gone(holder)
+            if not (gone or take_over):
+                raise _already_running(name, holder, f" against {where}",
+                                       f", with its Ray folder in {holder.get('ray_folder') or 'an unknown place'}",
+                                       resumes=False)
             if clear_stale_store_lock(self.tracking, self.key, holder):  # else another driver did: next round
                 print(f"search '{name}': taking over its lock in {where} from "
                       + (f"a driver that is gone ({_describe(holder)})." if gone else
@@ -213,12 +228,3 @@ class StoreLock:
         if self.holder is not None:
             release_store_lock(self.tracking, self.key, self.holder)
             self.holder = None
-
-    @contextmanager
-    def holding(self, name: str, take_over: bool = False, ray_folder: str = ""):
-        """The lock, held for the ``with`` block and released after it, however it ends."""
-        self.acquire(name, take_over, ray_folder)
-        try:
-            yield self
-        finally:
-            self.release()

@@ -326,7 +326,7 @@ def run_search(cfg: dict, train=None) -> dict:
     # other storage writing the same MLflow runs), both before any Ray or MLflow state
     take_over = bool(search["take_over_lock"])
     with DriverLock(experiment_dir).holding(name, take_over), \
-            StoreLock(cfg["tracking"], f"search/{name}").holding(name, take_over, str(experiment_dir)):
+            StoreLock(cfg["tracking"], f"search/{name}", str(experiment_dir)).holding(name, take_over):
         return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train)
 
 

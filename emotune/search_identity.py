@@ -65,16 +65,15 @@ def _clash_message(cfg: dict, me: SearchIdentity, old, n_trials: int, experiment
 
 def _mark_replaced(cfg: dict, old, by: SearchIdentity) -> None:
     """End the old search's run and keep its trials' runs, renamed so that the name now means the new search."""
-    from emotune.tracking import TAG_KIND, TAG_RUN_KEY, TAG_SEARCH, TrackedRun, child_runs
+    from emotune.search_resume import end_running_trials
+    from emotune.tracking import TAG_RUN_KEY, TAG_SEARCH, TrackedRun, child_runs
 
     tracking = cfg["tracking"]
     label = f"{by.name} (replaced {time.strftime('%Y-%m-%d %H:%M')})"
     marks = {TAG_SEARCH: label, "emotune.replaced_by": by.id}
     for run in child_runs(tracking, old.info.run_id):
-        child = TrackedRun(tracking, run.info.run_id)
-        child.set_tags(marks)
-        if run.data.tags.get(TAG_KIND) == "trial" and run.info.status == "RUNNING":
-            child.finish("KILLED")
+        TrackedRun(tracking, run.info.run_id).set_tags(marks)
+    end_running_trials(tracking, old.info.run_id)
     parent = TrackedRun(tracking, old.info.run_id)
     parent.set_tags(marks | {TAG_RUN_KEY: f"{by.parent_key}/replaced/{old.info.run_id}"})
     if old.info.status == "RUNNING":
