@@ -148,6 +148,7 @@ class TrialSettings:
     patience: int
     lr_decay: float
     early_stop: int | None
+    select_by: str
     ema_alpha: float
     class_weights: str
     seed: int
@@ -185,6 +186,8 @@ class SearchSettings:
     num_samples: int
     time_budget_s: float | None
     max_concurrent: int
+    scheduler: str
+    noise_z: float
     metric: str
     grace_period: int
     reduction_factor: float
@@ -192,6 +195,8 @@ class SearchSettings:
     take_over_lock: bool
     replace: bool
     sampler: str
+    n_startup_trials: int
+    ties_confidence: float
     sampler_seed: int
     resources: dict
 
@@ -237,6 +242,11 @@ _RANGES = (
      "the dev evaluations every trial gets before ASHA's first rung"),
     ("search.reduction_factor", lambda v: v > 1, "above 1",
      "ASHA keeps the best 1/reduction_factor of trials at each rung: 2 keeps half, 3 a third"),
+    ("search.n_startup_trials", lambda v: v >= 1, "at least 1",
+     "trials tpe or gp draw at random before modelling the results"),
+    ("search.noise_z", lambda v: v >= 0, "0 or more", "standard errors below a rung's cutoff before noise_asha cuts"),
+    ("search.ties_confidence", lambda v: 0.5 < v < 1, "between 0.5 and 1",
+     "the share of paired resamples in which the best must beat a trial for it not to be tied with the best"),
     ("trial.evals_per_epoch", lambda v: v >= 1, "at least 1", "dev evaluations per epoch"),
     ("features.gpu_per_worker", lambda v: v > 0, "above 0",
      "the GPUs each cache-filling worker asks Ray for: 1 is one encoder copy per GPU, 0.5 two copies"),

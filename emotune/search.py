@@ -63,8 +63,18 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
     validate_space(space, cfg)
     if search["metric"] not in ASHA_METRICS:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
-    if search["sampler"] not in ("tpe", "random"):
-        raise EmotuneError(f"search.sampler must be tpe or random, got '{search['sampler']}'")
+    from emotune.noise import SCORES
+    from emotune.search_algorithms import SAMPLERS, SCHEDULERS
+
+    for key, value, allowed in (("search.sampler", search["sampler"], SAMPLERS),
+                                ("search.scheduler", search["scheduler"], SCHEDULERS),
+                                ("trial.select_by", cfg["trial"]["select_by"], SCORES)):
+        if value not in allowed:
+            raise EmotuneError(f"{key} must be one of {', '.join(allowed)}, got '{value}'")
+    if search["scheduler"] == "noise_asha" and search["metric"] == "val_loss":
+        raise EmotuneError("search.scheduler=noise_asha measures noise in dev macro-F1 (val_f1_se), so it judges an "
+                           "F1 metric: set search.metric to best_val_score, best_val_f1, val_f1 or val_f1_ema, or use "
+                           "search.scheduler=asha with val_loss")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
     if search["time_budget_s"] is not None and float(search["time_budget_s"]) <= 0:
@@ -185,24 +195,21 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
 
 
 def make_searcher(cfg: dict):
-    """Optuna's TPE (or random draws) over the search space, its known-good points first, seeded by
-    search.sampler_seed."""
-    import optuna
+    """Optuna's sampler (search.sampler) over the search space, its known-good points first, seeded by
+    search.sampler_seed; it learns each trial's ranking score (best_val_score), and trials the scheduler cut reach
+    it as pruned (:class:`~emotune.search_algorithms.PruningAwareOptunaSearch`)."""
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
+    from emotune.search_algorithms import PruningAwareOptunaSearch, make_sampler
     from emotune.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
+    sampler = make_sampler(search["sampler"], int(search["sampler_seed"]), int(search["n_startup_trials"]))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna flags multivariate/group as experimental
-        if search["sampler"] == "random":
-            sampler = optuna.samplers.RandomSampler(seed=int(search["sampler_seed"]))
-        else:
-            sampler = optuna.samplers.TPESampler(seed=int(search["sampler_seed"]), multivariate=True, group=True,
-                                                 constant_liar=True)
-        searcher = OptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_f1", mode="max",
-                                sampler=sampler, points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
+        warnings.simplefilter("ignore")
+        searcher = PruningAwareOptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_score", mode="max",
+                                            sampler=sampler, last_step=asha_clock(cfg)[2],
+                                            points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
     limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
     if search["time_budget_s"] is None:
@@ -221,14 +228,28 @@ def asha_clock(cfg: dict) -> tuple[int, int, int]:
 
 
 def make_scheduler(cfg: dict):
-    """ASHA on the trials' own count of dev evaluations (``trial.evals_per_epoch`` per epoch): a trial Tune starts
-    again continues its count where its checkpoint left it."""
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA (search.scheduler: plain, or noise_asha that does not cut within noise) on the trials' own count of
+    dev evaluations (``trial.evals_per_epoch`` per epoch): a trial Tune starts again continues its count where its
+    checkpoint left it. With search.scheduler=none, a FIFO scheduler: every trial runs to its end."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from emotune.search_algorithms import NoiseASHA
+
+    search = cfg["search"]
+    if search["scheduler"] == "none":
+        return FIFOScheduler()
     _, grace, max_t = asha_clock(cfg)
-    metric = cfg["search"]["metric"]
-    return ASHAScheduler(time_attr="evaluation", metric=metric, mode=asha_mode(metric), max_t=max_t,
-                         grace_period=grace, reduction_factor=float(cfg["search"]["reduction_factor"]))
+    metric = search["metric"]
+    kwargs = {"time_attr": "evaluation", "metric": metric, "mode": asha_mode(metric), "max_t": max_t,
+              "grace_period": grace, "reduction_factor": float(search["reduction_factor"])}
+    if search["scheduler"] == "noise_asha":
+        return NoiseASHA(noise_z=float(search["noise_z"]), se_attr=_se_of(metric), **kwargs)
+    return ASHAScheduler(**kwargs)
+
+
+def _se_of(metric: str) -> str:
+    """The reported standard error that goes with ``metric`` (the best score's own, or the evaluation's)."""
+    return "best_val_score_se" if metric == "best_val_score" else "val_f1_se"
 
 
 def asha_rungs(scheduler) -> list[int]:
@@ -236,7 +257,8 @@ def asha_rungs(scheduler) -> list[int]:
     bracket)."""
     # a trial is judged at the first evaluation that reaches a rung's milestone, which is fractional when the
     # reduction factor is (grace 5, factor 1.5: 7.5, judged at 8)
-    return sorted(math.ceil(milestone) for milestone, _ in scheduler._brackets[0]._rungs)
+    brackets = getattr(scheduler, "_brackets", None)  # search.scheduler=none: a FIFO scheduler, no rungs
+    return sorted(math.ceil(milestone) for milestone, _ in brackets[0]._rungs) if brackets else []
 
 
 def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
@@ -247,8 +269,14 @@ def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
     per_epoch, grace, max_t = asha_clock(cfg)
     factor = float(search["reduction_factor"])
     unit = "epoch" if per_epoch == 1 else "evaluation"
+    if search["scheduler"] == "none":
+        return [f"No scheduler (search.scheduler=none): every trial runs its {max_t} {unit}s, unless its own early "
+                "stopping ends it."]
     judged = (f"it judges {search['metric']}, {asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} "
               "at each rung")
+    if search["scheduler"] == "noise_asha":
+        judged += (f"; a trial below the cutoff is cut only if it is below by more than {float(search['noise_z']):g} "
+                   f"bootstrap standard errors ({_se_of(search['metric'])}), so none is cut within noise")
     if per_epoch == 1:
         lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_t} ({judged})"]
     else:

@@ -31,7 +31,8 @@ def trial_runs_callback(tracking: dict, max_epochs: int, trials_dir: Path):
             if info.status != "RUNNING":
                 return  # the trial finished its run itself
             stopped = status == "FINISHED" and int(result.get("epoch", 0)) < max_epochs
-            run.log_metrics({"best_val_f1": result.get("best_val_f1"), "epochs_trained": result.get("epoch"),
+            run.log_metrics({"best_val_f1": result.get("best_val_f1"), "best_val_score": result.get("best_val_score"),
+                             "epochs_trained": result.get("epoch"),
                              "asha_stopped": float(stopped)},
                             step=int(result.get("evaluation", result.get("epoch", 0))))
             if result.get("best_val_f1") is not None:
@@ -71,6 +72,9 @@ RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "searc
 ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16", "model.branch_width": 256,
               "trial.evals_per_epoch": 1,
               "search.sampler": "tpe",
+              # step 12: a search started before these ran plain ASHA and ranked by best_val_f1
+              "search.scheduler": "asha", "search.noise_z": None, "search.n_startup_trials": 10,
+              "search.ties_confidence": None, "trial.select_by": "val_f1",
               "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 
 

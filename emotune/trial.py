@@ -4,12 +4,13 @@
 its own checkpoint in ``<runs>/trials/<search>/<trial id>``, which it resumes from whenever Tune starts it
 again. Outside Ray the same function runs alone:
 ``emotune train key=value ...``. Every dev evaluation (one per epoch, or ``trial.evals_per_epoch``) reports
-``val_f1`` (dev macro-F1), its smoothed ``val_f1_ema``, ``best_val_f1``, ``val_loss`` (dev cross-entropy),
-``train_loss`` and ``lr``, with ``epoch`` (fractional between epochs) and ``evaluation`` (the count of dev
-evaluations, which is ASHA's clock). Each trial is one MLflow run; whenever dev macro-F1 improves, the best
-checkpoint (safetensors), the dev and test class probabilities with ids, a confusion-matrix PNG and a
-classification report are logged, so even a trial that ASHA stops early leaves everything the ensemble selector
-needs. Test data is only ever predicted, never scored or selected on.
+``val_f1`` (dev macro-F1), its bootstrap standard error ``val_f1_se``, its smoothed ``val_f1_ema``,
+``best_val_f1``, the ranking score ``val_score`` and its best ``best_val_score`` (``trial.select_by``, see
+:mod:`emotune.noise`), ``val_loss`` (dev cross-entropy), ``train_loss`` and ``lr``, with ``epoch`` (fractional
+between epochs) and ``evaluation`` (the count of dev evaluations, which is ASHA's clock). Each trial is one MLflow
+run; whenever the ranking score improves, the best checkpoint (safetensors), the dev and test class probabilities
+with ids, a confusion-matrix PNG and a classification report are logged, so even a trial that ASHA stops early
+leaves everything the ensemble selector needs. Test data is only ever predicted, never scored or selected on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from emotune import evaluation
+from emotune import evaluation, noise
 from emotune.checkpoint import ModelCard, save_model
 from emotune.data.corpus import Utterance
 from emotune.errors import EmotuneError
@@ -59,8 +60,12 @@ class TrainerState:
 
     epoch: int = 0  # whole epochs trained
     evaluation: int = 0  # dev evaluations so far (evals_per_epoch per epoch)
-    best_f1: float = -1.0
+    best_f1: float = -1.0  # the best dev macro-F1 so far (patience and early stopping follow it)
     best_epoch: int | float = 0  # fractional when the best evaluation came within an epoch
+    best_score: float = -1.0  # the best value of the ranking score (trial.select_by) so far: the best checkpoint's
+    score_epoch: int | float = 0  # the best checkpoint's epoch
+    score_f1: float = -1.0  # the best checkpoint's dev macro-F1
+    score_se: float = 0.0  # and its bootstrap standard error
     ema: float | None = None
     since_best: int = 0
     since_decay: int = 0
@@ -239,6 +244,10 @@ class Trainer:
         self.corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=context.progress)
         self.labels = self.corpus.labels
         self.dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
+        self.dev_resamples = noise.stratified_resamples(self.dev_true)  # drawn once: every evaluation alike
+        if self.settings.select_by not in noise.SCORES:
+            raise EmotuneError(f"trial.select_by must be one of {', '.join(noise.SCORES)}, got "
+                               f"'{self.settings.select_by}'")
         self.source, self.described = self._features()
         self.feature_seconds = time.perf_counter() - started
         self.model = self._model()
@@ -360,8 +369,8 @@ class Trainer:
                 self._report(self.state.history[-1] | {"early_stopped": float(self._stopped_early())})
             return summary
         while True:
-            for metrics, dev_probs, improved in self._epoch():
-                if improved:
+            for metrics, dev_probs, _ in self._epoch():
+                if self._score_improved(metrics):
                     self._save_best(dev_probs)
                 if self.run is not None and self.state.evaluation > self.state.logged_upto:
                     # MLflow's step is the evaluation; the epoch goes along when the two differ
@@ -398,14 +407,17 @@ class Trainer:
             losses = self._train_batches([batches[i] for i in indices])
             dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths,
                                 self.settings.eval_batch_size, self.device)
-            f1 = evaluation.macro_f1(self.dev_true, dev_probs.argmax(1), len(self.labels))
+            dev_pred = dev_probs.argmax(1)
+            f1 = evaluation.macro_f1(self.dev_true, dev_pred, len(self.labels))
+            f1_se = float(noise.resampled_macro_f1(self.dev_true, dev_pred, len(self.labels),
+                                                   self.dev_resamples).std(ddof=1))
             progress = self.state.epoch + 1 if share == evals else round(self.state.epoch + share / evals, 4)
             improved = self._record_evaluation(f1, progress)
             improved_in_epoch |= improved
             if share == evals:
                 self._close_epoch(improved_in_epoch)
             self.state.train_seconds += time.perf_counter() - started
-            metrics = {"epoch": progress, "evaluation": self.state.evaluation, "val_f1": f1,
+            metrics = {"epoch": progress, "evaluation": self.state.evaluation, "val_f1": f1, "val_f1_se": f1_se,
                        "val_f1_ema": self.state.ema, "best_val_f1": self.state.best_f1,
                        "val_loss": self._dev_loss(dev_probs), "train_loss": float(np.mean(losses)),
                        "lr": self.state.lr, "epoch_seconds": time.perf_counter() - started}  # since the last report
@@ -437,6 +449,22 @@ class Trainer:
             self.optimizer.step()
             losses.append(loss.item())
         return losses
+
+    def _score_improved(self, metrics: dict) -> bool:
+        """Add the ranking score to ``metrics`` (``val_score``, ``best_val_score`` and its standard error
+        ``best_val_score_se``); True when it beat the best so far, so that this evaluation's model becomes the
+        trial's best checkpoint."""
+        state = self.state
+        rows = state.history
+        value = noise.score_values([r["val_f1"] for r in rows], [r.get("val_f1_se", 0.0) for r in rows],
+                                   [r["val_f1_ema"] for r in rows], self.settings.select_by)[-1]
+        improved = value > state.best_score
+        if improved:
+            state.best_score, state.score_epoch, state.score_f1 = value, metrics["epoch"], metrics["val_f1"]
+            state.score_se = metrics["val_f1_se"]
+        metrics |= {"val_score": value, "best_val_score": state.best_score, "best_val_score_se": state.score_se}
+        rows[-1] |= {"val_score": round(value, 6), "best_val_score": round(state.best_score, 6)}
+        return improved
 
     def _record_evaluation(self, f1: float, progress: int | float) -> bool:
         """Count a dev evaluation at epoch ``progress``: its EMA and the best so far. Returns whether F1 improved."""
@@ -479,7 +507,7 @@ class Trainer:
                          encoders=self.described, encoder_names=cfg["encoders"], norm_stats=corpus.norm.to_dict(),
                          features={k: cfg["features"].get(k) for k in ("speech_layers", "text_layers",
                                                                          "max_text_tokens")},
-                         best_epoch=self.state.best_epoch, best_val_f1=self.state.best_f1,
+                         best_epoch=self.state.score_epoch, best_val_f1=self.state.score_f1,
                          trial_seed=self.settings.seed)
         files = save_model(self.model, card, best)
         files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
@@ -494,7 +522,9 @@ class Trainer:
 
     def _finish(self, stopped_early: bool) -> dict:
         state = self.state
-        summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "epochs_trained": state.epoch,
+        summary = {"best_val_f1": state.best_f1, "best_epoch": state.best_epoch, "best_val_score": state.best_score,
+                   "checkpoint_epoch": state.score_epoch, "checkpoint_val_f1": state.score_f1,
+                   "epochs_trained": state.epoch,
                    "patience_stopped": float(stopped_early), "train_seconds": state.train_seconds,
                    "seconds_per_epoch": state.train_seconds / max(1, state.epoch),
                    "feature_seconds": self.feature_seconds}
@@ -502,7 +532,7 @@ class Trainer:
             self.run.log_metrics(summary, step=state.evaluation)
             self.run.log_json(state.history, "history.json")
             self.run.log_artifacts(evaluation.dev_reports(self.workdir / "best",
-                                                          best_title(state.best_f1, state.best_epoch)), "best")
+                                                          best_title(state.score_f1, state.score_epoch)), "best")
             self.run.finish("FINISHED")
         return summary
 

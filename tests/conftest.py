@@ -131,7 +131,12 @@ def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
     corpus, shared_runs = separable
     runs = tmp_path_factory.mktemp("smoke") / "runs"
     # one trial at a time: ASHA then judges each trial against all earlier ones, the same way every run
-    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
-                                  "search.max_concurrent=1", "search.max_failures=1", "trial.evals_per_epoch=2"),
-                      "search")
+    cfg = load_config(smoke_search_args(separable, runs), "search")
     return runs, run_search(cfg, train=crash_once_at(2, runs.parent / "crashed-once"))
+
+
+def smoke_search_args(separable, runs: Path) -> list[str]:
+    """The settings of the `smoke_search` fixture's search, whose results are in ``runs``."""
+    corpus, shared_runs = separable
+    return search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
+                       "search.max_concurrent=1", "search.max_failures=1", "trial.evals_per_epoch=2")

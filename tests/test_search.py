@@ -78,6 +78,46 @@ def test_search_prunes_retries_and_logs_one_tree(smoke_search):
     assert summary["cut_by_asha"] == len(stopped) and summary["early_stopped"] == 0
 
 
+def optuna_states(experiment: Path) -> dict[str, tuple[str, dict, float | None]]:
+    """Per Ray trial id, what the Optuna study that Tune saved with the search says of it: state, intermediate
+    values and value."""
+    import pickle
+
+    saved = pickle.loads(next(experiment.glob("searcher-state-*.pkl")).read_bytes())
+    trials = saved["_ot_study"].trials
+    return {trial_id: (trials[t.number].state.name, trials[t.number].intermediate_values, trials[t.number].value)
+            for trial_id, t in saved["_ot_trials"].items()}
+
+
+def test_optuna_hears_which_trials_asha_cut_and_a_resumed_search_keeps_it(smoke_search, separable):
+    from conftest import smoke_search_args
+
+    runs, summary = smoke_search
+    experiment = runs / "ray" / "smoke"
+    rows = {r["trial_id"]: r for r in _read_csv(experiment / "summary" / "trials.csv")}
+    states = optuna_states(experiment)
+    assert set(states) == set(rows)
+    for trial_id, (state, steps, value) in states.items():
+        evaluations = 2 * float(rows[trial_id]["epochs"])  # two per epoch; Optuna's steps count Ray's reports
+        if evaluations < 8:  # cut by ASHA: pruned, with the scores it had reached, not completed with an early one
+            assert state == "PRUNED" and len(steps) >= 1, (trial_id, state, steps)
+        else:
+            assert state == "COMPLETE" and value == pytest.approx(float(rows[trial_id]["best_val_score"]))
+    assert summary["cut_by_asha"] == sum(s == "PRUNED" for s, _, _ in states.values()) >= 1
+
+    # the same command again resumes the finished search: nothing is proposed again and the study is as it was
+    again = run_search(load_config(smoke_search_args(separable, runs), "search"))
+    assert again["trials"] == 6
+    assert optuna_states(experiment) == states
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 def test_resuming_with_other_settings_is_refused(smoke_search, separable):
     runs, _ = smoke_search
     corpus, shared_runs = separable

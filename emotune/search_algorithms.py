@@ -1,0 +1,102 @@
+"""The search's two deciders, as Ray classes: the Optuna searcher that proposes trials and the scheduler that
+cuts them, each taught one thing Ray's own does not do.
+
+- :class:`PruningAwareOptunaSearch` is Ray's ``OptunaSearch`` telling Optuna the truth about cut trials. Ray's
+  builds its study without a pruner, and when a scheduler stops a trial Tune reports the trial's last result as
+  its final one, so Optuna records an epoch-5 score as if it were the trial's outcome. Here a trial that stopped
+  before its last evaluation, and not by its own early stopping, is told as PRUNED: Optuna keeps its
+  intermediate values, and TPE ranks it below the trials that finished, by the last of them.
+- :class:`NoiseASHA` is Ray's ``ASHAScheduler`` that does not cut within noise: at a rung it stops a trial only
+  when the trial's value is below the rung's cutoff by more than ``noise_z`` of the trial's own bootstrap
+  standard errors (``val_f1_se``, which every evaluation reports). What each rung records, and so the cutoffs,
+  stay those of plain ASHA.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
+from ray.tune.search.optuna import OptunaSearch
+
+SAMPLERS = ("tpe", "random", "qmc", "gp")
+SCHEDULERS = ("asha", "noise_asha", "none")
+
+
+def make_sampler(name: str, seed: int, n_startup_trials: int):
+    """Optuna's sampler ``name`` (one of :data:`SAMPLERS`), seeded; TPE and GP draw ``n_startup_trials`` at random
+    before they model anything."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna flags multivariate/group, QMC and GP as experimental
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "qmc":  # a better-spread random baseline (scrambled Sobol points)
+            return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False,
+                                              warn_asynchronous_seeding=False)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials,
+                                             warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=n_startup_trials)
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch``; trials cut by the scheduler reach Optuna as PRUNED (see the module's docstring).
+
+    ``last_step``: the value of ``time_attr`` at a trial's last evaluation (trial.max_epochs x
+    trial.evals_per_epoch). Saved and restored with the searcher, as Ray pickles it whole.
+    """
+
+    def __init__(self, *args, last_step: int, time_attr: str = "evaluation", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_step, self.time_attr = int(last_step), time_attr
+
+    def was_cut(self, result: dict | None) -> bool:
+        """Whether a trial's last result says it stopped early for another reason than its own rule."""
+        if not result or self.time_attr not in result:
+            return False
+        return int(result[self.time_attr]) < self.last_step and not result.get("early_stopped")
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Ray's OptunaSearch tells a trial without a final value as PRUNED, its intermediate values kept
+        super().on_trial_complete(trial_id, None if not error and self.was_cut(result) else result, error)
+
+
+class _NoiseBracket(_Bracket):
+    """Ray's ASHA bracket, judging ``value + margin`` against a rung's cutoff and recording ``value``."""
+
+    margin = 0.0  # set per result by NoiseASHA, just before each decision
+
+    def cutoff(self, recorded):
+        cut = super().cutoff(recorded)
+        return None if cut is None else cut - self.margin
+
+
+class NoiseASHA(ASHAScheduler):
+    """Ray's ``ASHAScheduler`` that cuts a trial only when it is below the rung's cutoff by more than
+    ``noise_z`` x its standard error (``se_attr`` in the same result; a result without it is judged as plain
+    ASHA judges it). For a minimised metric the margin applies the same way round: the trial must be worse by more
+    than the noise."""
+
+    def __init__(self, *args, noise_z: float, se_attr: str = "val_f1_se", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_z, self.se_attr = float(noise_z), se_attr
+        for bracket in self._brackets:
+            bracket.__class__ = _NoiseBracket  # the same rungs and records; only the cutoff it compares with moves
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        margin = self.noise_z * float(result.get(self.se_attr) or 0.0)
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None:
+            return super().on_trial_result(tune_controller, trial, result)
+        bracket.margin = margin
+        try:
+            return super().on_trial_result(tune_controller, trial, result)
+        finally:
+            bracket.margin = 0.0
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)  # records only: its decision is not used
