@@ -60,6 +60,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _members(text: str) -> int | str:
+    """``--k``: a number of members, else the word as given (``tied``; anything else EnsembleRequest refuses)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text.strip().lower()
+
+
 def _cmd_select_top(args: argparse.Namespace) -> int:
     from emotune.config import load_config
     from emotune.ensemble import EnsembleRequest, select_top
@@ -185,15 +193,23 @@ def _add_select_top(sub) -> None:
     select = sub.add_parser(
         "select-top",
         help="ensemble the best trials of a search, evaluate it, write predictions",
-        description="Pick the best trials of a search by dev macro-F1, combine them (hard vote, soft vote or "
-        "greedy ensemble selection), score the ensemble on data not used to choose it, and save a folder that "
-        "`emotune predict` can use. Trials with equal dev macro-F1 rank by run start, earlier first. "
-        "Example: emotune select-top --k 3 --method soft",
+        description="Pick the best trials of a search by their ranking score (best_val_score, the best value of "
+        "trial.select_by; best_val_f1 for older searches), combine them (hard vote, soft vote or greedy ensemble "
+        "selection), score the ensemble on data not used to choose it, and save a folder that `emotune predict` "
+        "can use. Trials with equal scores rank by run start, earlier first. "
+        "Examples: emotune select-top --k 3 --method soft;  emotune select-top --k tied",
     )
-    select.add_argument("--k", type=int, default=3, help="members for hard/soft voting (default 3)")
+    select.add_argument("--k", type=_members, default=3, metavar="K|tied",
+                        help="members for hard/soft voting (default 3), or 'tied': the best trial and every trial "
+                        "statistically tied with it (the best does not beat it in at least search.ties_confidence, "
+                        "default 95%%, of paired bootstrap resamples of the dev clips that choose the members), at "
+                        "least 3 (fewer tied: the next best-ranked fill up, since a majority vote of two is the "
+                        "better member alone) and at most 7 (more tied: the 7 best-ranked, since further members "
+                        "of a tied crowd add little but prediction time)")
     select.add_argument("--method", choices=ENSEMBLE_METHODS, default="hard",
                         help="hard: majority vote, ties to the best member (the paper's); soft: mean probabilities; "
-                        "greedy: Caruana ensemble selection over all trials (default hard)")
+                        "greedy: Caruana ensemble selection over the trials the best does not beat with confidence "
+                        "(it picks its own members: no --k tied) (default hard)")
     select.add_argument("--search", default=None, help="search name or parent run id (default: the latest search)")
     select.add_argument("--exclude-stopped", action="store_true", help="leave out trials that ASHA stopped early")
     select.add_argument("--steps", type=int, default=25, help="greedy selection steps (default 25)")
@@ -202,7 +218,8 @@ def _add_select_top(sub) -> None:
                         "dev clips that choose the members and apply them to the predictions, submission.csv and "
                         "`emotune predict`; the macro-F1, report and confusion matrix are then the calibrated ones, "
                         "and the macro-F1 without offsets is printed beside")
-    select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK); an "
+    select.add_argument("--out", default=None, help="ensemble folder (default runs/ensembles/SEARCH-METHOD-kK, "
+                        "e.g. smoke-hard-ktied); an "
                         "existing one is replaced only if it holds an earlier ensemble or nothing")
     select.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (paths, tracking)")
     select.set_defaults(func=_cmd_select_top)

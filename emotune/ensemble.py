@@ -1,18 +1,30 @@
 """Ensembles of a search's best trials: choose members on dev, combine them, score on data not used to choose.
 
 ``emotune select-top --k 3`` (see :func:`select_top`) reads a finished search from MLflow, takes its trials
-ranked by their final ``best_val_f1`` (dev macro-F1), combines them and evaluates the ensemble:
+ranked by their ranking score ``best_val_score`` (the best value of the search's ``trial.select_by``; trials of
+older searches, which lack it, rank by ``best_val_f1``, their best dev macro-F1), combines them and evaluates
+the ensemble:
 
 - ``hard`` (the paper's): majority vote of the members' labels; a tie goes to the best-ranked member that
   voted for one of the tied labels;
 - ``soft``: the mean of the members' class probabilities;
-- ``greedy``: ensemble selection with replacement (Caruana et al., ICML 2004) over all the search's trials,
-  on dev probabilities, starting from the best trial; a trial may be picked several times (its weight).
+- ``greedy``: ensemble selection with replacement (Caruana et al., ICML 2004) over the search's trials, on dev
+  probabilities, starting from the best trial; a trial may be picked several times (its weight). Trials that
+  the best beats with confidence (see below) are left out of its pool: on dev data a weak trial can look
+  useful by chance, and greedy would take it.
+
+``--k tied`` (hard and soft) takes the best-ranked trial and every trial statistically tied with it: one the
+best does not beat in at least ``search.ties_confidence`` (default 0.95) of paired bootstrap resamples of the
+selection data (:func:`emotune.noise.better_with_confidence`). The members are clamped to at least
+``TIED_FLOOR`` (3) and at most ``TIED_CEILING`` (7): with fewer tied trials the next best-ranked fill up to
+three, because a majority vote of two members is the better member alone; with more, the seven best-ranked
+are kept, because further members of a tied crowd cost prediction time and add little.
 
 Members are chosen on dev only. The ensemble is scored on the labelled test split when there is one;
-otherwise dev is split in two and the second half, never used for choosing, is the evaluation data.
-Trials with equal dev macro-F1 (common once several reach the same score) rank by when their MLflow run
-started, earlier first, then by run id, so the same search always gives the same members.
+otherwise dev is split in two and the second half, never used for choosing, is the evaluation data (then
+the ranking, the ties and greedy's pool are all measured on the first half). Trials with equal scores (common
+once several reach the same score) rank by when their MLflow run started, earlier first, then by run id, so
+the same search always gives the same members.
 
 ``--calibrate`` (soft and greedy; the hard vote takes no offsets) tunes per-class offsets on the selection data
 and applies them to everything the ensemble writes and predicts. Its figures follow: the headline macro-F1
@@ -122,15 +134,20 @@ def combine(method: str, member_probs: Sequence[np.ndarray], weights: Sequence[f
 
 @dataclass
 class Candidate:
-    """One finished trial of the search: its MLflow run, dev score and downloaded best artifacts."""
+    """One finished trial of the search: its MLflow run, dev scores and downloaded best artifacts."""
 
     run_id: str
     name: str
-    dev_f1: float
+    dev_f1: float  # best_val_f1: the best dev macro-F1, shown beside the members
     stopped_by_asha: bool
     folder: Path | None = None
     params: dict = field(default_factory=dict)
-    started: int = 0  # the run's start time (ms since the epoch): breaks ties of dev_f1
+    started: int = 0  # the run's start time (ms since the epoch): breaks ties of score
+    score: float | None = None  # best_val_score, what ranks the trial; None: dev_f1 ranks it (older searches)
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score = self.dev_f1
 
 
 def find_search(tracking: dict, search: str | None):
@@ -154,7 +171,8 @@ def find_search(tracking: dict, search: str | None):
 
 
 def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candidate]:
-    """The search's finished trials, best dev macro-F1 first; equal scores by run start, then run id."""
+    """The search's finished trials, best ranking score (best_val_score, else best_val_f1) first; equal scores by
+    run start, then run id."""
     from emotune.tracking import TAG_KIND, child_runs
 
     found = []
@@ -166,9 +184,11 @@ def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candida
         stopped = run.data.tags.get("emotune.stopped_by") == "asha"
         if exclude_stopped and stopped:
             continue
-        found.append(Candidate(run.info.run_id, run.info.run_name, float(run.data.metrics["best_val_f1"]), stopped,
-                               params=dict(run.data.params), started=int(run.info.start_time or 0)))
-    return sorted(found, key=lambda c: (-c.dev_f1, c.started, c.run_id))
+        metrics = run.data.metrics
+        found.append(Candidate(run.info.run_id, run.info.run_name, float(metrics["best_val_f1"]), stopped,
+                               params=dict(run.data.params), started=int(run.info.start_time or 0),
+                               score=float(metrics["best_val_score"]) if "best_val_score" in metrics else None))
+    return sorted(found, key=lambda c: (-c.score, c.started, c.run_id))
 
 
 def download(tracking: dict, candidate: Candidate, into: Path) -> Path:
@@ -200,11 +220,17 @@ def _aligned(folder: Path, split: str, ids: Sequence[str]) -> np.ndarray:
     return probs[[row[i] for i in ids]]
 
 
+TIED = "tied"  # --k tied: the best-ranked trial and the trials statistically tied with it
+TIED_FLOOR = 3  # fewest members of --k tied: a majority vote of two is the better member alone
+TIED_CEILING = 7  # most members of --k tied: more members of a tied crowd cost prediction time and add little
+TIES_CONFIDENCE = 0.95  # search.ties_confidence of searches saved before it existed
+
+
 @dataclass(frozen=True)
 class EnsembleRequest:
     """What ``emotune select-top`` is asked for."""
 
-    k: int = 3  # members (for greedy: the candidates' pool is every finished trial)
+    k: int | str = 3  # members, or TIED (hard and soft); greedy ignores it: its pool is the finished trials
     method: str = "hard"  # one of ENSEMBLE_METHODS
     search: str | None = None  # a search name or run id; None: the latest search in the store
     exclude_stopped: bool = False  # leave out trials ASHA stopped
@@ -213,10 +239,21 @@ class EnsembleRequest:
     out_dir: str | Path | None = None  # the ensemble folder; None: <runs>/ensembles/<search>-<method>-k<k>
 
     def check(self) -> None:
+        """Refuse a request that cannot be met, before anything is read."""
         if self.method not in ENSEMBLE_METHODS:
             raise EmotuneError(f"unknown method '{self.method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
+        if self.k == TIED:
+            if self.method == "greedy":
+                raise EmotuneError("--k tied is for --method hard or soft: greedy picks its own members (and their "
+                                   "weights) from every trial the best does not beat with confidence. Leave out "
+                                   "--k with greedy, or use --method hard or soft with --k tied.")
+            return
+        # bool is an int to Python, but never a number of members
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise EmotuneError(f"bad --k value '{self.k}': --k takes a number of members or 'tied' (the best trial "
+                               "and the trials statistically tied with it), e.g. --k 3 or --k tied.")
         if self.k < 1:
-            raise EmotuneError("--k must be at least 1")
+            raise EmotuneError(f"--k {self.k}: --k must be at least 1 (or 'tied')")
 
 
 @dataclass
@@ -291,22 +328,89 @@ class Chosen:
         return Scored(result, evaluation.class_report(plan.eval_true, predicted, self.labels), members, predicted)
 
 
+def best_ahead_shares(sel_probs: Sequence[np.ndarray], sel_true: Sequence[int], n_classes: int) -> list[float]:
+    """For each candidate (best-ranked first): the share of paired resamples of the selection data in which the
+    best-ranked one scores a higher macro-F1 (0.5 for the best itself)."""
+    from emotune.noise import better_with_confidence
+
+    best = sel_probs[0].argmax(1)
+    return [better_with_confidence(sel_true, best, probs.argmax(1), n_classes) for probs in sel_probs]
+
+
+def tied_positions(shares: Sequence[float], confidence: float) -> list[int]:
+    """Positions in the ranking of the best (0) and of the candidates tied with it: their share of
+    :func:`best_ahead_shares` is below ``confidence``."""
+    return [i for i, share in enumerate(shares) if i == 0 or share < confidence]
+
+
+def tied_members(shares: Sequence[float], confidence: float) -> tuple[list[int], list[int]]:
+    """``--k tied``: the members' positions in the ranking, and :func:`tied_positions`.
+
+    The members are the tied ones, clamped: below ``TIED_FLOOR`` the next best-ranked fill up, above
+    ``TIED_CEILING`` the best-ranked are kept.
+    """
+    tied = tied_positions(shares, confidence)
+    if len(tied) < TIED_FLOOR:
+        fill = [i for i in range(len(shares)) if i not in tied][: TIED_FLOOR - len(tied)]
+        return sorted(tied + fill), tied
+    return tied[:TIED_CEILING], tied
+
+
+@dataclass
+class Selection:
+    """The members chosen on the selection data, their weights, and what the choice left out."""
+
+    members: list[Candidate]  # best first
+    weights: list[float]
+    curve: list[float]  # greedy: the ensemble's selection macro-F1 after each step
+    offsets: np.ndarray | None  # calibration offsets (--calibrate)
+    tied: list[Candidate] = field(default_factory=list)  # --k tied and greedy: the best and those tied with it
+    note: str = ""  # how the members were chosen, when it needs saying
+
+
 def choose_members(pool: list[Candidate], sel_probs: list[np.ndarray], sel_true: list[int], request: EnsembleRequest,
-                   n_classes: int) -> tuple[list[Candidate], list[float], list[float], np.ndarray | None]:
-    """Members (best first), their weights, the greedy curve and the calibration offsets, from selection data."""
+                   n_classes: int, shares: Sequence[float] | None = None,
+                   confidence: float = TIES_CONFIDENCE) -> Selection:
+    """Members (best first), their weights, the greedy curve and the calibration offsets, from selection data.
+
+    ``shares`` (:func:`best_ahead_shares` of ``pool``) are needed by ``--k tied`` and restrict greedy's pool to
+    the trials tied with the best.
+    """
+    tied = tied_positions(shares, confidence) if shares is not None else list(range(len(pool)))
+    note = ""
     if request.method == "greedy":
-        bag, curve = greedy_selection(sel_probs, sel_true, n_classes, steps=request.steps, start=0)
-        counts = {i: bag.count(i) for i in dict.fromkeys(bag)}
-        members, weights = [pool[i] for i in counts], [float(counts[i]) for i in counts]
-        member_sel = [sel_probs[i] for i in counts]
+        # a trial the best beats with confidence may still lift the selection score by chance: greedy never sees it
+        bag, curve = greedy_selection([sel_probs[i] for i in tied], sel_true, n_classes, steps=request.steps, start=0)
+        counts = {tied[i]: bag.count(i) for i in dict.fromkeys(bag)}
+        picked, weights = list(counts), [float(n) for n in counts.values()]
+        if shares is not None:
+            left_out = len(pool) - len(tied)
+            note = (f"greedy: {left_out} of {len(pool)} trials left out of the pool: the best scores higher than "
+                    f"each of them in at least {confidence:.0%} of paired resamples of the selection data"
+                    if left_out else f"greedy: no trial left out of the pool (none is beaten by the best with "
+                    f"{confidence:.0%} confidence on the selection data)")
+    elif request.k == TIED:
+        if shares is None:
+            raise ValueError("--k tied needs the shares of resamples in which the best beats each candidate")
+        picked, tied = tied_members(shares, confidence)
+        weights, curve = [1.0] * len(picked), []
+        others = f"the best trial and {len(tied) - 1} tied with it (paired bootstrap, {confidence:.0%})"
+        if len(tied) < TIED_FLOOR:
+            note = (f"k=tied: {others}, fewer than the floor of {TIED_FLOOR} (a majority vote of two is the better "
+                    f"member alone): the next best-ranked fill up; ensembling {len(picked)}")
+        elif len(tied) > TIED_CEILING:
+            note = (f"k=tied: {others}, more than the ceiling of {TIED_CEILING}: ensembling the {len(picked)} "
+                    "best-ranked")
+        else:
+            note = f"k=tied: {others}; ensembling those {len(picked)}"
     else:
-        members, weights, curve = pool[: request.k], [1.0] * request.k, []
-        member_sel = sel_probs[: request.k]
+        picked, weights, curve = list(range(request.k)), [1.0] * request.k, []
     offsets = None
     if request.calibrate and request.method != "hard":
-        sel_scores = np.log(np.clip(soft_vote(member_sel, weights), 1e-12, 1.0))
+        sel_scores = np.log(np.clip(soft_vote([sel_probs[i] for i in picked], weights), 1e-12, 1.0))
         offsets = tune_offsets(sel_scores, sel_true, n_classes)
-    return members, weights, curve, offsets
+    return Selection([pool[i] for i in picked], weights, curve, offsets,
+                     [pool[i] for i in tied] if shares is not None else [], note)
 
 
 def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
@@ -319,10 +423,13 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     parent = find_search(tracking, request.search)
     name = parent.data.tags.get("emotune.search", parent.info.run_id)
     candidates = candidates_of(tracking, parent, request.exclude_stopped)
-    if len(candidates) < (1 if method == "greedy" else k):
+    needed = 1 if method == "greedy" else TIED_FLOOR if k == TIED else k
+    if len(candidates) < needed:
         note = " (trials stopped by ASHA left out)" if request.exclude_stopped else ""
-        raise EmotuneError(f"asked for {k} members but search '{name}' has only {len(candidates)} finished trials"
-                           f"{note}. Lower --k, or run more trials (search.num_samples).")
+        asked = f"--k tied takes at least {TIED_FLOOR} members" if k == TIED else f"asked for {k} members"
+        fix = "Pass --k a number of members instead" if k == TIED else "Lower --k"
+        raise EmotuneError(f"{asked} but search '{name}' has only {len(candidates)} finished trials{note}. {fix}, "
+                           "or run more trials (search.num_samples).")
 
     out = Path(request.out_dir).resolve() if request.out_dir else (
         Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
@@ -338,8 +445,9 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
         shutil.rmtree(out)
 
     # Without test labels the ranking must use the selection half only: every finished trial is a candidate,
-    # since the order by best_val_f1 was measured on all of dev, the held-out half too.
-    pool = candidates if method == "greedy" or plan.eval_split == "dev" else candidates[:k]
+    # since the ranking scores were measured on all of dev, the held-out half too. Ties and greedy weigh every
+    # finished trial against the best.
+    pool = candidates if method == "greedy" or k == TIED or plan.eval_split == "dev" else candidates[:k]
     for i, candidate in enumerate(pool):
         download(tracking, candidate, out / ".candidates" / f"{i:02d}")
     sel_true = [dev_true[i] for i in plan.select_idx]
@@ -348,10 +456,18 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     if plan.eval_split == "dev":  # rank on the selection half only; a stable sort: ties keep the candidates' order
         order = sorted(range(len(pool)), key=lambda i: -sel_f1[i])
         pool, sel_probs, sel_f1 = [pool[i] for i in order], [sel_probs[i] for i in order], [sel_f1[i] for i in order]
-    ranking = [{"name": c.name, "run_id": c.run_id, "selection_macro_f1": f} for c, f in zip(pool, sel_f1)]
-    members, weights, curve, offsets = choose_members(pool, sel_probs, sel_true, request, len(labels))
+    ranking = [{"name": c.name, "run_id": c.run_id, "score": c.score, "selection_macro_f1": f}
+               for c, f in zip(pool, sel_f1)]
+    shares, confidence = None, float(search_cfg.get("search", {}).get("ties_confidence", TIES_CONFIDENCE))
+    if method == "greedy" or k == TIED:
+        shares = best_ahead_shares(sel_probs, sel_true, len(labels))
+        for entry, share in zip(ranking, shares):
+            entry["best_ahead_share"] = share
+    chosen = choose_members(pool, sel_probs, sel_true, request, len(labels), shares, confidence)
+    if chosen.note:
+        print(chosen.note)
 
-    ensemble = Chosen(method, members, weights, offsets, labels)
+    ensemble = Chosen(method, chosen.members, chosen.weights, chosen.offsets, labels)
     scored = ensemble.score(plan)
     files = [_save(out, ensemble, corpus, parent, request)]
     files += _write_evaluation(out, plan, ensemble, scored)
@@ -360,7 +476,8 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     run_id = _log(tracking, parent, request, plan, ensemble, scored, files)
     summary = {"search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
                "members": scored.members, "ranking": ranking, "out_dir": str(out), "run_id": run_id,
-               "greedy_curve": curve}
+               "greedy_curve": chosen.curve, "tied": [c.run_id for c in chosen.tied],
+               "ties_confidence": confidence}
     _print_summary(summary, scored.report, labels)
     return summary
 

@@ -1,9 +1,22 @@
-"""What a search shows: Tune's live table, and at the end the trial table, the curves and the printed summary."""
+"""What a search shows: Tune's live table, and at the end the trial table, the curves and the printed summary.
+
+Trials rank by their ranking score ``best_val_score`` (the best value of ``trial.select_by``); searches whose
+trials did not report it rank by ``best_val_f1``. The summary also names the trials that are statistically tied
+with the best: those the best does not beat in at least ``search.ties_confidence`` of paired bootstrap resamples
+of dev (:func:`emotune.noise.better_with_confidence`), compared on each trial's best-checkpoint dev predictions.
+They are printed, listed in the summary (``tied``, the best first), marked in trials.csv (``tied``: True, False,
+or empty for a trial that could not be compared) and counted, the best left out, in the search run's metric
+``trials_tied_with_best``.
+"""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 
 def progress_table(cfg: dict):
@@ -18,18 +31,150 @@ def progress_table(cfg: dict):
                        metric="best_val_f1", mode="max", sort_by_metric=True, print_intermediate_tables=True)
 
 
+def ranking_score(row: dict) -> float | None:
+    """What ranks a trial: its ``best_val_score``, or its ``best_val_f1`` if it reported none (older searches)."""
+    return row["best_val_score"] if row.get("best_val_score") is not None else row.get("best_val_f1")
+
+
 def trial_table(results) -> list[dict]:
-    """One row per trial: id, status, epochs, best dev macro-F1, MLflow run and sampled parameters."""
+    """One row per trial, best-ranked first: id, status, epochs, ranking score, best dev macro-F1, MLflow run and
+    sampled parameters."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
         rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name),
                      "status": "ERROR" if result.error else "TERMINATED",
-                     "epochs": metrics.get("epoch"), "best_val_f1": metrics.get("best_val_f1"),
+                     "epochs": metrics.get("epoch"), "best_val_score": metrics.get("best_val_score"),
+                     "best_val_f1": metrics.get("best_val_f1"),
                      "val_loss": metrics.get("val_loss"), "early_stopped": bool(metrics.get("early_stopped")),
                      "mlflow_run_id": metrics.get("mlflow_run_id"), "path": result.path,
                      **{f"param:{k}": v for k, v in (result.config or {}).items()}})
-    return sorted(rows, key=lambda r: -(r["best_val_f1"] if r["best_val_f1"] is not None else -1))
+    # a stable sort: trials with equal scores keep Tune's order
+    return sorted(rows, key=lambda r: -(ranking_score(r) if ranking_score(r) is not None else -1))
+
+
+# --- trials tied with the best ----------------------------------------------------------------------------------
+
+PREDICTIONS = "best/dev_predictions.csv"  # in a trial's folder: its best checkpoint's dev predictions
+
+
+@dataclass
+class Ties:
+    """Which finished trials the best does not beat with confidence on dev, and which could not be compared."""
+
+    confidence: float  # search.ties_confidence
+    tied: list[str] = field(default_factory=list)  # trial ids, the best first
+    shares: dict[str, float] = field(default_factory=dict)  # trial id: share of resamples the best scores higher
+    skipped: dict[str, str] = field(default_factory=dict)  # trial id: why it was not compared
+    problem: str = ""  # why no trial could be compared at all ("" when the comparisons were made)
+
+    def mark(self, trial_id: str) -> bool | str:
+        """The ``tied`` column of trials.csv: True or False, or empty when the trial was not compared."""
+        if trial_id in self.tied:
+            return True
+        return False if trial_id in self.shares else ""
+
+
+def _dev_classes(path: Path, dev_ids: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray | None, str]:
+    """A trial's predicted class per dev clip (in ``dev_ids`` order, as indices of ``labels``), or why not."""
+    from emotune import evaluation
+
+    if not path.is_file():
+        return None, (f"{PREDICTIONS} is missing from the trial folder (a trial that ran on another node of a "
+                      "cluster leaves it there)")
+    try:
+        ids, probs, classes = evaluation.read_predictions(path)
+    except (OSError, ValueError, IndexError) as exc:
+        return None, f"{PREDICTIONS} cannot be read ({type(exc).__name__}: {exc})"
+    if not classes or not set(classes) <= set(labels):
+        return None, f"{PREDICTIONS} has other classes than the corpus (the trial was trained on another corpus)"
+    row = {uid: i for i, uid in enumerate(ids)}
+    if any(uid not in row for uid in dev_ids):
+        return None, f"{PREDICTIONS} lacks dev clips (the trial was trained on another split)"
+    # the file's class order may differ from the corpus's: its argmax is mapped through the class names
+    to_corpus = np.array([list(labels).index(c) for c in classes])
+    return to_corpus[probs[[row[uid] for uid in dev_ids]].argmax(1)], ""
+
+
+def ties_with_best(finished: Sequence[dict], trials_dir: Path, dev_ids: Sequence[str], dev_true: Sequence[int],
+                   labels: Sequence[str], confidence: float) -> Ties:
+    """The trials of ``finished`` (rows of :func:`trial_table`, best-ranked first) tied with the first.
+
+    Each trial's best-checkpoint dev predictions are read from ``<trials_dir>/<trial_id>/best/dev_predictions.csv``
+    and aligned with ``dev_ids``; a trial is tied unless the best scores a higher dev macro-F1 in at least
+    ``confidence`` of the paired resamples. A trial whose file is missing or does not match the dev split is
+    skipped, with the reason; without the best's own file nothing is compared.
+    """
+    from emotune.noise import better_with_confidence
+
+    ties = Ties(confidence)
+    if not finished:
+        return ties
+    best_id = str(finished[0]["trial_id"])
+    ties.tied.append(best_id)
+    best_pred, why = _dev_classes(trials_dir / best_id / PREDICTIONS, dev_ids, labels)
+    if best_pred is None:
+        ties.problem = f"the best trial's {why}"
+        return ties
+    for row in finished[1:]:
+        trial_id = str(row["trial_id"])
+        pred, why = _dev_classes(trials_dir / trial_id / PREDICTIONS, dev_ids, labels)
+        if pred is None:
+            ties.skipped[trial_id] = why
+            continue
+        ties.shares[trial_id] = better_with_confidence(dev_true, best_pred, pred, len(labels))
+        if ties.shares[trial_id] < confidence:
+            ties.tied.append(trial_id)
+    return ties
+
+
+def search_ties(cfg: dict, finished: Sequence[dict], trials_dir: Path) -> Ties:
+    """:func:`ties_with_best` on the dev split of the search's corpus."""
+    from emotune.data.prepare import prepare_corpus
+    from emotune.errors import EmotuneError
+
+    confidence = float(cfg["search"]["ties_confidence"])
+    if not finished:
+        return Ties(confidence)
+    try:
+        corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
+    except EmotuneError as exc:
+        # hours of trials must still get their summary when the corpus moved while they ran
+        return Ties(confidence, [str(finished[0]["trial_id"])], problem=f"the corpus cannot be read again: {exc}")
+    labels = list(corpus.labels)
+    dev_ids = [u.id for u in corpus.dev]
+    dev_true = [labels.index(u.label) for u in corpus.dev]
+    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial{'' if n == 1 else 's'}"
+
+
+def ties_text(ties: Ties, finished: Sequence[dict], trials_dir: Path) -> list[str]:
+    """The summary's lines about the trials tied with the best."""
+    method = f"paired bootstrap on dev, {ties.confidence:.0%}"
+    if ties.problem:
+        return [f"Ties with the best not computed ({method}): {ties.problem}."]
+    f1 = {str(r["trial_id"]): r["best_val_f1"] for r in finished}
+    others = ties.tied[1:]
+    if others:
+        listed = ", ".join(f"{trial_id} ({f1[trial_id]:.4f})" for trial_id in others)
+        lines = [f"Tied with the best ({method}): {_trials(len(others))}: {listed}"]
+    elif ties.shares:
+        n = len(ties.shares)
+        lines = [f"No trial is tied with the best ({method}): it scores higher than "
+                 f"{'the one other trial' if n == 1 else f'each of the {n} others'} compared in at least "
+                 f"{ties.confidence:.0%} of the resamples."]
+    else:
+        lines = [f"No trial is tied with the best ({method}): no other trial could be compared."]
+    reasons: dict[str, list[str]] = {}
+    for trial_id, why in ties.skipped.items():
+        reasons.setdefault(why, []).append(trial_id)
+    for why, trial_ids in reasons.items():
+        shown = ", ".join(trial_ids[:5]) + (", ..." if len(trial_ids) > 5 else "")
+        lines.append(f"  {_trials(len(trial_ids))} not compared ({shown}): {why}; trial folders in {trials_dir}")
+    return lines
 
 
 def curves_png(results, path: Path, metric: str) -> Path | None:
@@ -73,6 +218,10 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     early = sum(1 for r in finished if r["early_stopped"])
     cut = sum(1 for r in finished if not r["early_stopped"] and r["epochs"] is not None
               and r["epochs"] < int(cfg["trial"]["max_epochs"]))
+    trials_dir = Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name  # as the trials name it
+    ties = search_ties(cfg, finished, trials_dir)
+    for row in rows:  # a failed trial is not tied; one not compared is left blank
+        row["tied"] = False if row["status"] == "ERROR" else ties.mark(str(row["trial_id"]))
     out_dir = experiment_dir / "summary"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "trials.csv"
@@ -89,14 +238,15 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     errors = [r for r in rows if r["status"] == "ERROR"]
     parent.log_metrics({"best_val_f1": best["best_val_f1"] if best else None, "trials": len(rows),
                         "trials_cut_by_asha": cut, "trials_early_stopped": early, "trials_failed": len(errors),
+                        "trials_tied_with_best": len(ties.tied) - 1 if best and not ties.problem else None,
                         "search_seconds": seconds})
     parent.log_artifacts(files, "summary")
     parent.finish("FINISHED" if not errors else "FAILED")
 
     summary = {"name": cfg["search"]["name"], "trials": len(rows), "cut_by_asha": cut, "early_stopped": early,
                "failed": len(errors),
-               "seconds": seconds, "parent_run_id": parent.run_id, "best": best, "experiment_dir": str(experiment_dir),
-               "cache": reports}
+               "seconds": seconds, "parent_run_id": parent.run_id, "best": best, "tied": ties.tied,
+               "experiment_dir": str(experiment_dir), "cache": reports}
     print()
     print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
           f"{early} ended by their own early stopping, {len(errors)} failed.")
@@ -114,10 +264,15 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
         if best.get("mlflow_run_id"):
             artifacts = TrackedRun(cfg["tracking"], best["mlflow_run_id"]).client.get_run(
                 best["mlflow_run_id"]).info.artifact_uri + "/best"
-        print(f"Best trial {best['trial_id']}: dev macro-F1 {best['best_val_f1']:.4f} after {best['epochs']} epochs")
+        score = best.get("best_val_score")
+        by = "" if score is None or score == best["best_val_f1"] else (
+            f" (score {score:.4f} by {cfg['trial'].get('select_by', 'val_f1')})")
+        print(f"Best trial {best['trial_id']}: dev macro-F1 {best['best_val_f1']:.4f}{by} after {best['epochs']} "
+              "epochs")
         for key, value in params.items():
             print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
         print(f"  MLflow run {best['mlflow_run_id']}; checkpoint and predictions: {artifacts}")
+        print("\n".join(ties_text(ties, finished, trials_dir)))
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
     # the next commands, spelled so that they find this search from the current folder
     runs_dir = cfg["paths"]["runs_dir"]

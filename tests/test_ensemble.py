@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +257,19 @@ def test_select_top_errors_are_clear(smoke_search, tmp_path):
         select_top(cfg, EnsembleRequest(k=2, search="nope", out_dir=tmp_path / "x"))
     with pytest.raises(EmotuneError, match="no search found"):
         select_top(config_for(tmp_path / "empty"), EnsembleRequest(k=2))
+    with pytest.raises(EmotuneError, match="greedy picks its own members"):
+        select_top(cfg, EnsembleRequest(k="tied", method="greedy", out_dir=tmp_path / "x"))
+    with pytest.raises(EmotuneError, match="--k must be at least 1"):
+        select_top(cfg, EnsembleRequest(k=0, out_dir=tmp_path / "x"))
+
+
+@pytest.mark.parametrize("value", ["foo", "3.5", "all"])
+def test_a_bad_k_says_what_k_takes(value, tmp_path, capsys):
+    """Refused before any store is read: no search is needed."""
+    assert cli_main(["select-top", "--k", value, "--out", str(tmp_path / "x"), f"paths.runs_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err
+    assert f"bad --k value '{value}': --k takes a number of members or 'tied'" in error, error
+    assert not (tmp_path / "x").exists()
 
 
 def finished_trials(runs, parent_run_id: str) -> list:
@@ -342,11 +357,12 @@ def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tm
     trials = sorted(finished_trials(copy, search["parent_run_id"]), key=lambda r: (r.info.start_time, r.info.run_id))
     assert len(trials) >= 3
     for i, run in enumerate(trials):
-        client.log_metric(run.info.run_id, "best_val_f1", 0.5, step=10**6)  # the latest value: all tied
+        for metric in ("best_val_f1", "best_val_score"):  # the latest values: all tied, whichever ranks
+            client.log_metric(run.info.run_id, metric, 0.5, step=10**6)
         client.update_run(run.info.run_id, name=f"trial-{len(trials) - i:02d}")  # names sort latest-started first
     tracking = config_for(copy)["tracking"]
     ranked = candidates_of(tracking, find_search(tracking, "smoke"), exclude_stopped=False)
-    assert [c.dev_f1 for c in ranked] == [0.5] * len(trials)
+    assert [c.dev_f1 for c in ranked] == [c.score for c in ranked] == [0.5] * len(trials)
     assert [c.run_id for c in ranked] == [r.info.run_id for r in trials]
 
 
@@ -403,3 +419,176 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
     assert summary["macro_f1"] == pytest.approx(macro_f1(held_truth, voted, len(labels)), abs=1e-12)
     report = json.loads((tmp_path / "ens" / "evaluation.json").read_text())["report"]
     assert [report[c]["support"] for c in labels] == [held_truth.count(i) for i in range(len(labels))]
+
+
+# --- ties with the best: --k tied and greedy's pool ----------------------------------------------------------------
+
+# Hand-made trials on the separable corpus' 12 dev clips, in the order their best_val_score ranks them. Each is
+# given as what it predicts: "best" is wrong on dev clip 0 only; "same" predicts exactly as the best; "one-off-a" and
+# "one-off-b" differ from it on one clip each (tied); "fixer" is right on clip 0 but wrong, with little confidence,
+# on six others (the best beats it with confidence, yet it would lift greedy's ensemble of the best to F1 1.0);
+# "wrong" is wrong everywhere. "fixer" ranks above the one-offs by its score, so ties are not simply the top k.
+TIED_TRIALS = [("best", 0.95), ("same", 0.94), ("fixer", 0.93), ("one-off-a", 0.92), ("one-off-b", 0.91),
+               ("wrong", 0.50)]
+
+
+def tied_probs(truth: list[int], n_classes: int) -> dict[str, np.ndarray]:
+    """Each hand-made trial's dev probabilities (rows in the order of ``truth``)."""
+    def confident(classes, confidence=0.7):
+        probs = np.full((len(classes), n_classes), (1 - confidence) / (n_classes - 1))
+        probs[np.arange(len(classes)), classes] = confidence
+        return probs
+
+    y = np.array(truth)
+    miss = (y + 1) % n_classes
+    best = y.copy()
+    best[0] = miss[0]
+    fixer = confident(y)
+    fixer[0] = confident([y[0]], 0.9)[0]
+    for i in range(1, 7):  # wrong, but only just: next to the best's confident rows these clips stay right
+        fixer[i] = (1 - 0.4 - 0.35) / (n_classes - 2)
+        fixer[i, miss[i]], fixer[i, y[i]] = 0.4, 0.35
+    one_off_a, one_off_b = best.copy(), best.copy()
+    one_off_a[7], one_off_b[8] = miss[7], miss[8]
+    return {"best": confident(best), "same": confident(best), "fixer": fixer, "one-off-a": confident(one_off_a),
+            "one-off-b": confident(one_off_b), "wrong": confident(miss)}
+
+
+@pytest.fixture(scope="module")
+def tied_store(smoke_search, tmp_path_factory):
+    """An MLflow store with two searches of the hand-made TIED_TRIALS: 'tied' (search.ties_confidence 0.95) and
+    'tied-loose' (0.6, which leaves only 'same' tied with the best).
+
+    Every trial carries the model, card, config and test predictions of one real smoke trial, and its own dev
+    predictions; no training is run. Returns the runs folder, the dev truth and the trials' dev probabilities.
+    """
+    from mlflow import MlflowClient
+
+    from emotune.data.prepare import prepare_corpus
+    from emotune.evaluation import macro_f1, write_predictions
+    from emotune.tracking import TrackedRun
+
+    smoke_runs, search = smoke_search
+    base = tmp_path_factory.mktemp("tied")
+    source = MlflowClient(f"sqlite:///{smoke_runs / 'mlflow.db'}")
+    search_cfg = json.loads(Path(source.download_artifacts(search["parent_run_id"], "config.json",
+                                                           str(base))).read_text())
+    model = next(r for r in finished_trials(smoke_runs, search["parent_run_id"])
+                 if "emotune.stopped_by" not in r.data.tags)
+    source.download_artifacts(model.info.run_id, "best", str(base / "model"))
+    source.download_artifacts(model.info.run_id, "config.json", str(base / "model"))
+
+    runs = base / "runs"
+    corpus = prepare_corpus(search_cfg["data"], runs, progress=False)
+    labels = list(corpus.labels)
+    dev_ids = [u.id for u in corpus.dev]
+    truth = [labels.index(u.label) for u in corpus.dev]
+    probs = tied_probs(truth, len(labels))
+    tracking = config_for(runs)["tracking"]
+    for name, confidence in (("tied", 0.95), ("tied-loose", 0.6)):
+        saved = {**search_cfg, "search": {**search_cfg["search"], "name": name, "ties_confidence": confidence}}
+        parent = TrackedRun.start(tracking, name=name, kind="search", tags={"emotune.search": name})
+        parent.log_json(saved, "config.json")
+        for trial, score in TIED_TRIALS:
+            folder = base / name / trial / "best"
+            folder.mkdir(parents=True)
+            for kept in ("model.safetensors", "model_card.json", "test_predictions.csv"):
+                shutil.copy2(base / "model" / "best" / kept, folder / kept)
+            write_predictions(folder / "dev_predictions.csv", dev_ids, probs[trial], labels,
+                              [corpus.dev[i].label for i in range(len(dev_ids))])
+            run = TrackedRun.start(tracking, name=trial, kind="trial", parent_run_id=parent.run_id,
+                                   tags={"emotune.search": name})
+            run.log_metrics({"best_val_f1": macro_f1(truth, probs[trial].argmax(1), len(labels)),
+                             "best_val_score": score})
+            run.log_artifacts(sorted(folder.iterdir()), "best")
+            run.log_artifacts([base / "model" / "config.json"])
+            run.finish()
+        parent.finish()
+    return runs, truth, probs
+
+
+def names_of(summary: dict, key: str) -> list[str]:
+    return [entry["name"] for entry in summary[key]]
+
+
+def test_k_tied_ensembles_the_trials_tied_with_the_best(tied_store, tmp_path, capsys):
+    from emotune.ensemble import TIED_FLOOR
+    from emotune.evaluation import macro_f1
+    from emotune.noise import better_with_confidence
+
+    runs, truth, probs = tied_store
+    best = probs["best"].argmax(1)
+    shares = {trial: better_with_confidence(truth, best, probs[trial].argmax(1), 6) for trial, _ in TIED_TRIALS}
+    # the hand-made trials are what they claim: tied at 95% (and only 'same' at 60%), or beaten with confidence
+    assert shares["same"] == 0.5 and 0.6 <= shares["one-off-a"] < 0.95 and 0.6 <= shares["one-off-b"] < 0.95
+    assert shares["fixer"] >= 0.95 and shares["wrong"] >= 0.95
+
+    summary = select_top(config_for(runs), EnsembleRequest(k="tied", method="hard", search="tied",
+                                                           out_dir=tmp_path / "ens"))
+    # ranked by best_val_score, not by dev F1 (which puts the one-offs above the fixer)
+    assert names_of(summary, "ranking") == [trial for trial, _ in TIED_TRIALS]
+    assert names_of(summary, "members") == ["best", "same", "one-off-a", "one-off-b"]  # exactly the tied, best first
+    # the members show their best_val_f1, whatever ranked them
+    assert summary["members"][0]["dev_f1"] == pytest.approx(macro_f1(truth, best, 6), abs=1e-12)
+    assert summary["members"][0]["dev_f1"] != summary["ranking"][0]["score"] == 0.95
+    assert summary["k"] == "tied" and summary["ties_confidence"] == 0.95
+    assert len(summary["tied"]) == 4
+    assert {e["name"]: e["best_ahead_share"] for e in summary["ranking"]} == pytest.approx(shares)
+    printed = capsys.readouterr().out
+    assert ("k=tied: the best trial and 3 tied with it (paired bootstrap, 95%); ensembling those 4" in printed)
+    manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert manifest["k"] == "tied" and [m["name"] for m in manifest["members"]] == names_of(summary, "members")
+
+    # at 60% only 'same' is tied: below the floor of three the next best-ranked trial fills up (by score: fixer).
+    # The default folder name says 'ktied'.
+    assert cli_main(["select-top", "--k", "tied", "--method", "soft", "--search", "tied-loose",
+                     f"paths.runs_dir={runs}"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"k=tied: the best trial and 1 tied with it (paired bootstrap, 60%), fewer than the floor of "
+            f"{TIED_FLOOR}") in printed and "ensembling 3" in printed
+    folder = runs / "ensembles" / "tied-loose-soft-ktied"
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    assert [m["name"] for m in manifest["members"]] == ["best", "same", "fixer"]
+
+
+def test_tied_members_are_clamped_to_the_floor_and_the_ceiling():
+    from emotune.ensemble import TIED_CEILING, TIED_FLOOR, tied_members
+
+    assert (TIED_FLOOR, TIED_CEILING) == (3, 7)
+    # one tied trial (position 2): the best-ranked untied one (position 1) fills up, members stay in rank order
+    assert tied_members([0.5, 0.99, 0.7, 0.99], 0.95) == ([0, 1, 2], [0, 2])
+    assert tied_members([0.5, 0.99, 0.99, 0.99], 0.95) == ([0, 1, 2], [0])
+    assert tied_members([0.5, 0.9, 0.99, 0.8], 0.95) == ([0, 1, 3], [0, 1, 3])  # three tied: exactly those
+    crowd = [0.5] + [0.6] * 9  # ten tied: the seven best-ranked
+    assert tied_members(crowd, 0.95) == (list(range(7)), list(range(10)))
+    assert tied_members([0.5, 0.99], 0.95) == ([0, 1], [0])  # fewer candidates than the floor: all of them
+
+
+def test_greedy_leaves_out_the_trials_the_best_beats_with_confidence(tied_store, tmp_path, capsys):
+    from emotune.evaluation import macro_f1
+
+    runs, truth, probs = tied_store
+    ranked = [probs[trial] for trial, _ in TIED_TRIALS]
+    # without the rule greedy would take the fixer: next to the best it gets every clip right
+    bag, _ = greedy_selection(ranked, truth, 6, steps=25, start=0)
+    assert bag == [0, 2] and macro_f1(truth, (ranked[0] + ranked[2]).argmax(1), 6) == 1.0
+
+    summary = select_top(config_for(runs), EnsembleRequest(method="greedy", search="tied", out_dir=tmp_path / "ens"))
+    assert "fixer" not in names_of(summary, "members") and "wrong" not in names_of(summary, "members")
+    assert names_of(summary, "members")[0] == "best"
+    assert [entry["name"] for entry in summary["ranking"] if entry["best_ahead_share"] >= 0.95] == ["fixer", "wrong"]
+    assert "greedy: 2 of 6 trials left out of the pool" in capsys.readouterr().out
+
+
+def test_the_search_summary_lists_the_trials_tied_with_the_best(smoke_search):
+    """Here because it reads the smoke search that the ensemble tests share."""
+    runs, summary = smoke_search
+    assert summary["tied"][0] == summary["best"]["trial_id"]
+    with (runs / "ray" / "smoke" / "summary" / "trials.csv").open() as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert {trial_id for trial_id, r in rows.items() if r["tied"] == "True"} == set(summary["tied"])
+    assert "best_val_score" in next(iter(rows.values()))
+    from mlflow import MlflowClient
+
+    parent = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(summary["parent_run_id"])
+    assert parent.data.metrics["trials_tied_with_best"] == len(summary["tied"]) - 1
