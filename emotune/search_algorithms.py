@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
 
@@ -61,8 +61,13 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return int(result[self.time_attr]) < self.last_step and not result.get("early_stopped")
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        cut = not error and self.was_cut(result)
+        if cut and trial_id not in self._completed_trials:
+            # Tune hands the result that got a trial stopped to the scheduler and to this call only, never to
+            # on_trial_result: it is the trial's last intermediate value (its only one when the first rung cut it)
+            super().on_trial_result(trial_id, result)
         # Ray's OptunaSearch tells a trial without a final value as PRUNED, its intermediate values kept
-        super().on_trial_complete(trial_id, None if not error and self.was_cut(result) else result, error)
+        super().on_trial_complete(trial_id, None if cut else result, error)
 
 
 class _NoiseBracket(_Bracket):
@@ -97,6 +102,3 @@ class NoiseASHA(ASHAScheduler):
             return super().on_trial_result(tune_controller, trial, result)
         finally:
             bracket.margin = 0.0
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        super().on_trial_complete(tune_controller, trial, result)  # records only: its decision is not used

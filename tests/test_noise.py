@@ -138,14 +138,15 @@ def test_trials_the_scheduler_cut_reach_optuna_as_pruned_with_their_intermediate
         for step in (1, 2, 3):
             searcher.on_trial_result(trial_id, {"best_val_score": 0.1 * step, "training_iteration": step,
                                                 "evaluation": step})
-    searcher.on_trial_complete("cut", {"best_val_score": 0.3, "evaluation": 3})  # ASHA stopped it at 3 of 10
+    # ASHA stopped it at 3 of 10: Tune gives the result that got it stopped to on_trial_complete only
+    searcher.on_trial_complete("cut", {"best_val_score": 0.35, "evaluation": 4, "training_iteration": 4})
     searcher.on_trial_complete("finished", {"best_val_score": 0.9, "evaluation": 10, "early_stopped": 0.0})
     searcher.on_trial_complete("early", {"best_val_score": 0.5, "evaluation": 6, "early_stopped": 1.0})
     searcher.on_trial_complete("failed", error=True)  # as Tune tells a trial that failed for good
     study = searcher._ot_study
     trial = {i: study.trials[searcher._ot_trials[i].number] for i in ids}
     state = optuna.trial.TrialState
-    assert trial["cut"].state == state.PRUNED and trial["cut"].intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3})
+    assert trial["cut"].state == state.PRUNED and trial["cut"].intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.35})
     assert trial["finished"].state == state.COMPLETE and trial["finished"].value == 0.9
     assert trial["early"].state == state.COMPLETE and trial["early"].value == 0.5  # its own rule ended it
     assert trial["failed"].state == state.FAIL
