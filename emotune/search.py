@@ -1,4 +1,9 @@
-"""The search: Ray Tune runs trials, Optuna (TPE) proposes them, ASHA stops weak ones, MLflow records all.
+"""The search: Ray Tune runs trials, Optuna proposes them, ASHA stops weak ones, MLflow records all.
+
+Proposals are random draws by default (search.sampler: qmc, tpe and gp too), with the space's known-good point
+first; random draws with ASHA selected the trials that scored best on test in replayed searches, where TPE chased
+dev-set noise (benchmarks/hpo.md). Every dev evaluation reports its bootstrap standard error (val_f1_se), and the
+summary lists the trials statistically tied with the best.
 
     python -m emotune.search space=encoders                      # the embedded default: demo corpus, offline
     python -m emotune.search space=head search.num_samples=40 trial.max_epochs=60
@@ -36,9 +41,11 @@ from emotune.search_resume import (check_same_settings, end_running_trials, reco
 USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
 
 Search spaces (space=NAME): {spaces}
-Common keys: search.num_samples, search.max_concurrent, search.metric ({metrics}), search.grace_period,
-  search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name, trial.max_epochs,
-  trial.evals_per_epoch, encoders=offline|hub, data=demo|folder, data.root, ray.address, paths.runs_dir, seed
+Common keys: search.num_samples, search.max_concurrent, search.sampler (random|qmc|tpe|gp), search.scheduler
+  (asha|noise_asha|none), search.metric ({metrics}),
+  search.grace_period, search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name,
+  trial.max_epochs, trial.evals_per_epoch, trial.select_by, encoders=offline|hub, data=demo|folder, data.root,
+  ray.address, paths.runs_dir, seed
 Spaces of your own: DIR/space/NAME.yaml, used with paths.spaces_dir=DIR space=NAME
 Show the composed configuration: python -m emotune.search --cfg [key=value ...]
 Size the feature cache first (nothing is downloaded or encoded): emotune plan [key=value ...]"""

@@ -24,7 +24,7 @@ def proposals(cfg: dict, n: int) -> list[dict]:
     for i in range(n):
         config = searcher.suggest(f"t{i}")
         out.append(config)
-        searcher.on_trial_complete(f"t{i}", {"best_val_f1": made_up_f1(config)})
+        searcher.on_trial_complete(f"t{i}", {"best_val_score": made_up_f1(config)})  # what the searcher learns
     return out
 
 
@@ -33,17 +33,18 @@ def smoke_cfg(*overrides: str) -> dict:
     return load_config(["space=smoke", "search.max_concurrent=1", *overrides], "search")
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random"])
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
 def test_the_known_good_point_comes_first_and_the_same_seed_proposes_the_same_search(sampler):
     cfg = smoke_cfg("search.sampler_seed=3", f"search.sampler={sampler}")
-    first = proposals(cfg, 14)  # TPE's 10 random start-up proposals, then 4 from its model
+    first = proposals(cfg, 14)  # TPE's (and GP's) 10 random start-up proposals, then 4 from its model
     assert first[0] == {"model.family": "attention", "model.hidden_layers": 2, "model.dropout": 0.1,
                         "trial.lr": 1e-3}  # the space's points_to_evaluate
     assert proposals(cfg, 14) == first
     other = proposals(smoke_cfg("search.sampler_seed=4", f"search.sampler={sampler}"), 14)
     assert other[0] == first[0] and other[1:] != first[1:]
     sampler_class = type(make_searcher(cfg).searcher._ot_study.sampler).__name__
-    assert sampler_class == {"tpe": "TPESampler", "random": "RandomSampler"}[sampler]
+    assert sampler_class == {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler",
+                             "gp": "GPSampler"}[sampler]
 
 
 @pytest.mark.parametrize("params, expected", [
