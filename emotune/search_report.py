@@ -280,4 +280,6 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     print("Next:")
     print(f"  emotune ui{where}    # compare the trials in MLflow ({cfg['tracking']['uri']})")
     print(f"  emotune select-top --k 3 --search {cfg['search']['name']}{where}    # ensemble the best trials")
+    print(f"  emotune select-top --k tied --search {cfg['search']['name']}{where}    # or the best and those tied "
+          "with it")
     return summary

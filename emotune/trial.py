@@ -456,8 +456,13 @@ class Trainer:
         trial's best checkpoint."""
         state = self.state
         rows = state.history
-        value = noise.score_values([r["val_f1"] for r in rows], [r.get("val_f1_se", 0.0) for r in rows],
-                                   [r["val_f1_ema"] for r in rows], self.settings.select_by)[-1]
+        # earlier evaluations as the history keeps them (rounded), this one as measured: with select_by=val_f1 the
+        # score is then exactly best_val_f1
+        earlier = rows[:-1]
+        value = noise.score_values([r["val_f1"] for r in earlier] + [metrics["val_f1"]],
+                                   [r.get("val_f1_se", 0.0) for r in earlier] + [metrics["val_f1_se"]],
+                                   [r["val_f1_ema"] for r in earlier] + [metrics["val_f1_ema"]],
+                                   self.settings.select_by)[-1]
         improved = value > state.best_score
         if improved:
             state.best_score, state.score_epoch, state.score_f1 = value, metrics["epoch"], metrics["val_f1"]

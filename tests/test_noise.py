@@ -66,6 +66,7 @@ def test_the_trial_reports_the_standard_error_of_the_predictions_it_keeps(separa
     kept = next(h for h in summary["history"] if h["epoch"] == summary["checkpoint_epoch"])
     assert kept["val_f1_se"] == pytest.approx(noise.macro_f1_se(y_true, probs.argmax(1), len(labels)), abs=1e-6)
     assert kept["val_f1"] == pytest.approx(summary["checkpoint_val_f1"], abs=1e-6)
+    assert summary["best_val_score"] == summary["best_val_f1"]  # the default score is the best dev macro-F1 itself
     # a slow learning rate keeps the first evaluation imperfect, so its standard error is not 0
     assert all(h["val_f1_se"] >= 0 for h in summary["history"]) and summary["history"][0]["val_f1_se"] > 0
 
