@@ -404,7 +404,7 @@ def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     ("space=nope", ["Could not find 'space/nope'", "encoders", "smoke"]),
     ("encoders.speech=wavlm-huge", ["unknown speech encoder 'wavlm-huge'", "xlsr", "fbank"]),
     ("encoders.speech_choices=[fbank,whisper]", ["unknown speech encoder 'whisper'"]),
-    ("search.metric=accuracy", ["search.metric must be one of val_f1, val_f1_ema, best_val_f1"]),
+    ("search.metric=accuracy", ["search.metric must be one of best_val_score, val_f1, val_f1_ema, best_val_f1"]),
     ("model.modalities=[speech,video]", ["model.modalities must be a non-empty subset of [speech, text]"]),
     ("trial.lr=fast", ["trial.lr must be a number, got 'fast'", "trial.lr=..."]),
     ("search.num_samples=2.5", ["search.num_samples must be a whole number, got 2.5"]),
@@ -417,10 +417,16 @@ def test_search_on_a_two_node_cluster(separable, two_node_cluster, tmp_path):
     ("trial.evals_per_epoch=0", ["trial.evals_per_epoch=0 is out of range: it must be at least 1"]),
     ("features.gpu_per_worker=0", ["features.gpu_per_worker=0 is out of range: it must be above 0"]),
     ("features.gpu_per_worker=-0.5", ["features.gpu_per_worker=-0.5 is out of range"]),
+    ("search.sampler=cmaes", ["search.sampler must be one of tpe, random, qmc, gp, got 'cmaes'"]),
+    ("search.scheduler=hyperband", ["search.scheduler must be one of asha, noise_asha, none"]),
+    ("trial.select_by=accuracy", ["trial.select_by must be one of val_f1, val_f1_ema, val_f1_mean3, val_f1_lcb"]),
+    ("search.noise_z=-1", ["search.noise_z=-1 is out of range: it must be 0 or more"]),
+    ("search.ties_confidence=1.5", ["search.ties_confidence=1.5 is out of range"]),
+    ("search.scheduler=noise_asha search.metric=val_loss", ["noise_asha measures noise in dev macro-F1"]),
 ])
 def test_bad_search_settings_are_clear_errors(tmp_path, override, expected):
     with pytest.raises(EmotuneError) as caught:  # before any Ray, MLflow or cache work
-        run_search(load_config([override, f"paths.runs_dir={tmp_path}"], "search"))
+        run_search(load_config([*override.split(), f"paths.runs_dir={tmp_path}"], "search"))
     for fragment in expected:
         assert fragment in str(caught.value), str(caught.value)
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
