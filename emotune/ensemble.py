@@ -331,10 +331,9 @@ class Chosen:
 def best_ahead_shares(sel_probs: Sequence[np.ndarray], sel_true: Sequence[int], n_classes: int) -> list[float]:
     """For each candidate (best-ranked first): the share of paired resamples of the selection data in which the
     best-ranked one scores a higher macro-F1 (0.5 for the best itself)."""
-    from emotune.noise import better_with_confidence
+    from emotune.noise import shares_best_ahead
 
-    best = sel_probs[0].argmax(1)
-    return [better_with_confidence(sel_true, best, probs.argmax(1), n_classes) for probs in sel_probs]
+    return shares_best_ahead(sel_true, sel_probs[0].argmax(1), [probs.argmax(1) for probs in sel_probs], n_classes)
 
 
 def tied_positions(shares: Sequence[float], confidence: float) -> list[int]:

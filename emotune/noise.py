@@ -59,9 +59,14 @@ def resampled_macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: 
 
 
 def macro_f1_se(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int, resamples: int = RESAMPLES,
-                seed: int = SEED) -> float:
-    """Bootstrap standard error of dev macro-F1 (stratified resamples of the clips, fixed seed)."""
-    rows = stratified_resamples(y_true, resamples, seed)
+                seed: int = SEED, rows: np.ndarray | None = None) -> float:
+    """Bootstrap standard error of dev macro-F1 (stratified resamples of the clips, fixed seed).
+
+    ``rows``: resamples drawn once by :func:`stratified_resamples` for many calls on the same labels (a trial's
+    evaluations); drawn here from ``resamples`` and ``seed`` when None.
+    """
+    if rows is None:
+        rows = stratified_resamples(y_true, resamples, seed)
     return float(resampled_macro_f1(y_true, y_pred, n_classes, rows).std(ddof=1))
 
 
@@ -72,10 +77,20 @@ def better_with_confidence(y_true: Sequence[int], best_pred: Sequence[int], othe
     Both are scored on the same resampled clips, so what the two get right or wrong together cancels out. A share
     of 0.95 or more says the first is better with 95% confidence; below, the two are statistically tied.
     """
+    return shares_best_ahead(y_true, best_pred, [other_pred], n_classes, resamples, seed)[0]
+
+
+def shares_best_ahead(y_true: Sequence[int], best_pred: Sequence[int], other_preds: Sequence[Sequence[int]],
+                      n_classes: int, resamples: int = 1000, seed: int = SEED) -> list[float]:
+    """:func:`better_with_confidence` of ``best_pred`` against each of ``other_preds``, with the resamples drawn
+    and the best scored once for all of them."""
     rows = stratified_resamples(y_true, resamples, seed)
-    difference = (resampled_macro_f1(y_true, best_pred, n_classes, rows)
-                  - resampled_macro_f1(y_true, other_pred, n_classes, rows))
-    return float(np.mean(difference > 0) + 0.5 * np.mean(difference == 0))
+    best = resampled_macro_f1(y_true, best_pred, n_classes, rows)
+    shares = []
+    for other_pred in other_preds:
+        difference = best - resampled_macro_f1(y_true, other_pred, n_classes, rows)
+        shares.append(float(np.mean(difference > 0) + 0.5 * np.mean(difference == 0)))
+    return shares
 
 
 def score_values(f1: Sequence[float], se: Sequence[float], ema: Sequence[float], score: str) -> list[float | None]:

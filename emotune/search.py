@@ -417,7 +417,7 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     if discarded:
         print(f"Discarded {discarded} MLflow run(s) of trials the interrupted search had not recorded "
               "(their trials were proposed again).")
-    summary = summarise(cfg, results, parent, experiment_dir, time.perf_counter() - started, reports)
+    summary = summarise(cfg, corpus, results, parent, experiment_dir, time.perf_counter() - started, reports)
     return summary | {"fit_seconds": fit_seconds}
 
 

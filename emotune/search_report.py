@@ -105,7 +105,7 @@ def ties_with_best(finished: Sequence[dict], trials_dir: Path, dev_ids: Sequence
     ``confidence`` of the paired resamples. A trial whose file is missing or does not match the dev split is
     skipped, with the reason; without the best's own file nothing is compared.
     """
-    from emotune.noise import better_with_confidence
+    from emotune.noise import shares_best_ahead
 
     ties = Ties(confidence)
     if not finished:
@@ -116,35 +116,26 @@ def ties_with_best(finished: Sequence[dict], trials_dir: Path, dev_ids: Sequence
     if best_pred is None:
         ties.problem = f"the best trial's {why}"
         return ties
+    compared: dict[str, np.ndarray] = {}
     for row in finished[1:]:
         trial_id = str(row["trial_id"])
         pred, why = _dev_classes(trials_dir / trial_id / PREDICTIONS, dev_ids, labels)
         if pred is None:
             ties.skipped[trial_id] = why
-            continue
-        ties.shares[trial_id] = better_with_confidence(dev_true, best_pred, pred, len(labels))
-        if ties.shares[trial_id] < confidence:
-            ties.tied.append(trial_id)
+        else:
+            compared[trial_id] = pred
+    shares = shares_best_ahead(dev_true, best_pred, list(compared.values()), len(labels))
+    ties.shares = dict(zip(compared, shares))
+    ties.tied += [trial_id for trial_id, share in ties.shares.items() if share < confidence]
     return ties
 
 
-def search_ties(cfg: dict, finished: Sequence[dict], trials_dir: Path) -> Ties:
-    """:func:`ties_with_best` on the dev split of the search's corpus."""
-    from emotune.data.prepare import prepare_corpus
-    from emotune.errors import EmotuneError
-
-    confidence = float(cfg["search"]["ties_confidence"])
-    if not finished:
-        return Ties(confidence)
-    try:
-        corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
-    except EmotuneError as exc:
-        # hours of trials must still get their summary when the corpus moved while they ran
-        return Ties(confidence, [str(finished[0]["trial_id"])], problem=f"the corpus cannot be read again: {exc}")
+def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -> Ties:
+    """:func:`ties_with_best` on the dev split of ``corpus``, the search's prepared corpus."""
     labels = list(corpus.labels)
     dev_ids = [u.id for u in corpus.dev]
     dev_true = [labels.index(u.label) for u in corpus.dev]
-    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
+    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, float(cfg["search"]["ties_confidence"]))
 
 
 def _trials(n: int) -> str:
@@ -206,8 +197,11 @@ def curves_png(results, path: Path, metric: str) -> Path | None:
     return path
 
 
-def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, reports: list[dict]) -> dict:
-    """Write the trial table and curves, close the search's run, and print the summary and the next commands."""
+def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds: float, reports: list[dict]) -> dict:
+    """Write the trial table and curves, close the search's run, and print the summary and the next commands.
+
+    ``corpus``: the prepared corpus the search ran on (its dev split decides which trials are tied with the best).
+    """
     from emotune.tracking import TrackedRun
 
     rows = trial_table(results)
@@ -219,7 +213,7 @@ def summarise(cfg: dict, results, parent, experiment_dir: Path, seconds: float, 
     cut = sum(1 for r in finished if not r["early_stopped"] and r["epochs"] is not None
               and r["epochs"] < int(cfg["trial"]["max_epochs"]))
     trials_dir = Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name  # as the trials name it
-    ties = search_ties(cfg, finished, trials_dir)
+    ties = search_ties(cfg, corpus, finished, trials_dir)
     for row in rows:  # a failed trial is not tied; one not compared is left blank
         row["tied"] = False if row["status"] == "ERROR" else ties.mark(str(row["trial_id"]))
     out_dir = experiment_dir / "summary"

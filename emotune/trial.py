@@ -409,8 +409,7 @@ class Trainer:
                                 self.settings.eval_batch_size, self.device)
             dev_pred = dev_probs.argmax(1)
             f1 = evaluation.macro_f1(self.dev_true, dev_pred, len(self.labels))
-            f1_se = float(noise.resampled_macro_f1(self.dev_true, dev_pred, len(self.labels),
-                                                   self.dev_resamples).std(ddof=1))
+            f1_se = noise.macro_f1_se(self.dev_true, dev_pred, len(self.labels), rows=self.dev_resamples)
             progress = self.state.epoch + 1 if share == evals else round(self.state.epoch + share / evals, 4)
             improved = self._record_evaluation(f1, progress)
             improved_in_epoch |= improved
