@@ -133,6 +133,17 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return serve(cfg["tracking"], args.host, args.port, open_browser=args.open)
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    from emotune.config import load_config
+    from emotune.server import ServerOptions, serve_tracking
+
+    cfg = load_config(args.overrides)
+    return serve_tracking(cfg["paths"]["runs_dir"], ServerOptions(
+        host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+        artifacts_destination=args.artifacts_destination, auth=args.auth, auth_config=args.auth_config,
+        insecure=args.insecure, workers=args.workers))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emotune",
@@ -140,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_corpus_commands, _add_training_commands, _add_select_top, _add_predict, _add_plan, _add_ui):
+    for add in (_add_corpus_commands, _add_training_commands, _add_select_top, _add_predict, _add_plan, _add_ui,
+                _add_server):
         add(sub)
     return parser
 
@@ -268,13 +280,58 @@ def _add_ui(sub) -> None:
         help="open the MLflow UI for the project's runs (on 127.0.0.1)",
         description="Start the MLflow UI on the project's tracking store and print the address of the latest "
         "search's runs. It listens on 127.0.0.1 unless --host says otherwise; 0.0.0.0 exposes it to your network. "
-        "Ctrl-C, SIGTERM or SIGHUP stop the server and every process it started.",
+        "Ctrl-C, SIGTERM or SIGHUP stop the server and every process it started. With tracking.uri=http://HOST:PORT "
+        "(a tracking server, e.g. `emotune server`) it starts nothing and prints that server's runs page.",
     )
     ui.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides (e.g. paths.runs_dir)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument("--open", action="store_true", help="open the runs page in a web browser")
     ui.set_defaults(func=_cmd_ui)
+
+
+def _add_server(sub) -> None:
+    server = sub.add_parser(
+        "server",
+        help="run an MLflow tracking server that searches on other machines (a team, a Ray cluster) log to",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run MLflow's tracking server on a store of its own, with the artifacts going through it, and\n"
+        "print the tracking.uri to give to searches: their trials, on any machine, need no access to its disk.\n"
+        "Ctrl-C, SIGTERM or SIGHUP stop the server and every process it started.\n\n"
+        "It listens on 127.0.0.1 unless --host says otherwise. Any other host lets every machine that reaches the\n"
+        "port read, change and delete the runs, so it needs --auth (MLflow's logins; clients then set\n"
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) or --insecure.",
+        epilog="examples:\n"
+        "  emotune server                                  # this machine only; store in RUNS_DIR/server/\n"
+        "  emotune search tracking.uri=http://127.0.0.1:5000 space=encoders\n"
+        "  MLFLOW_AUTH_ADMIN_PASSWORD=... emotune server --host 0.0.0.0 --auth   # the network, with logins\n"
+        "  emotune server --host 0.0.0.0 --insecure --workers 8   # a private cluster, no logins\n"
+        "  emotune server --backend-store-uri postgresql://mlflow@db/mlflow --artifacts-destination s3://bucket/ml\n"
+        "  emotune ui tracking.uri=http://127.0.0.1:5000   # the latest search's runs on the server",
+    )
+    server.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="configuration overrides (paths.runs_dir: where the default store and artifacts go)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1); 0.0.0.0 is every interface")
+    server.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    server.add_argument("--backend-store-uri", metavar="URI",
+                        help="where runs are recorded (default sqlite:///RUNS_DIR/server/mlflow.db); any SQLAlchemy "
+                        "URI, e.g. postgresql://user@host/db, for many concurrent trials")
+    server.add_argument("--artifacts-destination", metavar="DIR_OR_URI",
+                        help="where the server keeps artifacts (default RUNS_DIR/server/artifacts), or a URI "
+                        "such as s3://bucket/path")
+    access = server.add_mutually_exclusive_group()
+    access.add_argument("--auth", action="store_true",
+                        help="require logins (MLflow's basic-auth app). The admin's password comes from "
+                        "MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters) or --auth-config; users are kept in "
+                        "RUNS_DIR/server/basic_auth.db")
+    access.add_argument("--insecure", action="store_true",
+                        help="serve a non-loopback --host without logins (a network where everyone may do anything)")
+    server.add_argument("--auth-config", metavar="FILE",
+                        help="MLflow basic-auth INI file to use instead of emotune's (implies --auth; default "
+                        "$MLFLOW_AUTH_CONFIG_PATH)")
+    server.add_argument("--workers", type=int, metavar="N", help="MLflow's request workers (default MLflow's, 4)")
+    server.set_defaults(func=_cmd_server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 The default store is an SQLite file at an absolute path in the runs folder, with artifacts in a folder
 next to it (both absolute, because Ray trials run in their own working directories). SQLite allows one
 writer at a time, so every call retries with backoff while the database is busy: concurrent trials wait
-instead of losing writes. A server URI (``tracking.uri=http://...``) works the same way.
+instead of losing writes. A server URI (``tracking.uri=http://...``, e.g. from ``emotune server``) works the
+same way, except that the server, not ``tracking.artifacts``, says where a new experiment's artifacts go.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (``emotune server`` or any MLflow server) rather than a store."""
+    return uri.startswith(("http://", "https://"))
+
+
 _READY: set[str] = set()
 
 
@@ -101,7 +107,9 @@ def ensure_experiment(tracking: dict) -> str:
     if found is not None:
         return found.experiment_id
     artifacts = tracking.get("artifacts")
-    location = Path(artifacts).resolve().as_uri() if artifacts else None
+    # a server picks the root itself (mlflow-artifacts: under `emotune server`): every client, on any machine,
+    # uploads through it to the server's destination, where a file:// root would leave each on its own disk
+    location = Path(artifacts).resolve().as_uri() if artifacts and not is_server(tracking["uri"]) else None
     try:
         return retry(mlflow_client.create_experiment, tracking["experiment"], artifact_location=location)
     except MlflowException:  # another process created it first

@@ -2,10 +2,12 @@
 
     emotune ui                       # http://127.0.0.1:5000, on the runs of the latest search
     emotune ui --port 5001 --open    # another port; open the page in a browser
+    emotune ui tracking.uri=http://HOST:5000   # a tracking server (``emotune server``): print its runs page
 
 MLflow's server starts a dozen processes (uvicorn workers, job consumers). They run in a session of their
 own, and Ctrl-C, SIGTERM (``kill``, systemd) and SIGHUP (a closed terminal or tmux pane) all stop every one
-of them, so the port is free for the next start.
+of them, so the port is free for the next start. ``emotune server`` runs its MLflow the same way
+(``run_until_signal``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from emotune.errors import EmotuneError
 
@@ -99,9 +102,10 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and server.poll() is None:
+def _wait_until_up(url: str, server: subprocess.Popen, stopping: list) -> bool:
+    """Poll ``url`` until it answers 200; False if the server exits or a stop signal comes first."""
+    # no deadline: a busy machine may take minutes to start MLflow's workers, and a signal ends the wait anyway
+    while not stopping and server.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -111,39 +115,67 @@ def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 60.0) ->
     return False
 
 
-def serve(tracking: dict, host: str, port: int, open_browser: bool = False) -> int:
-    """Run the MLflow UI until a signal; returns the exit status."""
-    uri = tracking["uri"]
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise EmotuneError(f"no MLflow store yet at {uri}: run a search or `emotune train` first.")
-    base = f"http://{host}:{port}"
-    page = runs_page(tracking, base)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    server = subprocess.Popen(command, start_new_session=True)
-    stopping = []
+def run_until_signal(command: list[str], probe: str, announce: Callable[[], None], what: str, port: int,
+                     env: dict | None = None) -> int:
+    """Run ``command`` (an MLflow server) in a session of its own until SIGINT, SIGTERM or SIGHUP.
+
+    ``announce`` runs once ``probe`` answers. Every process of the session is stopped on the way out, whatever
+    the way out is; returns the exit status.
+    """
+    stopping: list[int] = []
 
     def stop(signum, _frame):
         stopping.append(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    server = None
     try:
-        if _wait_until_up(base, server):
-            print(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)", flush=True)
-            if open_browser:
-                import webbrowser
-
-                webbrowser.open(page)
+        server = subprocess.Popen(command, start_new_session=True, env=env)
+        if _wait_until_up(probe, server, stopping):
+            announce()
         while not stopping and server.poll() is None:
             time.sleep(0.2)
     finally:
-        stop_session(server.pid)
-        server.wait()
+        if server is not None:
+            stop_session(server.pid)
+            server.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopping:
-        print("MLflow UI stopped.", flush=True)
+        print(f"{what} stopped.", flush=True)
         return 0
     if server.returncode:
-        raise EmotuneError(f"the MLflow UI exited with status {server.returncode}; is port {port} already in use? "
-                           "Pick another with --port.")
+        raise EmotuneError(f"the {what} exited with status {server.returncode} (its messages above say why); is "
+                           f"port {port} already in use? Pick another with --port.")
     return 0
+
+
+def serve(tracking: dict, host: str, port: int, open_browser: bool = False) -> int:
+    """Run the MLflow UI until a signal; returns the exit status. On a tracking server, only point to its UI."""
+    from emotune.tracking import is_server
+
+    uri = tracking["uri"]
+    if is_server(uri):
+        # the server already serves the UI: a second MLflow here would only read the same runs through it
+        page = runs_page(tracking, uri.rstrip("/"))
+        print(f"MLflow UI of the tracking server {uri}: {page}", flush=True)
+        _open(page, open_browser)
+        return 0
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise EmotuneError(f"no MLflow store yet at {uri}: run a search or `emotune train` first.")
+    base = f"http://{host}:{port}"
+    page = runs_page(tracking, base)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+    def announce() -> None:
+        print(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)", flush=True)
+        _open(page, open_browser)
+
+    return run_until_signal(command, base, announce, "MLflow UI", port)
+
+
+def _open(page: str, open_browser: bool) -> None:
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(page)

@@ -1,0 +1,210 @@
+"""``emotune server``: a real MLflow tracking server in its own session, runs and artifacts through it, logins.
+
+Each test that starts a server stops exactly that one (its emotune process, then whatever is left of MLflow's
+session), whether its assertions pass or not. The plain server is started once for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+PASSWORD = "a-test-admin-password"  # MLflow wants 12 characters or more
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def emotune(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emotune", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=env)
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+    except OSError:
+        return []
+
+
+def _live(predicate) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) and stat[0] != "Z" and predicate(stat):
+            found.append(int(entry.name))
+    return found
+
+
+def in_session(sid: int) -> list[int]:
+    return _live(lambda stat: int(stat[3]) == sid)
+
+
+def mlflow_sessions(emotune_pid: int) -> set[int]:
+    """The sessions of the emotune process's children: the MLflow server each one leads."""
+    return {int(_stat(pid)[3]) for pid in _live(lambda stat: int(stat[1]) == emotune_pid)}
+
+
+class Server:
+    """``emotune server`` started as a real process, its output in a file (a pipe nobody reads could fill)."""
+
+    def __init__(self, runs: Path, *args: str, env: dict | None = None) -> None:
+        self.runs, self.port, self.log = runs, free_port(), runs / "server.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "emotune", "server", "--port", str(self.port), "--workers", "1",
+                 f"paths.runs_dir={runs}", *args], stdout=log, stderr=subprocess.STDOUT, cwd=runs, env=env)
+        self.sessions: set[int] = set()
+        self.uri = self._wait_for_uri()
+
+    def _wait_for_uri(self) -> str:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and self.process.poll() is None:
+            self.sessions |= mlflow_sessions(self.process.pid)
+            found = re.search(r"tracking\.uri=(\S+)", self.output())
+            if found:
+                self.sessions |= mlflow_sessions(self.process.pid)
+                return found.group(1)
+            time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"no tracking URI printed; the server said:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal_and_wait(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        """This server only: its emotune process, then anything left of the MLflow sessions it started."""
+        from emotune.ui import stop_session
+
+        if self.process.poll() is None:
+            self.sessions |= mlflow_sessions(self.process.pid)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for sid in self.sessions:
+            stop_session(sid, grace=5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    started = Server(tmp_path_factory.mktemp("server"))
+    yield started
+    started.stop()
+
+
+def test_runs_and_artifacts_go_through_the_server(server):
+    from mlflow import MlflowClient
+
+    from emotune.tracking import TrackedRun
+
+    assert server.uri == f"http://127.0.0.1:{server.port}"
+    tracking = {"uri": server.uri, "experiment": "e", "artifacts": None}
+    run = TrackedRun.start(tracking, "a-trial", "trial")
+    run.log_params({"model": {"dropout": 0.1}})
+    run.log_metrics({"val_f1": 0.5}, step=1)
+    artifact = server.runs / "notes.txt"
+    artifact.write_text("logged through the server")
+    run.log_artifacts([artifact])
+    run.finish()
+
+    client = MlflowClient(server.uri)
+    logged = client.get_run(run.run_id)
+    assert logged.data.params == {"model.dropout": "0.1"} and logged.data.metrics == {"val_f1": 0.5}
+    experiment = client.get_experiment_by_name("e")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied, not a client's own disk
+    landed = list((server.runs / "server" / "artifacts").rglob("notes.txt"))
+    assert len(landed) == 1 and landed[0].read_text() == "logged through the server"
+    assert (server.runs / "server" / "mlflow.db").is_file()
+    assert not (server.runs / "mlflow.db").exists() and not (server.runs / "mlartifacts").exists()
+
+
+def test_ui_on_a_server_prints_its_runs_page_and_returns(server):
+    started = time.monotonic()
+    result = emotune("ui", f"tracking.uri={server.uri}", f"paths.runs_dir={server.runs}", cwd=server.runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{server.uri}/#/experiments/" in result.stdout
+    assert time.monotonic() - started < 60  # it started no MLflow of its own and waited for no signal
+    assert not (server.runs / "mlflow.db").exists()
+
+
+def test_sigterm_stops_the_server_and_every_process_of_it(server):
+    assert server.sessions and all(in_session(s) for s in server.sessions)
+    assert server.signal_and_wait(signal.SIGTERM) == 0, server.output()[-2000:]
+    assert "MLflow tracking server stopped." in server.output()
+    assert all(not in_session(s) for s in server.sessions)
+    with socket.socket() as again:
+        # as a new server binds: the connections the clients left in TIME_WAIT do not hold the port, a listener would
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", server.port))
+        again.listen()
+
+
+def test_a_non_loopback_host_needs_auth_or_insecure(tmp_path):
+    result = emotune("server", "--host", "0.0.0.0", "--port", str(free_port()), f"paths.runs_dir={tmp_path}",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--auth" in result.stderr and "--insecure" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "server").exists()  # nothing was started
+
+
+def test_a_taken_port_is_refused_before_mlflow_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = emotune("server", "--port", str(taken.getsockname()[1]), f"paths.runs_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "in use" in result.stderr and "--port" in result.stderr
+
+
+def test_auth_without_an_admin_password_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_CONFIG_PATH")}
+    result = emotune("server", "--auth", "--port", str(free_port()), f"paths.runs_dir={tmp_path}", cwd=tmp_path,
+                     env=env)
+    assert result.returncode == 2
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr and "--auth-config" in result.stderr
+
+
+def test_auth_refuses_strangers_and_lets_the_admin_log(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from emotune.tracking import TrackedRun
+
+    # no job runner (GenAI scorers): its consumers would only slow this second start on a busy machine
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = Server(tmp_path, "--auth", env=env)
+    try:
+        assert "MLFLOW_TRACKING_USERNAME" in server.output() and "MLFLOW_TRACKING_PASSWORD" in server.output()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert refused.value.code == 401
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+        run = TrackedRun.start({"uri": server.uri, "experiment": "e", "artifacts": None}, "admin's", "trial")
+        run.log_metrics({"val_f1": 0.25})
+        assert MlflowClient(server.uri).get_run(run.run_id).data.metrics == {"val_f1": 0.25}
+        # the users are kept in the runs folder, not wherever the server happened to start
+        assert (tmp_path / "server" / "basic_auth.db").is_file() and not (tmp_path / "basic_auth.db").exists()
+
+        assert server.signal_and_wait(signal.SIGINT) == 0, server.output()[-2000:]
+        assert all(not in_session(s) for s in server.sessions)
+    finally:
+        server.stop()
