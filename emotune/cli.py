@@ -82,7 +82,7 @@ def _cmd_select_top(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from emotune.predict import Ensemble, read_inputs, write_output
 
-    ensemble = Ensemble(args.ensemble_dir)
+    ensemble = Ensemble(args.ensemble_dir, args.models_dir)
     utterances, report = read_inputs(args.csv, args.audio_dir, args.audio, args.text, args.on_error)
     if len(report):
         print(report.summary(), file=sys.stderr)
@@ -112,7 +112,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from emotune.data.prepare import prepare_corpus
 
         splits = ClipSplits.of_corpus(prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"]))
-    plan = plan_cache(cfg["features"], cfg["paths"]["runs_dir"], splits, encoders)
+    plan = plan_cache(cfg["features"], cfg["paths"], splits, encoders)
     if not plan.encoders:
         print("features.cache=false: encoders run inside the trials and nothing is stored.")
         return 0
@@ -252,6 +252,8 @@ def _add_predict(sub) -> None:
     predict.add_argument("--out", help="output file: .csv or .json (default: print CSV)")
     predict.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                          help="bad rows: stop (raise) or leave out and report them (skip)")
+    predict.add_argument("--models-dir", help="a models folder (the search's paths.models_dir) to find hub encoders "
+                         "in when they are not in this machine's Hugging Face cache")
     predict.set_defaults(func=_cmd_predict)
 
 

@@ -112,6 +112,9 @@ def absolutize(cfg: dict) -> dict:
     for key in ("rir_dir", "noise_dir"):
         if (features.get("augment") or {}).get(key):
             features["augment"][key] = str(Path(features["augment"][key]).expanduser().resolve())
+    ray_cfg = cfg.get("ray") or {}
+    if ray_cfg.get("storage"):
+        ray_cfg["storage"] = _storage_path(str(ray_cfg["storage"]))
     tracking = cfg.get("tracking") or {}
     uri = tracking.get("uri") or ""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative SQLite path
@@ -119,6 +122,19 @@ def absolutize(cfg: dict) -> dict:
     if tracking.get("artifacts"):
         tracking["artifacts"] = str(Path(tracking["artifacts"]).expanduser().resolve())
     return cfg
+
+
+def _storage_path(storage: str) -> str:
+    """``ray.storage`` as an absolute folder; object-storage URIs are refused, saying why and what works instead."""
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    if "://" in storage:
+        raise EmotuneError(
+            f"ray.storage={storage}: emotune keeps Ray's results in a folder, not in object storage. A search's lock is "
+            "an atomic file creation there, and its corpus, feature cache and encoders are read as files by every "
+            "node anyway, so a cluster needs a shared filesystem (NFS, Lustre, a cloud file share) mounted at the same "
+            "path on every node: pass that path, e.g. ray.storage=/shared/emotune/ray.")
+    return str(Path(storage).expanduser().resolve())
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
@@ -169,6 +185,7 @@ class FeatureSettings:
     batch_size: int
     device: str
     gpu_per_worker: float
+    cpu_workers: int | None
     waveform_norm: str
     storage: str
     max_cache_gb: float | None
@@ -248,6 +265,8 @@ _RANGES = (
     ("search.ties_confidence", lambda v: 0.5 < v < 1, "between 0.5 and 1",
      "the share of paired resamples in which the best must beat a trial for it not to be tied with the best"),
     ("trial.evals_per_epoch", lambda v: v >= 1, "at least 1", "dev evaluations per epoch"),
+    ("features.cpu_workers", lambda v: v is None or v >= 1, "at least 1, or null",
+     "the most cache-filling workers without GPUs: each holds a full encoder in memory"),
     ("features.gpu_per_worker", lambda v: v > 0, "above 0",
      "the GPUs each cache-filling worker asks Ray for: 1 is one encoder copy per GPU, 0.5 two copies"),
 )

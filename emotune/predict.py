@@ -39,8 +39,9 @@ class Member:
 class Ensemble:
     """A loaded ensemble folder (see ``emotune.ensemble``)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, models_dir: str | Path | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()
+        self.models_dir = str(Path(models_dir).expanduser().resolve()) if models_dir else ""  # paths.models_dir
         manifest_path = self.folder / "ensemble.json"
         if not manifest_path.is_file():
             raise EmotuneError(f"{self.folder} is not an ensemble folder (no ensemble.json); create one with "
@@ -64,7 +65,8 @@ class Ensemble:
     def _encoder(self, modality: str, description: dict):
         """The encoder a member was trained on, rebuilt from its card; refused if it no longer matches."""
         from emotune.features.catalog import EncoderSpec
-        from emotune.features.encode import locate_hf_folder, make_recipe, open_encoder
+        from emotune.features.encode import open_encoder
+        from emotune.features.recipe import make_recipe
 
         key = description["key"]
         if key in self._encoders:
@@ -73,15 +75,24 @@ class Ensemble:
         folder, shipped = None, None
         if spec.kind != "classic":
             shipped = self.manifest.get("encoder_folders", {}).get(description.get("folder") or "")
-            folder = self.folder / shipped if shipped else locate_hf_folder(spec)
-            if not Path(folder).is_dir():
-                raise EmotuneError(f"the {modality} encoder of this ensemble is missing: {folder}")
+            folder = self.folder / shipped if shipped else self._files(spec, description).fetch(
+                f"the {modality} encoder '{spec.name}' of this ensemble")
         recipe = make_recipe(spec, folder, description["layer_indices"], max_tokens=int(description["max_tokens"]),
                              waveform_norm=description["waveform_norm"], storage=description["storage"])
         if recipe.key != key:
             raise _changed_encoder(recipe, key, description, shipped_with_ensemble=bool(shipped))
         self._encoders[key] = open_encoder(recipe)
         return self._encoders[key]
+
+    def _files(self, spec, description: dict):
+        """Where a member's encoder is, found as a trial's was: a folder, or a hub id at the commit the member was
+        trained on (this machine's Hugging Face cache, then the models folder). Cards from before commits were
+        recorded name a hub model's folder on the training machine: its main branch is looked up instead."""
+        from emotune.features.locate import EncoderFiles
+
+        if spec.kind == "tiny" or Path(spec.source).is_absolute():
+            return EncoderFiles(folder=str(description.get("folder") or spec.source))
+        return EncoderFiles(repo_id=spec.source, revision=description.get("revision") or "", models_dir=self.models_dir)
 
     def _features(self, member: Member, chunk: Sequence[Utterance], encoded: dict, waves: list) -> dict:
         """A member's inputs for ``chunk``, as its trials read them from the cache (same storage rounding)."""
@@ -141,9 +152,10 @@ class Ensemble:
 
 def _changed_encoder(recipe, trained_key: str, description: dict, shipped_with_ensemble: bool) -> EmotuneError:
     """The refusal to feed members from an encoder that is not the one they were trained on, with its remedy."""
-    what = (f"the {recipe.modality} encoder '{recipe.spec.name}' in {recipe.folder or recipe.spec.source} is not the "
+    folder = recipe.files.find() if recipe.files else None
+    what = (f"the {recipe.modality} encoder '{recipe.spec.name}' in {folder or recipe.spec.source} is not the "
             f"one this ensemble was trained with")
-    if recipe.folder and not trained_key.startswith(recipe.identity):
+    if folder and not trained_key.startswith(recipe.identity):
         change = "its files (weights, config or tokenizer) changed since the search"
     else:
         change = "its settings differ"

@@ -84,10 +84,25 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
                            "search.scheduler=asha with val_loss")
     if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
+    check_tracking_on_cluster(cfg)
     if search["time_budget_s"] is not None and float(search["time_budget_s"]) <= 0:
         raise EmotuneError(f"search.time_budget_s must be a positive number of seconds or null (no budget), got "
                            f"{search['time_budget_s']}")
     return encoders_in_play(cfg)
+
+
+def check_tracking_on_cluster(cfg: dict) -> None:
+    """A search on a cluster (ray.address) logs through a tracking server: a file store (SQLite, a folder) would be
+    opened by each node on its own disk, and SQLite on a network filesystem is unsafe."""
+    uri, tracking = str(cfg["tracking"]["uri"]), cfg["tracking"]
+    file_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if cfg["ray"]["address"] and file_store and not tracking["allow_file_store_on_cluster"]:
+        raise EmotuneError(
+            f"ray.address={cfg['ray']['address']} runs trials on a Ray cluster, but tracking.uri={uri} is a file store "
+            "that each node would open on its own disk (SQLite on a shared filesystem is not safe either). Start a "
+            "tracking server every node can reach, `emotune server --host 0.0.0.0 --auth` on the head node, and pass "
+            "the address it prints: tracking.uri=http://HEAD:5000. On one machine that joined its own cluster, "
+            "tracking.allow_file_store_on_cluster=true keeps the file store.")
 
 
 def check_evaluation_cadence(cfg: dict, corpus) -> None:
@@ -105,7 +120,7 @@ def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):
     """The feature-cache plan of this search, printed; stops the search when the missing part cannot fit."""
     from emotune.features.plan import ClipSplits, plan_cache, refuse_if_too_big
 
-    plan = plan_cache(cfg["features"], cfg["paths"]["runs_dir"], ClipSplits.of_corpus(corpus), encoders)
+    plan = plan_cache(cfg["features"], cfg["paths"], ClipSplits.of_corpus(corpus), encoders)
     if plan.encoders:
         print(plan.table(), flush=True)
     refuse_if_too_big(plan)
@@ -139,38 +154,40 @@ def _init_ray(ray_cfg: dict) -> bool:
     return True
 
 
-def fill_caches(cfg: dict, corpus, encoders: dict[str, list[str]]) -> tuple[list[dict], dict[str, object]]:
-    """Build the feature cache of every encoder the space can pick, before any trial starts.
+def fill_caches(cfg: dict, corpus, recipes: dict, plan) -> tuple[list[dict], dict[str, object]]:
+    """Build the feature cache of every encoder the space can pick (``recipes``, by ``modality/name``), before any
+    trial starts.
 
     Returns the build reports and, per ``"modality/name"``, the index part a trial reads that encoder's
     features with (so trials never load an encoder). The driver itself only reads the encoders' recipes;
-    encoders are loaded where something is missing, by the cache workers.
+    encoders are loaded where something is missing, by the cache workers (as many as features.cpu_workers allows
+    without GPUs, each asking Ray for the memory the plan's largest encoder needs).
     """
     import ray
 
     from emotune.features.cache import FeatureStore
-    from emotune.features.distributed import CacheWorkers
+    from emotune.features.distributed import CacheWorkers, worker_memory
     from emotune.features.prepare import cache_encoder
 
     if not cfg["features"]["cache"]:
         return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
+    if cfg["features"]["cpu_workers"] is not None:
+        workers = min(workers, int(cfg["features"]["cpu_workers"]))
+    memory = worker_memory(max((e.params_m for e in plan.encoders), default=0.0))
     lines, parts, started = [], {}, []
 
     def pool() -> CacheWorkers:  # started once, on the first encoder with something to encode, for all of them
         if not started:
             started.append(CacheWorkers(cfg["features"], workers, corpus.norm,
-                                        str(FeatureStore(cfg["features"]["dir"]).root)))
+                                        str(FeatureStore(cfg["features"]["dir"]).root), memory))
         return started[0]
 
     try:
-        for modality, names in encoders.items():
-            for name in names:
-                report, parts[f"{modality}/{name}"] = cache_encoder(name, modality, corpus, cfg["features"],
-                                                                   cfg["paths"]["runs_dir"], True,
-                                                                   pool if workers > 1 else None)
-                print(report.line(), flush=True)
-                lines.append(asdict(report))
+        for key, recipe in recipes.items():
+            report, parts[key] = cache_encoder(recipe, corpus, cfg["features"], True, pool if workers > 1 else None)
+            print(report.line(), flush=True)
+            lines.append(asdict(report))
     finally:
         for workers_pool in started:
             workers_pool.close()
@@ -379,38 +396,40 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     check_same_settings(cfg, experiment_dir, restore)
     me = identity_of(experiment_dir, name, restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
-    try:
-        parent = parent_run(cfg, me, experiment_dir,
-                            tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
-                                  TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
-    except EmotuneError:
-        if fresh:  # a refused start leaves nothing behind: the old search's Ray folder can be put back here
-            shutil.rmtree(experiment_dir, ignore_errors=True)
-        raise
-    parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
-                       "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
-    parent.log_json(cfg, "config.json")
-    parent.log_json(plan.to_dict(), "cache_plan.json")
-    rungs = asha_rungs(make_scheduler(cfg))
-    print("\n".join(ladder_lines(cfg, rungs)), flush=True)
-    parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
-
     started_ray = _init_ray(cfg["ray"])
     try:
-        reports, cached = fill_caches(cfg, corpus, encoders)
-        launch = TrialContext(verify_cache=False,  # the driver just checked the cache (stats; CRCs of changed files)
-                              cpus=max(1, int(float(search["resources"]["cpu"]))), parent_run_id=parent.run_id,
-                              search_name=name, search_id=me.id)
-        payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
-        tuner = _tuner(cfg, experiment_dir, restore, payload)
-        fit_started = time.perf_counter()
-        results = _fit(tuner)
-        fit_seconds = time.perf_counter() - fit_started
-    except KeyboardInterrupt:
-        parent.finish("KILLED")
-        raise
+        try:
+            recipes = _ready_to_run(cfg, corpus, encoders)
+            parent = parent_run(cfg, me, experiment_dir,
+                                tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
+                                      TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
+        except EmotuneError:
+            if fresh:  # a refused start leaves nothing behind: the old search's Ray folder can be put back here
+                shutil.rmtree(experiment_dir, ignore_errors=True)
+            raise
+        parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
+                           "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
+        parent.log_json(cfg, "config.json")
+        parent.log_json(plan.to_dict(), "cache_plan.json")
+        rungs = asha_rungs(make_scheduler(cfg))
+        print("\n".join(ladder_lines(cfg, rungs)), flush=True)
+        parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
+        try:
+            reports, cached = fill_caches(cfg, corpus, recipes, plan)
+            launch = TrialContext(verify_cache=False,  # the driver just checked the cache (stats; changed files' CRCs)
+                                  cpus=max(1, int(float(search["resources"]["cpu"]))), parent_run_id=parent.run_id,
+                                  search_name=name, search_id=me.id, recipes=recipes)
+            payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
+            tuner = _tuner(cfg, experiment_dir, restore, payload)
+            fit_started = time.perf_counter()
+            results = _fit(tuner)
+            fit_seconds = time.perf_counter() - fit_started
+        except KeyboardInterrupt:
+            parent.finish("KILLED")
+            raise
+        finally:
+            end_running_trials(cfg["tracking"], parent.run_id)
     finally:
-        end_running_trials(cfg["tracking"], parent.run_id)
         if started_ray and ray.is_initialized():
             ray.shutdown()
     discarded = reconcile_runs(cfg, parent, me.id, trial_table(results))
@@ -419,6 +438,20 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
               "(their trials were proposed again).")
     summary = summarise(cfg, corpus, results, parent, experiment_dir, time.perf_counter() - started, reports)
     return summary | {"fit_seconds": fit_seconds}
+
+
+def _ready_to_run(cfg: dict, corpus, encoders: dict[str, list[str]]) -> dict:
+    """What must hold before the search records or runs anything: the cluster's GPUs for the cache workers, every
+    encoder resolved once (built, found or downloaded) into the recipes all nodes use, and, on a multi-node
+    cluster, every node able to see what the search needs (:mod:`emotune.search_preflight`)."""
+    from emotune.features.distributed import worker_shape
+    from emotune.features.prepare import resolve_recipes
+    from emotune.search_preflight import check_cluster
+
+    worker_shape(cfg["features"], 1)  # features.gpu_per_worker against the cluster's GPUs
+    recipes = resolve_recipes(corpus, encoders, cfg["features"], cfg["paths"])
+    check_cluster(cfg, corpus, recipes)
+    return recipes
 
 
 def _fit(tuner):

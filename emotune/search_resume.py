@@ -64,7 +64,9 @@ def trainable_name(experiment_dir: Path, restore: bool) -> str:
 RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock",
                      "search.replace",
                      "features.batch_size", "features.device", "features.verify", "features.gpu_per_worker",
-                     "features.max_cache_gb", "features.plan_tflops",
+                     "features.max_cache_gb", "features.plan_tflops", "features.cpu_workers",
+                     # where encoders are found, not what they are (cache keys hash their files)
+                     "paths.models_dir", "tracking.allow_file_store_on_cluster",
                      "trial.device", "trial.cpus",
                      "trial.fail_once_at_epoch")  # a testing aid of earlier versions, recorded by their searches
 # Keys added after searches already existed, with the value that reproduces what those searches did: a search

@@ -203,6 +203,8 @@ class TrialContext:
     # when None. Its second argument is the checkpoint folder at the end of an epoch, None within one.
     resume_dir: str | Path | None = None  # a checkpoint written by an earlier attempt of the same trial
     index: object | None = None  # FeatureIndex of a cache the search filled; None: the trial fills it itself
+    recipes: dict | None = None  # the driver's encoder recipes ("modality/name"), resolved once for every node;
+    # None: the trial resolves its encoders itself
     verify_cache: bool = True  # check cached files' CRCs when the trial fills the cache itself
     device: str | None = None  # overrides trial.device (a Ray trial passes the device Ray gave it)
     cpus: int | None = None  # torch threads; None: trial.cpus (a search passes the CPUs Ray gives each trial)
@@ -280,12 +282,12 @@ class Trainer:
             index = self.context.index
             if index is None:
                 index = prepare_features(corpus, cfg["encoders"], {**features, "verify": self.context.verify_cache},
-                                         modalities, cfg["paths"]["runs_dir"], progress=self.context.progress)
+                                         modalities, cfg["paths"], self.context.progress, self.context.recipes)
             source = CachedFeatures(index, modalities, self.labels, aug_prob, crop, float(features["preload_mb"]))
             return source, index.encoders
         # live encoders run where the trial runs: on the device it was given, not wherever features.device says
         encoders = load_encoders(corpus, cfg["encoders"], {**features, "device": str(self.device)}, modalities,
-                                 cfg["paths"]["runs_dir"])
+                                 cfg["paths"], self.context.recipes)
         source = LiveFeatures(encoders, self.labels, corpus.norm, Augmenter.from_settings(features["augment"]),
                               aug_prob, crop)
         return source, {m: describe(e) | {"storage": "float32"} for m, e in encoders.items()}  # never stored

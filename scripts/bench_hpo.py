@@ -112,8 +112,7 @@ def record(args) -> None:
 
     from emotune.data.prepare import prepare_corpus
     from emotune.features.prepare import prepare_features
-    from emotune.model import modalities_of
-    from emotune.space import apply_sampled, encoders_in_play
+    from emotune.space import encoders_in_play
 
     base = pool_config([f"trial.max_epochs={args.epochs}", f"seed={args.seed}"])
     configurations = draw_configurations(base, args.configs, args.seed)
@@ -122,7 +121,7 @@ def record(args) -> None:
     for modality, names in encoders_in_play(base).items():
         for name in names:
             prepare_features(corpus, base["encoders"] | {modality: name}, base["features"], [modality],
-                             base["paths"]["runs_dir"])
+                             base["paths"])
     done = {}
     if PARTIAL.is_file():
         for line in PARTIAL.read_text().splitlines():
@@ -727,7 +726,6 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
     new = by_name["new default"]
     dev_counts = pool.data.get("dev_counts") or {}
     default_se = default_size_se(pool)
-    plain = schedulers[SHIPPED_ASHA]
     mine = schedulers[scheduler_key]  # the default's scheduler
     noisy = schedulers[noise_key]  # the setting the survival goal chose
     fmt = lambda c: f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"  # noqa: E731
@@ -754,7 +752,7 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
         lines.append(f"| `{name}`{mark} | {row['rank_corr']:.3f} [{row['rank_corr_ci'][0]:.3f}, "
                      f"{row['rank_corr_ci'][1]:.3f}] | {row['rank_corr_top_half']:.3f} | "
                      f"{row['pick_test_f1']:.4f} | {row['checkpoint_test_f1']:.4f} |")
-    lines += ["", f"Chosen: the score whose pick scores best on test. `val_f1_mean3` is the mean of an evaluation and its "
+    lines += ["", "Chosen: the score whose pick scores best on test. `val_f1_mean3` is the mean of an evaluation and its "
               "neighbours as a trial can know it (the last two); `val_f1_mean3_centred` waits for the next evaluation.",
               "", "## Schedulers: survival of the best trial on test", "",
               f"{args.draws} random pools of 24 recorded trials (paired across settings), two at a time, through Ray's "

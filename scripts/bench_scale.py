@@ -142,7 +142,7 @@ def build_replica(name: str, texts: list[str] | None = None, seed: int = 0) -> P
 
 def speech_recipe(folder: Path, layers="all", storage: str = "float16"):
     from emotune.features.catalog import resolve_encoder
-    from emotune.features.encode import make_recipe
+    from emotune.features.recipe import make_recipe
 
     return make_recipe(resolve_encoder(str(folder), "speech"), folder, layers, storage=storage)
 
@@ -224,7 +224,8 @@ def run_speed(args, corpus, folders: dict, state: dict) -> dict:
     import torch
 
     from emotune.features.catalog import resolve_encoder
-    from emotune.features.encode import make_recipe, open_encoder
+    from emotune.features.encode import open_encoder
+    from emotune.features.recipe import make_recipe
 
     torch.set_num_threads(args.threads)
     utts = demo_utterances(corpus, args.clips)
@@ -278,7 +279,8 @@ def run_speed(args, corpus, folders: dict, state: dict) -> dict:
 def run_bytes(args, corpus, folders: dict, state: dict) -> dict:
     """Cache bytes per second of audio for XLS-R, all layers float16 against the hub default, and int8's error."""
     from emotune.features.cache import FeatureStore, bytes_per_step
-    from emotune.features.encode import open_encoder, resolve_layers
+    from emotune.features.encode import open_encoder
+    from emotune.features.recipe import resolve_layers
 
     if "xlsr_outputs" not in state:  # the speed part did not run in this process: encode the same clips here
         import torch
@@ -547,7 +549,8 @@ def run_f1(args, corpus) -> dict:
     from safetensors.torch import load_file
 
     from emotune.config import load_config
-    from emotune.features.encode import open_encoder, resolve_layers
+    from emotune.features.encode import open_encoder
+    from emotune.features.recipe import resolve_layers
     from emotune.features.tiny import build_tiny_encoder
     from emotune.checkpoint import ModelCard
     from emotune.trial import TrialContext, run_trial

@@ -19,14 +19,15 @@ def fbank_cache(separable, cache_dir, *overrides):
     """The fbank features of the separable corpus (one augmented copy per training clip) in ``cache_dir``, and
     ``start()``, which runs a start's cache step again (the real one: plan, check, build what is missing)."""
     from emotune.data.prepare import prepare_corpus
-    from emotune.features.prepare import cache_encoder
+    from emotune.features.prepare import cache_encoder, encoder_recipe
 
     corpus_dir, runs = separable
     cfg = trial_config(corpus_dir, runs, f"features.dir={cache_dir}", "encoders.speech=fbank", *overrides)
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
 
     def start():
-        return cache_encoder("fbank", "speech", corpus, cfg["features"], runs, progress=False)
+        recipe = encoder_recipe("fbank", "speech", corpus, cfg["features"], cfg["paths"])
+        return cache_encoder(recipe, corpus, cfg["features"], progress=False)
 
     return corpus, start
 

@@ -18,7 +18,8 @@ from emotune.errors import EmotuneError
 from emotune.features.cache import (AudioHashes, FeatureIndex, FeatureStore, build, check_disk, speech_jobs,
                                     text_jobs)
 from emotune.features.catalog import known_names, resolve_encoder
-from emotune.features.encode import load_encoder, resolve_layers
+from emotune.features.encode import load_encoder
+from emotune.features.recipe import resolve_layers
 from emotune.features.source import CachedFeatures
 from emotune.names import MODALITIES
 
@@ -188,10 +189,10 @@ def augmented_cache(separable, tmp_path_factory):
                        "encoders.speech=fbank", "encoders.text=tiny-bert")
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     few = replace(corpus, train=corpus.train[:12], dev=corpus.dev[:4], test=corpus.test[:4])
-    parts = [prepare_features(few, cfg["encoders"], cfg["features"], ["speech"], runs, progress=False),
+    parts = [prepare_features(few, cfg["encoders"], cfg["features"], ["speech"], cfg["paths"], progress=False),
              # the whole corpus's transcripts: tiny-bert's tokenizer (and its folder, shared by other tests)
              # is trained on the full training split
-             prepare_features(corpus, cfg["encoders"], cfg["features"], ["text"], runs, progress=False)]
+             prepare_features(corpus, cfg["encoders"], cfg["features"], ["text"], cfg["paths"], progress=False)]
     index = FeatureIndex.merge(parts)
     assert all(len(index.speech[u.id]) == 1 + VARIANTS for u in few.train)
     return few, index
@@ -281,7 +282,7 @@ def test_the_parallel_fill_writes_the_bytes_a_serial_build_writes(smoke_search, 
     corpus = prepare_corpus(cfg["data"], runs, progress=False)
     serial = {**cfg["features"], "dir": str(tmp_path / "serial")}
     for modality in MODALITIES:
-        recipe = encoder_recipe(cfg["encoders"][modality], modality, corpus, cfg["features"], runs)
+        recipe = encoder_recipe(cfg["encoders"][modality], modality, corpus, cfg["features"], cfg["paths"])
         jobs = plan_jobs(corpus, recipe, cfg["features"], shared, save_hashes=False)
         # the clips of the first chunk, in the fill's order, so that a text encoder sees the same batches
         # (the padding in a batch moves the last bits of its outputs); speech: clean and augmented copies

@@ -63,18 +63,18 @@ def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, 
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     encoders = {"speech": ["fbank", "tiny-wav2vec2"], "text": ["tiny-bert"]}
     int8 = {**cfg["features"], "storage": "int8", "speech_layers": "last"}
-    plans = {"float16": plan_cache(cfg["features"], cfg["paths"]["runs_dir"], ClipSplits.of_corpus(corpus), encoders),
-             "int8": plan_cache(int8, cfg["paths"]["runs_dir"], ClipSplits.of_corpus(corpus), {"speech": ["tiny-wav2vec2"]})}
+    plans = {"float16": plan_cache(cfg["features"], cfg["paths"], ClipSplits.of_corpus(corpus), encoders),
+             "int8": plan_cache(int8, cfg["paths"], ClipSplits.of_corpus(corpus), {"speech": ["tiny-wav2vec2"]})}
     assert all(e.cached_bytes == 0 and e.missing_bytes == e.total_bytes for p in plans.values() for e in p.encoders)
     written = {}
     for speech in encoders["speech"]:
         index = prepare_features(corpus, {"speech": speech, "text": "tiny-bert"}, cfg["features"], ["speech", "text"],
-                                 cfg["paths"]["runs_dir"], progress=False)
+                                 cfg["paths"], progress=False)
         written[speech] = sum(Path(tmp_path / "cache", k[:2], f"{k}.safetensors").stat().st_size
                               for row in index.speech.values() for k in row)
         written["tiny-bert"] = sum(Path(tmp_path / "cache", k[:2], f"{k}.safetensors").stat().st_size
                                    for k in index.text.values())
-    index = prepare_features(corpus, {"speech": "tiny-wav2vec2"}, int8, ["speech"], cfg["paths"]["runs_dir"], progress=False)
+    index = prepare_features(corpus, {"speech": "tiny-wav2vec2"}, int8, ["speech"], cfg["paths"], progress=False)
     written["int8"] = sum(Path(tmp_path / "cache", k[:2], f"{k}.safetensors").stat().st_size
                           for row in index.speech.values() for k in row)
     planned = {e.name: e.total_bytes for e in plans["float16"].encoders} | {"int8": plans["int8"].encoders[0].total_bytes}
@@ -82,7 +82,7 @@ def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, 
         assert abs(planned[name] - size) <= 0.10 * size, (name, planned[name], size)
     assert written["int8"] < 0.35 * written["tiny-wav2vec2"]  # one layer of two, a byte (and a scale per frame) each
     # planned again, the same cache is complete: nothing is missing, and what it holds is counted exactly
-    again = plan_cache(cfg["features"], cfg["paths"]["runs_dir"], ClipSplits.of_corpus(corpus), encoders)
+    again = plan_cache(cfg["features"], cfg["paths"], ClipSplits.of_corpus(corpus), encoders)
     assert again.missing_bytes == 0 and again.problem() is None
     assert {e.name: e.cached_bytes for e in again.encoders} == {k: v for k, v in written.items() if k != "int8"}
 
@@ -110,12 +110,13 @@ def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not
 
 def test_waveform_norm_follows_the_encoder_and_changes_the_cache_key(tmp_path):
     from emotune.features.catalog import resolve_encoder
-    from emotune.features.encode import encoder_folder, make_recipe
+    from emotune.features.recipe import make_recipe
+    from emotune.features.locate import resolve_files
     from emotune.config import load_config
     from emotune.features.plan import _offline_recipe
 
     spec = resolve_encoder("tiny-wav2vec2", "speech")
-    folder = encoder_folder(spec, tmp_path)
+    folder = resolve_files(spec, tmp_path)[1]
     keys = {mode: make_recipe(spec, folder, waveform_norm=mode).key for mode in ("auto", "global", "utterance")}
     assert keys["auto"] == keys["global"] != keys["utterance"]  # tiny presets were built without it
     # the same files as a folder encoder: its preprocessor config decides `auto`, unless overridden
@@ -175,7 +176,7 @@ def test_int8_storage_keeps_features_within_a_percent_at_about_half_the_bytes(tm
 
 
 def test_layer_subsets():
-    from emotune.features.encode import resolve_layers
+    from emotune.features.recipe import resolve_layers
 
     assert resolve_layers("every_3", 24) == [2, 5, 8, 11, 14, 17, 20, 23]
     assert resolve_layers("every_3", 12) == [2, 5, 8, 11]
@@ -257,6 +258,26 @@ def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not
         ray.shutdown()
 
 
+def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_more_than_fit(tmp_path):
+    """Two CPUs but memory for one XLS-R-sized worker: Ray starts one, and the other waits (the fill hands work to
+    started workers only)."""
+    import ray
+
+    from emotune.features.distributed import CacheWorkers, worker_memory
+
+    memory = worker_memory(315.4)  # XLS-R 300M: 1.26 GB of float32 weights
+    assert 1.9 * 2**30 < memory < 2.0 * 2**30
+    ray.init(num_cpus=2, _memory=3 * 2**30, include_dashboard=False, logging_level="WARNING")
+    try:
+        pool = CacheWorkers({"device": "cpu", "gpu_per_worker": 1, "augment": {}}, 2, None, str(tmp_path), memory)
+        first, waiting = ray.wait(list(pool.starting), num_returns=1, timeout=30)
+        second, _ = ray.wait(waiting, num_returns=1, timeout=5)  # a CPU is free, the memory is not
+        assert pool.count == 2 and len(first) == 1 and not second
+        pool.close()
+    finally:
+        ray.shutdown()
+
+
 def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
     from emotune.config import load_config
     from emotune.search import run_search
@@ -283,7 +304,7 @@ def test_without_preloading_trials_stream_the_same_batches_from_disk(separable, 
     corpus_dir, shared = separable
     cfg = trial_config(corpus_dir, shared)
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
-    index = prepare_features(corpus, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"]["runs_dir"],
+    index = prepare_features(corpus, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"],
                              progress=False)
     labels = corpus.labels
     in_memory = CachedFeatures(index, ["speech", "text"], labels, aug_prob=0.5, crop_seconds=0.5, preload_mb=10_000)

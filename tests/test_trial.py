@@ -86,15 +86,15 @@ def test_a_trial_given_the_cache_index_never_loads_an_encoder(separable, tmp_pat
 
     from emotune.data.prepare import prepare_corpus
     from emotune.errors import EmotuneError
-    from emotune.features.prepare import load_named_encoder, prepare_features
+    from emotune.features.prepare import encoder_recipe, prepare_features
 
     corpus, runs = separable
     base = trial_config(corpus, runs)
     prepared = prepare_corpus(base["data"], runs, progress=False)
-    preset = load_named_encoder("tiny-bert", "text", prepared, base["features"], runs).folder
+    preset = encoder_recipe("tiny-bert", "text", prepared, base["features"], base["paths"]).files.folder
     folder = shutil.copytree(preset, tmp_path / "my-text-encoder")  # a local folder, as a user would pass
     cfg = trial_config(corpus, runs, f"encoders.text={folder}", "trial.max_epochs=2")
-    index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], runs, progress=False)
+    index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"], progress=False)
     shutil.rmtree(folder)  # from here on the text encoder cannot be loaded
     summary = run_trial(cfg, TrialContext(workdir=tmp_path / "with-index", index=index, **QUIET))
     assert summary["epochs_trained"] == 2 and 0.0 <= summary["best_val_f1"] <= 1.0

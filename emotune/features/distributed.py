@@ -16,8 +16,9 @@ from collections import deque
 
 from emotune.errors import EmotuneError
 from emotune.features.cache import BuildReport, FeatureStore, encode_jobs
-from emotune.features.encode import EncoderRecipe
+from emotune.features.recipe import EncoderRecipe
 
+MIB = 1 << 20
 CHUNK = 32  # jobs per actor call: small enough for a live progress bar, large enough to batch the encoder
 WAIT_NOTE_S = 60  # say what the fill waits for when no actor has started after this long
 
@@ -71,14 +72,25 @@ def worker_shape(features: dict, workers: int) -> tuple[int, float, str]:
     return max(1, workers), 0.0, "cpu"
 
 
+def worker_memory(params_m: float) -> int:
+    """The memory one cache worker asks Ray for, in bytes: its encoder's float32 weights (``params_m`` millions of
+    parameters) with a quarter more for loading and activations, plus 512 MiB for the process and its libraries.
+
+    Asking for it lets Ray place no more workers on a node than its memory holds: one worker per CPU each holding
+    XLM-R large would otherwise need 36 GB on a 16-core node.
+    """
+    return int(params_m * 1e6 * 4 * 1.25) + 512 * MIB
+
+
 class CacheWorkers:
     """The pool of cache actors of one fill; ``close`` ends them (also those still waiting for resources)."""
 
-    def __init__(self, features: dict, workers: int, norm, cache_dir: str) -> None:
+    def __init__(self, features: dict, workers: int, norm, cache_dir: str, memory: int = 0) -> None:
         import ray
 
         self.count, self.gpus_each, device = worker_shape(features, workers)
-        actor = ray.remote(num_cpus=1, num_gpus=self.gpus_each)(_CacheWorker)
+        self.memory = int(memory)
+        actor = ray.remote(num_cpus=1, num_gpus=self.gpus_each, memory=self.memory or None)(_CacheWorker)
         augment = dict(features["augment"])
         self.pool = [actor.remote(cache_dir, norm, augment, device) for _ in range(self.count)]
         self.starting = {worker.ready.remote(): worker for worker in self.pool}
@@ -111,8 +123,9 @@ class CacheWorkers:
             done, _ = ray.wait(list(self.starting) + list(running), num_returns=1, timeout=10)
             if not done:
                 if not running and not noted and time.monotonic() - waited > WAIT_NOTE_S:
-                    print(f"feature cache: waiting for Ray to start a cache worker ({self.gpus_each:g} GPU and 1 CPU "
-                          "each); check `ray status` for free resources.", flush=True)
+                    print(f"feature cache: waiting for Ray to start a cache worker ({self.gpus_each:g} GPU, 1 CPU and "
+                          f"{self.memory / 2**30:.1f} GiB each); check `ray status` for free resources, or lower "
+                          "features.cpu_workers.", flush=True)
                     noted = True
                 continue
             ref = done[0]

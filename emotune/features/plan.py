@@ -19,9 +19,9 @@ from typing import Sequence
 from emotune.errors import EmotuneError
 from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJob, bytes_per_step, free_bytes
 from emotune.features.catalog import hub_entry, resolve_encoder
-from emotune.features.encode import (EncoderRecipe, check_storage, encoder_folder, make_recipe, recipe_settings,
-                                     resolve_layers, resolve_waveform_norm)
-from emotune.features.prepare import plan_jobs, tokenizer_texts
+from emotune.features.recipe import (EncoderRecipe, check_storage, recipe_settings, resolve_layers, resolve_recipe,
+                                     resolve_waveform_norm)
+from emotune.features.prepare import encoder_dirs, plan_jobs, tokenizer_texts
 from emotune.names import SAMPLE_RATE
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.
@@ -210,7 +210,7 @@ def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe |
     if entry is None:
         return None
     layers = tuple(resolve_layers(features[f"{modality}_layers"], entry.layers))
-    common = {"spec": spec, "folder": None, "identity": "not-downloaded", "n_layers": entry.layers,
+    common = {"spec": spec, "files": None, "identity": "not-downloaded", "n_layers": entry.layers,
               "width": entry.width, "layers": layers, "batch_size": int(features["batch_size"])}
     if modality == "speech":
         return EncoderRecipe(frame_hop=320, conv=SSL_CONV, storage=check_storage(str(features["storage"])),
@@ -219,22 +219,20 @@ def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe |
     return EncoderRecipe(max_tokens=min(int(features["max_text_tokens"]), 510), **common)
 
 
-def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, runs_dir: str) -> tuple:
+def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, paths: dict) -> tuple:
     """The recipe, the parameter count and whether cache keys can be known, without any download."""
     spec = resolve_encoder(name, modality)
     corpus = splits.utterances
-    models_dir = Path(runs_dir) / "encoders"
+    tiny_dir, models_dir = encoder_dirs(paths)
     texts = tokenizer_texts(corpus) if corpus else None
     if spec.kind == "tiny" and modality == "text" and corpus is None:
         # a described corpus has no text to train a tokenizer on: size a throw-away build (same shapes)
-        models_dir, texts = Path(tempfile.mkdtemp(prefix="emotune-plan-")), ["un texto de ejemplo"]
-    folder = encoder_folder(spec, models_dir, texts, download=False)
-    if folder is None and spec.kind != "classic":
-        recipe = _offline_recipe(name, modality, features)
+        tiny_dir, texts = Path(tempfile.mkdtemp(prefix="emotune-plan-")), ["un texto de ejemplo"]
+    recipe = resolve_recipe(spec, tiny_dir, models_dir, texts, download=False, **recipe_settings(features, modality))
+    if recipe is None:
         entry = hub_entry(spec)
-        return recipe, (entry.params_m * 1e6 if entry else 0), False
-    recipe = make_recipe(spec, folder, **recipe_settings(features, modality))
-    return recipe, (count_parameters(folder) if folder else 0), corpus is not None
+        return _offline_recipe(name, modality, features), (entry.params_m * 1e6 if entry else 0), False
+    return recipe, (count_parameters(recipe.files.find()) if recipe.files else 0), corpus is not None
 
 
 def _jobs(recipe: EncoderRecipe, splits: ClipSplits, features: dict, store: FeatureStore) -> list:
@@ -253,19 +251,20 @@ def _job_bytes(recipe: EncoderRecipe, job: SpeechJob | TextJob, tokens: dict | N
 
 def _token_counts(recipe: EncoderRecipe, texts: Sequence[str]) -> dict[str, int] | None:
     """Exact token counts from the encoder's own tokenizer (no model weights are read), when it is here."""
-    if recipe.modality != "text" or not recipe.folder:
+    folder = recipe.files.find() if recipe.modality == "text" and recipe.files else None
+    if folder is None:
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     unique = sorted(set(texts))
     ids = tokenizer(unique, truncation=True, max_length=recipe.max_tokens)["input_ids"]
     return {text: len(row) for text, row in zip(unique, ids)}
 
 
-def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, runs_dir: str,
+def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, paths: dict,
                  store: FeatureStore) -> EncoderPlan:
-    recipe, params, keys_known = _recipe(name, modality, splits, features, runs_dir)
+    recipe, params, keys_known = _recipe(name, modality, splits, features, paths)
     if recipe is None:
         return EncoderPlan(modality, name, resolve_encoder(name, modality).source, "?", 0, 0, "?", "?", 0, 0, 0, None, 0,
                            0, note="not on this machine and not in the catalog: its shape is unknown until downloaded")
@@ -307,7 +306,7 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, r
         2 * params * steps_missing / (tflops * 1e12), note)
 
 
-def plan_cache(features: dict, runs_dir: str, splits: ClipSplits, encoders: dict[str, Sequence[str]]) -> CachePlan:
+def plan_cache(features: dict, paths: dict, splits: ClipSplits, encoders: dict[str, Sequence[str]]) -> CachePlan:
     """The plan for every encoder each modality may use (``encoders``: modality -> names)."""
     store = FeatureStore(features["dir"])
     plan = CachePlan(splits.description, int(features["variants"]), float(features["plan_tflops"]),
@@ -316,7 +315,7 @@ def plan_cache(features: dict, runs_dir: str, splits: ClipSplits, encoders: dict
         return plan  # live features: nothing is stored
     for modality, names in encoders.items():
         for name in names:
-            plan.encoders.append(plan_encoder(name, modality, splits, features, runs_dir, store))
+            plan.encoders.append(plan_encoder(name, modality, splits, features, paths, store))
     return plan
 
 

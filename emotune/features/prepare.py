@@ -16,8 +16,8 @@ from emotune.data.prepare import PreparedCorpus
 from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, encode_jobs, fill_missing,
                                     speech_jobs, text_jobs)
 from emotune.features.catalog import resolve_encoder
-from emotune.features.encode import (EncoderRecipe, FrozenEncoder, encoder_folder, make_recipe, open_encoder,
-                                     recipe_settings)
+from emotune.features.encode import FrozenEncoder, open_encoder
+from emotune.features.recipe import EncoderRecipe, recipe_settings, resolve_recipe
 
 
 def tokenizer_texts(corpus: PreparedCorpus) -> list[str]:
@@ -29,29 +29,45 @@ def tokenizer_texts(corpus: PreparedCorpus) -> list[str]:
     return [u.text for u in corpus.train]
 
 
-def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
+def encoder_dirs(paths: dict) -> tuple[Path, str | None]:
+    """Where tiny presets are built, and the shared models folder (``paths.models_dir``, None when not set)."""
+    shared = paths.get("models_dir")
+    return Path(shared or Path(paths["runs_dir"]) / "encoders"), shared or None
+
+
+def encoder_recipe(name: str, modality: str, corpus: PreparedCorpus, features: dict, paths: dict,
                    download: bool = True) -> EncoderRecipe | None:
-    """The recipe of one named encoder (a tiny preset is built on first use, its tokenizer on the training text).
+    """The recipe of one named encoder, resolved once for every node (a tiny preset is built on first use, its
+    tokenizer on the training text; a hub model is copied into ``paths.models_dir`` when that is set).
 
     With ``download=False`` a hub model that is not on this machine gives None instead of a download.
     """
-    spec = resolve_encoder(name, modality)
-    folder = encoder_folder(spec, Path(runs_dir) / "encoders", tokenizer_texts(corpus), download)
-    if folder is None and spec.kind != "classic":
-        return None
-    return make_recipe(spec, folder, **recipe_settings(features, modality))
+    tiny_dir, models_dir = encoder_dirs(paths)
+    return resolve_recipe(resolve_encoder(name, modality), tiny_dir, models_dir, tokenizer_texts(corpus), download,
+                          **recipe_settings(features, modality))
 
 
-def load_named_encoder(name: str, modality: str, corpus: PreparedCorpus, features: dict,
-                       runs_dir: str | Path) -> FrozenEncoder:
-    """Resolve and load one encoder onto ``features.device``."""
-    return open_encoder(encoder_recipe(name, modality, corpus, features, runs_dir), features["device"])
+def resolve_recipes(corpus: PreparedCorpus, encoders: dict[str, list[str]], features: dict,
+                    paths: dict) -> dict[str, EncoderRecipe]:
+    """The recipe of every encoder a search can pick (``encoders``: names by modality), keyed ``modality/name``."""
+    return {f"{m}/{name}": encoder_recipe(name, m, corpus, features, paths) for m, names in encoders.items()
+            for name in names}
 
 
-def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
-                  runs_dir: str | Path) -> dict[str, FrozenEncoder]:
-    """The encoder of each modality named in ``encoders``."""
-    return {m: load_named_encoder(encoders[m], m, corpus, features, runs_dir) for m in modalities}
+def modality_recipes(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str], paths: dict,
+                     recipes: dict[str, EncoderRecipe] | None = None) -> dict[str, EncoderRecipe]:
+    """The recipe of each modality's encoder named in ``encoders``: the driver's (``recipes``, keyed ``modality/name``,
+    resolved once for every node) when it has one, else resolved here."""
+    given = recipes or {}
+    return {m: given.get(f"{m}/{encoders[m]}") or encoder_recipe(encoders[m], m, corpus, features, paths)
+            for m in modalities}
+
+
+def load_encoders(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str], paths: dict,
+                  recipes: dict[str, EncoderRecipe] | None = None) -> dict[str, FrozenEncoder]:
+    """The encoder of each modality named in ``encoders``, loaded onto ``features.device``."""
+    chosen = modality_recipes(corpus, encoders, features, modalities, paths, recipes)
+    return {m: open_encoder(recipe, features["device"]) for m, recipe in chosen.items()}
 
 
 def describe(encoder: FrozenEncoder) -> dict:
@@ -113,25 +129,25 @@ def index_part(recipe: EncoderRecipe, jobs: dict[str, list], store: FeatureStore
     return part
 
 
-def cache_encoder(name: str, modality: str, corpus: PreparedCorpus, features: dict, runs_dir: str | Path,
-                  progress: bool = True, pool=None) -> tuple[BuildReport, FeatureIndex]:
-    """Fill the cache of one named encoder for every utterance of ``corpus`` (``pool``: see :func:`fill_cache`).
+def cache_encoder(recipe: EncoderRecipe, corpus: PreparedCorpus, features: dict, progress: bool = True,
+                  pool=None) -> tuple[BuildReport, FeatureIndex]:
+    """Fill the cache of one encoder for every utterance of ``corpus`` (``pool``: see :func:`fill_cache`).
 
     Returns the build report and the index part a trial reads this encoder's features with.
     """
     store = FeatureStore(features["dir"])
-    recipe = encoder_recipe(name, modality, corpus, features, runs_dir)
     jobs = plan_jobs(corpus, recipe, features, store)
     report = fill_cache(recipe, jobs, corpus, features, progress, pool)
     return report, index_part(recipe, jobs, store)
 
 
-def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str],
-                     runs_dir: str | Path, progress: bool = True) -> FeatureIndex:
-    """Fill the cache for every utterance of ``corpus`` and return where each one's features are."""
+def prepare_features(corpus: PreparedCorpus, encoders: dict, features: dict, modalities: Sequence[str], paths: dict,
+                     progress: bool = True, recipes: dict[str, EncoderRecipe] | None = None) -> FeatureIndex:
+    """Fill the cache for every utterance of ``corpus`` and return where each one's features are (``recipes``: see
+    :func:`modality_recipes`)."""
     parts = []
-    for modality in modalities:
-        report, part = cache_encoder(encoders[modality], modality, corpus, features, runs_dir, progress)
+    for recipe in modality_recipes(corpus, encoders, features, modalities, paths, recipes).values():
+        report, part = cache_encoder(recipe, corpus, features, progress)
         parts.append(part)
         if progress:
             print(report.line())
