@@ -78,21 +78,25 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def stop_session(sid: int, grace: float = 10.0) -> None:
-    """SIGTERM every process of the server's session, then SIGKILL whatever is left after ``grace`` seconds."""
+def stop_processes(find, grace: float = 10.0) -> None:
+    """SIGTERM the processes ``find()`` returns, then SIGKILL whatever of them is left after ``grace`` seconds
+    (``find`` is asked again at each step, so processes started meanwhile are stopped too)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        members = _session_members(sid)
-        for pid in members:
+        for pid in find():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            alive = [pid for pid in _session_members(sid) if not _is_zombie(pid)]
-            if not alive:
+            if not [pid for pid in find() if not _is_zombie(pid)]:
                 return
             time.sleep(0.1)
+
+
+def stop_session(sid: int, grace: float = 10.0) -> None:
+    """SIGTERM every process of the server's session, then SIGKILL whatever is left after ``grace`` seconds."""
+    stop_processes(lambda: _session_members(sid), grace)
 
 
 def _is_zombie(pid: int) -> bool:

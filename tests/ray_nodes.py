@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emotune.ui import _is_zombie, _session_members, stop_session
+from emotune.ui import _is_zombie, _session_members, stop_processes, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]  # the project, for nodes' PYTHONPATH
 VENV_BIN = Path(sys.executable).parent
@@ -445,19 +445,8 @@ class RayNodes:
     def _kill_escaped(self) -> None:
         """Kill processes that left the sessions but still use this object's folder (none were seen)."""
         folder = str(self.root)
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            escaped = [pid for pid in _pids() if pid != os.getpid() and not _is_zombie(pid)
-                       and _references_folder(pid, folder)]
-            if not escaped:
-                return
-            for pid in escaped:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and any(not _is_zombie(pid) for pid in escaped):
-                time.sleep(0.1)
+        stop_processes(lambda: [pid for pid in _pids() if pid != os.getpid() and not _is_zombie(pid)
+                                and _references_folder(pid, folder)], grace=5.0)
 
 
 class _PortTaken(Exception):
