@@ -98,6 +98,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from emotune.config import load_config
     from emotune.features.plan import DEFAULT_TEST_SHARE, ClipSplits, plan_cache
+    from emotune.search_plan import Machine, plan_search
     from emotune.space import encoders_in_play, validate_space
 
     cfg = load_config(args.overrides, "search")
@@ -105,22 +106,42 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     encoders = encoders_in_play(cfg)
     if (args.clips is None) != (args.hours is None):
         raise EmotuneError("--clips and --hours go together: the number of clips and their total hours")
+    for flag in ("device_tflops", "read_gbps", "cpus", "gpus"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 or (value == 0 and flag != "gpus")):
+            raise EmotuneError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    corpus_seconds = (0.0, 0.0)
     if args.clips is not None:
         splits = ClipSplits.described(args.clips, args.hours, float(cfg["data"]["dev_fraction"]),
                                       DEFAULT_TEST_SHARE if args.test_share is None else args.test_share)
     else:
         from emotune.data.prepare import prepare_corpus
 
+        started = time.perf_counter()
         splits = ClipSplits.of_corpus(prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"]))
+        cold = time.perf_counter() - started
+        started = time.perf_counter()  # what each trial pays again: the corpus read from its prepared form
+        prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
+        corpus_seconds = (cold, time.perf_counter() - started)
+    if args.device_tflops is not None:
+        cfg["features"]["plan_tflops"] = args.device_tflops  # the fill's encoders run on the same device
     plan = plan_cache(cfg["features"], cfg["paths"], splits, encoders)
     if not plan.encoders:
         print("features.cache=false: encoders run inside the trials and nothing is stored.")
         return 0
     print(plan.table())
+    data = plan.to_dict()
+    if not args.cache_only:
+        print()
+        search_plan = plan_search(cfg, splits, plan, Machine(args.device_tflops, args.read_gbps, args.cpus, args.gpus),
+                                  corpus_seconds, as_command=True)
+        print(search_plan.table())
+        data |= {"total_seconds": round(search_plan.total_seconds, 1),
+                 "device_hours": round(search_plan.device_hours, 3), "search": search_plan.to_dict()}
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=1))
+        Path(args.json).write_text(json.dumps(data, indent=1))
         print(f"plan written to {Path(args.json).resolve()}")
     return 0
 
@@ -260,18 +281,30 @@ def _add_predict(sub) -> None:
 def _add_plan(sub) -> None:
     plan = sub.add_parser(
         "plan",
-        help="size the feature cache of a search before anything is downloaded or encoded",
+        help="plan a search before it runs: its feature cache, its trials' time, its wall time and device-hours",
         description="Print, per encoder the search may use and in total: the cache size, the encoder passes, what "
-        "the cache already holds, whether the rest fits the disk, and an encoding-time estimate. Nothing is "
-        "downloaded or encoded. Takes the search's overrides. Examples: emotune plan space=encoders encoders=hub "
-        "data=folder data.root=/data/meacorpus;  emotune plan space=encoders encoders=hub --clips 5129 --hours 13.16",
+        "the cache already holds, whether the rest fits the disk, and an encoding-time estimate. Then the trials: "
+        "seconds per epoch of the shapes the space can draw (measured here in a few seconds), ASHA's expected share "
+        "of the epochs and trials per rung, and the whole search's wall time and device-hours. Nothing is "
+        "downloaded, encoded or logged. Takes the search's overrides. Examples: emotune plan space=encoders "
+        "encoders=hub data=folder data.root=/data/meacorpus;  emotune plan space=encoders encoders=hub --clips 5129 "
+        "--hours 13.16 --device-tflops 100 --read-gbps 3 --gpus 2",
     )
     plan.add_argument("--clips", type=int, help="plan for a corpus you describe: its number of clips (with --hours)")
     plan.add_argument("--hours", type=float, help="the described corpus' total hours of audio (with --clips)")
     plan.add_argument("--test-share", type=float, default=None,
                       help="share of a described corpus in the test split (default 0.2, as EmoSPeech 2024: 750 of "
                       "3,750); dev is data.dev_fraction of the rest")
-    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON: the cache plan's keys, the "
+                      "search's wall time total_seconds and device_hours, and the time plan's parts under 'search'")
+    plan.add_argument("--device-tflops", type=float, metavar="TF",
+                      help="plan a device you do not have: its effective TFLOP/s (the trials' steps are then counted "
+                      "in FLOPs, not timed here; also sets features.plan_tflops for the fill)")
+    plan.add_argument("--read-gbps", type=float, metavar="GBPS",
+                      help="the cache folder's read speed in GB/s (default: measured in features.dir)")
+    plan.add_argument("--cpus", type=int, help="CPUs of the machine or cluster (default: ray.num_cpus or this machine's)")
+    plan.add_argument("--gpus", type=int, help="GPUs of the machine or cluster (default: this machine's)")
+    plan.add_argument("--cache-only", action="store_true", help="only the cache plan (no measurement, no trial plan)")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for the search")
     plan.set_defaults(func=_cmd_plan)
 

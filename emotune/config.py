@@ -208,6 +208,7 @@ class SearchSettings:
     metric: str
     grace_period: int
     reduction_factor: float
+    plan_time: bool
     max_failures: int
     take_over_lock: bool
     replace: bool

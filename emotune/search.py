@@ -18,7 +18,6 @@ search is one parent run in MLflow with a child run per trial.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from emotune.driver_lock import DriverLock, StoreLock
 from emotune.errors import EmotuneError, run_command
-from emotune.names import ASHA_METRICS, asha_mode
+from emotune.names import ASHA_METRICS
 from emotune.search_identity import identity_of, parent_run
 from emotune.search_report import progress_table, summarise, trial_table
 from emotune.search_resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
@@ -125,6 +124,27 @@ def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):
         print(plan.table(), flush=True)
     refuse_if_too_big(plan)
     return plan
+
+
+def print_time_plan(cfg: dict, corpus, plan, corpus_seconds: float):
+    """The search's time plan (search.plan_time), printed under the cache plan; None when it is off or cannot be
+    made (the search runs all the same, and says why). ``corpus_seconds``: the corpus' first preparation."""
+    from emotune.data.prepare import prepare_corpus
+    from emotune.features.plan import ClipSplits
+    from emotune.search_plan import plan_search
+
+    if not cfg["search"]["plan_time"] or not plan.encoders:
+        return None
+    started = time.perf_counter()  # what each trial pays: the corpus again, in a process that has read it before
+    prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=False)
+    warm = time.perf_counter() - started
+    try:
+        time_plan = plan_search(cfg, ClipSplits.of_corpus(corpus), plan, corpus_seconds=(corpus_seconds, warm))
+    except EmotuneError as exc:
+        print(f"No time plan: {exc}", flush=True)
+        return None
+    print(time_plan.table(), flush=True)
+    return time_plan
 
 
 def _init_ray(ray_cfg: dict) -> bool:
@@ -224,7 +244,7 @@ def make_searcher(cfg: dict):
     it as pruned (:class:`~emotune.search_algorithms.PruningAwareOptunaSearch`)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from emotune.search_algorithms import PruningAwareOptunaSearch, make_sampler
+    from emotune.search_algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
     from emotune.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
@@ -243,85 +263,11 @@ def make_searcher(cfg: dict):
     return TimeBudget(limited, float(search["time_budget_s"]))
 
 
-def asha_clock(cfg: dict) -> tuple[int, int, int]:
-    """ASHA's time unit is the dev evaluation: (evaluations per epoch, grace period and max_t in evaluations)."""
-    search, trial = cfg["search"], cfg["trial"]
-    per_epoch = int(trial["evals_per_epoch"])
-    max_t = int(trial["max_epochs"]) * per_epoch
-    return per_epoch, min(int(search["grace_period"]), max_t), max_t
-
-
-def make_scheduler(cfg: dict):
-    """ASHA (search.scheduler: plain, or noise_asha that does not cut within noise) on the trials' own count of
-    dev evaluations (``trial.evals_per_epoch`` per epoch): a trial Tune starts again continues its count where its
-    checkpoint left it. With search.scheduler=none, a FIFO scheduler: every trial runs to its end."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from emotune.search_algorithms import NoiseASHA
-
-    search = cfg["search"]
-    if search["scheduler"] == "none":
-        return FIFOScheduler()
-    _, grace, max_t = asha_clock(cfg)
-    metric = search["metric"]
-    kwargs = {"time_attr": "evaluation", "metric": metric, "mode": asha_mode(metric), "max_t": max_t,
-              "grace_period": grace, "reduction_factor": float(search["reduction_factor"])}
-    if search["scheduler"] == "noise_asha":
-        return NoiseASHA(noise_z=float(search["noise_z"]), se_attr=_se_of(metric), **kwargs)
-    return ASHAScheduler(**kwargs)
-
-
-def _se_of(metric: str) -> str:
-    """The reported standard error that goes with ``metric`` (the best score's own, or the evaluation's)."""
-    return "best_val_score_se" if metric == "best_val_score" else "val_f1_se"
-
-
-def asha_rungs(scheduler) -> list[int]:
-    """The evaluations at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one
-    bracket)."""
-    # a trial is judged at the first evaluation that reaches a rung's milestone, which is fractional when the
-    # reduction factor is (grace 5, factor 1.5: 7.5, judged at 8)
-    brackets = getattr(scheduler, "_brackets", None)  # search.scheduler=none: a FIFO scheduler, no rungs
-    return sorted(math.ceil(milestone) for milestone, _ in brackets[0]._rungs) if brackets else []
-
-
-def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
-    """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
-    second line warns when it makes one cut or none. Rungs are in dev evaluations, which are epochs unless
-    ``trial.evals_per_epoch`` is above 1."""
-    search = cfg["search"]
-    per_epoch, grace, max_t = asha_clock(cfg)
-    factor = float(search["reduction_factor"])
-    unit = "epoch" if per_epoch == 1 else "evaluation"
-    if search["scheduler"] == "none":
-        return [f"No scheduler (search.scheduler=none): every trial runs its {max_t} {unit}s, unless its own early "
-                "stopping ends it."]
-    judged = (f"it judges {search['metric']}, {asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} "
-              "at each rung")
-    if search["scheduler"] == "noise_asha":
-        judged += (f"; a trial below the cutoff is cut only if it is below by more than {float(search['noise_z']):g} "
-                   f"bootstrap standard errors ({_se_of(search['metric'])}), so none is cut within noise")
-    if per_epoch == 1:
-        lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_t} ({judged})"]
-    else:
-        epochs = ", ".join(f"{r / per_epoch:g}" for r in rungs)
-        lines = [f"ASHA rungs at evaluations {', '.join(map(str, rungs))} (epochs {epochs}, at {per_epoch} "
-                 f"evaluations per epoch); max {max_t} ({judged})"]
-    cuts = [r for r in rungs if r < max_t]  # a rung at max_t stops nothing that would go on
-    fix = "lower search.grace_period or search.reduction_factor, or raise trial.max_epochs"
-    if not cuts:
-        lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches the trial's "
-                     f"last {unit} ({max_t}). To prune, {fix}.")
-    elif len(cuts) == 1:
-        lines.append(f"Warning: ASHA has a single rung ({unit} {cuts[0]}): the next would be at {unit} "
-                     f"{cuts[0] * factor:g}, past the trial's last ({max_t}). It makes one cut, judging each trial "
-                     f"against whichever trials reached {unit} {cuts[0]} before it. For a ladder, {fix}.")
-    return lines
-
-
 def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
     """Tune's tuner for this search; ``payload`` is what every trial gets (see :func:`search_trainable`)."""
     from ray import tune
+
+    from emotune.search_algorithms import make_scheduler
 
     search = cfg["search"]
     resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"]["gpu"])}
@@ -370,23 +316,27 @@ def run_search(cfg: dict, train=None) -> dict:
     print(f"emotune search '{name}' (space {cfg['space']['name']}): "
           f"{'resuming from' if restore else 'results in'} {experiment_dir}", flush=True)
 
+    corpus_started = time.perf_counter()
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"])
+    corpus_seconds = time.perf_counter() - corpus_started
     print(corpus.summary(), flush=True)
     check_evaluation_cadence(cfg, corpus)
     plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
+    time_plan = print_time_plan(cfg, corpus, plan, corpus_seconds)
     # one driver per name: in its Ray folder (drivers sharing ray.storage) and in the tracking store (drivers on
     # other storage writing the same MLflow runs), both before any Ray or MLflow state
     take_over = bool(search["take_over_lock"])
     with DriverLock(experiment_dir).holding(name, take_over), \
             StoreLock(cfg["tracking"], f"search/{name}", str(experiment_dir)).holding(name, take_over):
-        return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train)
+        return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train, time_plan)
 
 
 def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, restore: bool, started: float,
-                train=None) -> dict:
+                train=None, time_plan=None) -> dict:
     """The search proper, once this driver holds the search's lock."""
     import ray
 
+    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
     from emotune.tracking import TAG_SEARCH, ensure_experiment
     from emotune.trial import TrialContext
 
@@ -411,6 +361,8 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
                            "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
         parent.log_json(cfg, "config.json")
         parent.log_json(plan.to_dict(), "cache_plan.json")
+        if time_plan is not None:
+            parent.log_json(time_plan.to_dict(), "time_plan.json")
         rungs = asha_rungs(make_scheduler(cfg))
         print("\n".join(ladder_lines(cfg, rungs)), flush=True)
         parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
@@ -436,7 +388,9 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     if discarded:
         print(f"Discarded {discarded} MLflow run(s) of trials the interrupted search had not recorded "
               "(their trials were proposed again).")
-    summary = summarise(cfg, corpus, results, parent, experiment_dir, time.perf_counter() - started, reports)
+    timing = {"fit_seconds": fit_seconds, "fill_seconds": sum(r.get("seconds", 0.0) for r in reports),
+              "planned": time_plan}
+    summary = summarise(cfg, corpus, results, parent, experiment_dir, time.perf_counter() - started, reports, timing)
     return summary | {"fit_seconds": fit_seconds}
 
 

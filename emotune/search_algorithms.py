@@ -14,11 +14,14 @@ cuts them, each taught one thing Ray's own does not do.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
+
+from emotune.names import asha_mode
 
 SAMPLERS = ("tpe", "random", "qmc", "gp")
 SCHEDULERS = ("asha", "noise_asha", "none")
@@ -102,3 +105,79 @@ class NoiseASHA(ASHAScheduler):
             return super().on_trial_result(tune_controller, trial, result)
         finally:
             bracket.margin = 0.0
+
+
+# --- the ladder: ASHA as a search's settings build it ---------------------------------------------------------
+
+def asha_clock(cfg: dict) -> tuple[int, int, int]:
+    """ASHA's time unit is the dev evaluation: (evaluations per epoch, grace period and max_t in evaluations)."""
+    search, trial = cfg["search"], cfg["trial"]
+    per_epoch = int(trial["evals_per_epoch"])
+    max_t = int(trial["max_epochs"]) * per_epoch
+    return per_epoch, min(int(search["grace_period"]), max_t), max_t
+
+
+def make_scheduler(cfg: dict):
+    """ASHA (search.scheduler: plain, or noise_asha that does not cut within noise) on the trials' own count of
+    dev evaluations (``trial.evals_per_epoch`` per epoch): a trial Tune starts again continues its count where its
+    checkpoint left it. With search.scheduler=none, a FIFO scheduler: every trial runs to its end."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    search = cfg["search"]
+    if search["scheduler"] == "none":
+        return FIFOScheduler()
+    _, grace, max_t = asha_clock(cfg)
+    metric = search["metric"]
+    kwargs = {"time_attr": "evaluation", "metric": metric, "mode": asha_mode(metric), "max_t": max_t,
+              "grace_period": grace, "reduction_factor": float(search["reduction_factor"])}
+    if search["scheduler"] == "noise_asha":
+        return NoiseASHA(noise_z=float(search["noise_z"]), se_attr=_se_of(metric), **kwargs)
+    return ASHAScheduler(**kwargs)
+
+
+def _se_of(metric: str) -> str:
+    """The reported standard error that goes with ``metric`` (the best score's own, or the evaluation's)."""
+    return "best_val_score_se" if metric == "best_val_score" else "val_f1_se"
+
+
+def asha_rungs(scheduler) -> list[int]:
+    """The evaluations at which Ray's ASHA scheduler compares trials, read from the scheduler itself (its one
+    bracket)."""
+    # a trial is judged at the first evaluation that reaches a rung's milestone, which is fractional when the
+    # reduction factor is (grace 5, factor 1.5: 7.5, judged at 8)
+    brackets = getattr(scheduler, "_brackets", None)  # search.scheduler=none: a FIFO scheduler, no rungs
+    return sorted(math.ceil(milestone) for milestone, _ in brackets[0]._rungs) if brackets else []
+
+
+def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
+    """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
+    second line warns when it makes one cut or none. Rungs are in dev evaluations, which are epochs unless
+    ``trial.evals_per_epoch`` is above 1."""
+    search = cfg["search"]
+    per_epoch, grace, max_t = asha_clock(cfg)
+    factor = float(search["reduction_factor"])
+    unit = "epoch" if per_epoch == 1 else "evaluation"
+    if search["scheduler"] == "none":
+        return [f"No scheduler (search.scheduler=none): every trial runs its {max_t} {unit}s, unless its own early "
+                "stopping ends it."]
+    judged = (f"it judges {search['metric']}, {asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} "
+              "at each rung")
+    if search["scheduler"] == "noise_asha":
+        judged += (f"; a trial below the cutoff is cut only if it is below by more than {float(search['noise_z']):g} "
+                   f"bootstrap standard errors ({_se_of(search['metric'])}), so none is cut within noise")
+    if per_epoch == 1:
+        lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_t} ({judged})"]
+    else:
+        epochs = ", ".join(f"{r / per_epoch:g}" for r in rungs)
+        lines = [f"ASHA rungs at evaluations {', '.join(map(str, rungs))} (epochs {epochs}, at {per_epoch} "
+                 f"evaluations per epoch); max {max_t} ({judged})"]
+    cuts = [r for r in rungs if r < max_t]  # a rung at max_t stops nothing that would go on
+    fix = "lower search.grace_period or search.reduction_factor, or raise trial.max_epochs"
+    if not cuts:
+        lines.append(f"Warning: ASHA never stops a trial: search.grace_period={grace} reaches the trial's "
+                     f"last {unit} ({max_t}). To prune, {fix}.")
+    elif len(cuts) == 1:
+        lines.append(f"Warning: ASHA has a single rung ({unit} {cuts[0]}): the next would be at {unit} "
+                     f"{cuts[0] * factor:g}, past the trial's last ({max_t}). It makes one cut, judging each trial "
+                     f"against whichever trials reached {unit} {cuts[0]} before it. For a ladder, {fix}.")
+    return lines

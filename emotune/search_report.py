@@ -197,10 +197,33 @@ def curves_png(results, path: Path, metric: str) -> Path | None:
     return path
 
 
-def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds: float, reports: list[dict]) -> dict:
+def planned_metrics(timing: dict | None) -> dict:
+    planned = (timing or {}).get("planned")
+    return {} if planned is None else {"planned_seconds": planned.total_seconds,
+                                       "planned_device_hours": planned.device_hours}
+
+
+def planned_lines(timing: dict | None, seconds: float) -> list[str]:
+    """The time plan beside what the search took, part by part, so that users learn how far to trust it."""
+    planned = (timing or {}).get("planned")
+    if planned is None:
+        return []
+    from emotune.features.plan import duration
+
+    fill, fit = timing["fill_seconds"], timing["fit_seconds"]
+    rest = seconds - fill - fit
+    return [f"Planned {duration(planned.total_seconds)}, took {duration(seconds)} (actual/planned "
+            f"{seconds / planned.total_seconds:.2f}): cache fill {duration(planned.fill_seconds)} planned, "
+            f"{duration(fill)} actual; trials {duration(planned.trials_seconds)} planned, {duration(fit)} actual; "
+            f"the rest {duration(planned.start_seconds + planned.end_seconds)} planned, {duration(rest)} actual."]
+
+
+def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds: float, reports: list[dict],
+              timing: dict | None = None) -> dict:
     """Write the trial table and curves, close the search's run, and print the summary and the next commands.
 
     ``corpus``: the prepared corpus the search ran on (its dev split decides which trials are tied with the best).
+    ``timing``: the fill's and the trials' seconds, and the time plan made at the start (or None).
     """
     from emotune.tracking import TrackedRun
 
@@ -233,7 +256,7 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     parent.log_metrics({"best_val_f1": best["best_val_f1"] if best else None, "trials": len(rows),
                         "trials_cut_by_asha": cut, "trials_early_stopped": early, "trials_failed": len(errors),
                         "trials_tied_with_best": len(ties.tied) - 1 if best and not ties.problem else None,
-                        "search_seconds": seconds})
+                        "search_seconds": seconds, **planned_metrics(timing)})
     parent.log_artifacts(files, "summary")
     parent.finish("FINISHED" if not errors else "FAILED")
 
@@ -244,6 +267,7 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     print()
     print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
           f"{early} ended by their own early stopping, {len(errors)} failed.")
+    print("\n".join(planned_lines(timing, seconds)))
     budget, wanted = cfg["search"]["time_budget_s"], int(cfg["search"]["num_samples"])
     if budget is not None and len(rows) < wanted:
         print(f"The time budget (search.time_budget_s={budget:g}) was spent after {len(rows)} of the {wanted} trials "

@@ -62,7 +62,7 @@ def trainable_name(experiment_dir: Path, restore: bool) -> str:
 
 # Settings that may change when a search resumes: where and how fast it runs, not what it searches.
 RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "search.resources.", "search.take_over_lock",
-                     "search.replace",
+                     "search.replace", "search.plan_time",
                      "features.batch_size", "features.device", "features.verify", "features.gpu_per_worker",
                      "features.max_cache_gb", "features.plan_tflops", "features.cpu_workers",
                      # where encoders are found, not what they are (cache keys hash their files)

@@ -8,7 +8,7 @@
    Written to ``runs/hpo-pool.jsonl`` as it goes (a stopped recording continues where it was), then to
    ``benchmarks/hpo-pool.json.gz``.
 2. Replay (``replay``): every method runs many seeded searches in process through Ray's real searcher and
-   scheduler classes (``emotune.search.make_searcher`` / ``make_scheduler``, so what ships is what is measured)
+   scheduler classes (``emotune.search.make_searcher`` / ``emotune.search_algorithms.make_scheduler``, so what ships is what is measured)
    and Optuna's real samplers. A proposal is mapped to the nearest recorded configuration (numeric settings
    normalised to [0, 1], log-scaled ones on their log, categorical ones exact); two slots run at a time, and time
    advances by the recorded seconds of each evaluation.
@@ -373,7 +373,7 @@ def replay_search(pool: Pool, method: Method, seed: int, budget: float, scores_o
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search import make_scheduler
+    from emotune.search_algorithms import make_scheduler
 
     cfg = method.config(seed)
     scores = scores_of[cfg["trial"]["select_by"]]
@@ -756,7 +756,7 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
               "neighbours as a trial can know it (the last two); `val_f1_mean3_centred` waits for the next evaluation.",
               "", "## Schedulers: survival of the best trial on test", "",
               f"{args.draws} random pools of 24 recorded trials (paired across settings), two at a time, through Ray's "
-              "ASHAScheduler or emotune's NoiseASHA (`emotune.search.make_scheduler`). Survival: the pool's best trial on "
+              "ASHAScheduler or emotune's NoiseASHA (`emotune.search_algorithms.make_scheduler`). Survival: the pool's best trial on "
               "test reaches the last evaluation. Test regret: that trial's test F1 minus the test F1 of the trial the "
               f"score selects. Goal: survival >= {GOAL_SURVIVAL:.0%} on <= {GOAL_SHARE:.0%} of the epochs, with at most "
               "half of plain ASHA's regret at the same epoch share.", "",

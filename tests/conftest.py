@@ -114,7 +114,9 @@ def search_args(corpus: Path, runs: Path, cache: Path, *extra: str) -> list[str]
     """Overrides for a `smoke` search on the separable corpus (the shared cache keeps encoders' work once)."""
     return ["space=smoke", "data=folder", f"data.root={corpus}", "data.test_labels=test_labels.csv",
             f"paths.runs_dir={runs}", f"features.dir={cache}", "data.dev_fraction=0.25", "trial.batch_size=8",
-            "trial.crop_seconds=1.0", "features.variants=1", *extra]
+            "trial.crop_seconds=1.0", "features.variants=1",
+            "search.plan_time=false",  # the time plan's own tests measure it (test_search_plan.py)
+            *extra]
 
 
 @pytest.fixture(scope="session")

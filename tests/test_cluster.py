@@ -103,7 +103,7 @@ def search_command(team: dict, runs: Path, *extra: str) -> list[str]:
             "trial.batch_size=8", "trial.crop_seconds=1.0", "features.variants=1", f"encoders.speech={HUB_ID}",
             "encoders.text=tiny-bert", "search.num_samples=3", "search.max_concurrent=2", "trial.max_epochs=2",
             f"ray.address={team['address']}", f"tracking.uri={team['server'].uri}", "tracking.experiment=cluster",
-            *extra]
+            "search.plan_time=false", *extra]
 
 
 def run(command: list[str], env: dict, timeout: float = 420) -> subprocess.CompletedProcess:

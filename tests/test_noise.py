@@ -111,7 +111,7 @@ def test_noise_asha_keeps_a_trial_within_noise_that_asha_cuts_and_cuts_one_far_b
 
 def test_a_search_prints_the_rule_of_its_ladder():
     from emotune.config import load_config
-    from emotune.search import asha_rungs, ladder_lines, make_scheduler
+    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(["search.scheduler=noise_asha", "search.noise_z=1.5"], "search")
     lines = ladder_lines(cfg, asha_rungs(make_scheduler(cfg)))

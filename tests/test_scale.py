@@ -27,7 +27,8 @@ def emotune(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 def test_plan_of_the_hub_search_works_offline_and_downloads_nothing(demo_corpus, tmp_path):
     hf_home = tmp_path / "hf"
     result = emotune("plan", "space=encoders", "encoders=hub", "data=folder", f"data.root={demo_corpus}",
-                     f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path, env={**OFFLINE_HUB, "HF_HOME": str(hf_home)})
+                     f"paths.runs_dir={tmp_path / 'runs'}", "--device-tflops", "50", "--gpus", "1",
+                     "search.resources.gpu=1", cwd=tmp_path, env={**OFFLINE_HUB, "HF_HOME": str(hf_home)})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "facebook/wav2vec2-xls-r-300m" in out and "wav2vec2-large-xlsr-53" not in out
@@ -36,13 +37,16 @@ def test_plan_of_the_hub_search_works_offline_and_downloads_nothing(demo_corpus,
         assert f" {name} " in out
     assert "8/24" in out and "int8 z" in out  # the hub defaults: every 3rd layer, int8, per-utterance input norm
     assert "Total cache for this search:" in out and "not on this machine" in out
+    # the trials planned for a GPU this machine lacks, from the catalog's shapes: nothing downloaded for that either
+    assert "Search time plan" in out and "FLOPs at 50 TFLOP/s" in out and "GPU-hours" in out
     assert not (tmp_path / "runs" / "cache" / "features").exists()  # nothing written to the cache
     assert not any(hf_home.rglob("*.safetensors")) and not any(hf_home.rglob("config.json"))
 
 
 def test_paper_plan_equals_the_benchmark_figures(tmp_path):
     scale = json.loads((ROOT / "benchmarks" / "scale.json").read_text())
-    result = emotune("plan", "space=encoders", "encoders=hub", "--clips", "5129", "--hours", "13.16", "--json",
+    result = emotune("plan", "space=encoders", "encoders=hub", "--clips", "5129", "--hours", "13.16", "--cache-only",
+                     "--json",
                      str(tmp_path / "plan.json"), f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path, env=OFFLINE_HUB)
     assert result.returncode == 0, result.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())

@@ -92,7 +92,7 @@ def test_a_known_good_point_outside_the_space_is_refused():
 def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, head, warning):
     from ray.tune.schedulers import ASHAScheduler
 
-    from emotune.search import asha_rungs, ladder_lines, make_scheduler
+    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(overrides, "search")
     search, trial = cfg["search"], cfg["trial"]
@@ -109,7 +109,7 @@ def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, r
 def test_the_printed_rungs_are_the_evaluations_at_which_ray_judges(grace, factor):
     from types import SimpleNamespace
 
-    from emotune.search import asha_rungs, make_scheduler
+    from emotune.search_algorithms import asha_rungs, make_scheduler
 
     cfg = load_config([f"search.grace_period={grace}", f"search.reduction_factor={factor}"], "search")
     scheduler = make_scheduler(cfg)
@@ -131,7 +131,7 @@ def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search import make_scheduler
+    from emotune.search_algorithms import make_scheduler
 
     scheduler = make_scheduler(smoke_cfg("search.metric=val_loss", "search.reduction_factor=2"))
     decisions = {}

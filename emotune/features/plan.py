@@ -219,7 +219,7 @@ def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe |
     return EncoderRecipe(max_tokens=min(int(features["max_text_tokens"]), 510), **common)
 
 
-def _recipe(name: str, modality: str, splits: ClipSplits, features: dict, paths: dict) -> tuple:
+def plan_recipe(name: str, modality: str, splits: ClipSplits, features: dict, paths: dict) -> tuple:
     """The recipe, the parameter count and whether cache keys can be known, without any download."""
     spec = resolve_encoder(name, modality)
     corpus = splits.utterances
@@ -264,7 +264,7 @@ def _token_counts(recipe: EncoderRecipe, texts: Sequence[str]) -> dict[str, int]
 
 def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, paths: dict,
                  store: FeatureStore) -> EncoderPlan:
-    recipe, params, keys_known = _recipe(name, modality, splits, features, paths)
+    recipe, params, keys_known = plan_recipe(name, modality, splits, features, paths)
     if recipe is None:
         return EncoderPlan(modality, name, resolve_encoder(name, modality).source, "?", 0, 0, "?", "?", 0, 0, 0, None, 0,
                            0, note="not on this machine and not in the catalog: its shape is unknown until downloaded")
