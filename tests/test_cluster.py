@@ -102,8 +102,8 @@ def search_command(team: dict, runs: Path, *extra: str) -> list[str]:
             "data.test_labels=test_labels.csv", f"paths.runs_dir={runs}", "data.dev_fraction=0.25",
             "trial.batch_size=8", "trial.crop_seconds=1.0", "features.variants=1", f"encoders.speech={HUB_ID}",
             "encoders.text=tiny-bert", "search.num_samples=3", "search.max_concurrent=2", "trial.max_epochs=2",
-            f"ray.address={team['address']}", f"tracking.uri={team['server'].uri}", "tracking.experiment=cluster",
-            "search.plan_time=false", *extra]
+            "search.plan_time=false", f"ray.address={team['address']}",
+            f"tracking.uri={team['server'].uri}", "tracking.experiment=cluster", *extra]  # tracking last: see below
 
 
 def run(command: list[str], env: dict, timeout: float = 420) -> subprocess.CompletedProcess:
