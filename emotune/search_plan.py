@@ -369,12 +369,10 @@ def _mean_clip_seconds(splits) -> float:
 
 def _concurrency(cfg: dict, trials: int, machine: Machine) -> tuple[int, str, str, float, str]:
     """Trials at a time, why, the trial's device, device units per trial and their name."""
-    import os
-
     search = cfg["search"]
     cpu, gpu = float(search["resources"]["cpu"]), float(search["resources"]["gpu"])
-    cpus = machine.cpus or int(cfg["ray"].get("num_cpus") or os.cpu_count() or 1)
-    gpus = machine.gpus if machine.gpus is not None else _local_gpus()
+    cpus = _cpus(cfg, machine)
+    gpus = _gpus(machine)
     limits = {"search.max_concurrent": int(search["max_concurrent"]), "trials": trials,
               f"{cpus} CPUs / {cpu:g} per trial": int(cpus // max(cpu, 1e-9))}
     if gpu > 0:
@@ -512,20 +510,18 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
     clips for encoders on this machine; otherwise the encoders' FLOPs at the device's speed plus the CPU's share
     (normalising and augmenting each clip, timed here), spread over the cache workers (one per GPU, or per CPU up to
     features.cpu_workers)."""
-    import os
-
     from emotune import search_probe as probe
     from emotune.features.plan import plan_recipe
 
     missing = [e for e in cache_plan.encoders if e.missing_bytes > 0]
     if not missing:
         return 0.0, "the cache holds everything", 0.0
-    gpus = machine.gpus if machine.gpus is not None else _local_gpus()
+    gpus = _gpus(machine)
     features = cfg["features"]
     if device == "cuda" and gpus:
         workers = max(1, int(gpus / float(features["gpu_per_worker"])))
     else:
-        workers = machine.cpus or int(cfg["ray"].get("num_cpus") or os.cpu_count() or 1)
+        workers = _cpus(cfg, machine)
         if features["cpu_workers"] is not None:
             workers = min(workers, int(features["cpu_workers"]))
     total, hows = 0.0, set()
@@ -558,7 +554,17 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
     return total, f"{'; '.join(sorted(hows))}; {where}", float(workers)
 
 
-def _local_gpus() -> int:
+def _cpus(cfg: dict, machine: Machine) -> int:
+    """The CPUs the plan assumes: --cpus, else ray.num_cpus, else this machine's."""
+    import os
+
+    return machine.cpus or int(cfg["ray"].get("num_cpus") or os.cpu_count() or 1)
+
+
+def _gpus(machine: Machine) -> int:
+    """The GPUs the plan assumes: --gpus, else this machine's."""
+    if machine.gpus is not None:
+        return machine.gpus
     import torch
 
     return torch.cuda.device_count()
