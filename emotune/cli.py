@@ -70,7 +70,7 @@ def _members(text: str) -> int | str:
 
 def _cmd_select_top(args: argparse.Namespace) -> int:
     from emotune.config import load_config
-    from emotune.ensemble import EnsembleRequest, select_top
+    from emotune.selection.ensemble import EnsembleRequest, select_top
 
     cfg = load_config(args.overrides)
     select_top(cfg, EnsembleRequest(k=args.k, method=args.method, search=args.search,
@@ -80,7 +80,7 @@ def _cmd_select_top(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from emotune.predict import Ensemble, read_inputs, write_output
+    from emotune.selection.predict import Ensemble, read_inputs, write_output
 
     ensemble = Ensemble(args.ensemble_dir, args.models_dir)
     utterances, report = read_inputs(args.csv, args.audio_dir, args.audio, args.text, args.on_error)
@@ -98,8 +98,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from emotune.config import load_config
     from emotune.features.plan import DEFAULT_TEST_SHARE, ClipSplits, plan_cache
-    from emotune.search_plan import Machine, plan_search
-    from emotune.space import encoders_in_play, validate_space
+    from emotune.search.plan import Machine, plan_search
+    from emotune.search.space import encoders_in_play, validate_space
 
     cfg = load_config(args.overrides, "search")
     validate_space(cfg["space"], cfg)
@@ -148,7 +148,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from emotune.config import load_config
-    from emotune.ui import serve
+    from emotune.tracking.ui import serve
 
     cfg = load_config(args.overrides)
     return serve(cfg["tracking"], args.host, args.port, open_browser=args.open)
@@ -156,7 +156,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from emotune.config import load_config
-    from emotune.server import ServerOptions, serve_tracking
+    from emotune.tracking.server import ServerOptions, serve_tracking
 
     cfg = load_config(args.overrides)
     return serve_tracking(cfg["paths"]["runs_dir"], ServerOptions(
@@ -372,7 +372,7 @@ def _add_server(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["search"]:  # everything after `search` belongs to the search (its own --help included)
-        from emotune.search import main as search_main
+        from emotune.search.driver import main as search_main
 
         return search_main(argv[1:])
     parser = build_parser()

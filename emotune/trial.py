@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from emotune import evaluation, noise
-from emotune.checkpoint import ModelCard, save_model
+from emotune.model.checkpoint import ModelCard, save_model
 from emotune.data.corpus import Utterance
 from emotune.errors import EmotuneError
 
@@ -323,7 +323,7 @@ class Trainer:
             (self.workdir / "best" / "model.safetensors").write_bytes(best_src.read_bytes())
 
     def _start_run(self):
-        from emotune.tracking import TAG_SEARCH, TAG_SEARCH_ID, TrackedRun
+        from emotune.tracking.store import TAG_SEARCH, TAG_SEARCH_ID, TrackedRun
 
         tracking = self.cfg.get("tracking")
         if not tracking:

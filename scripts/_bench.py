@@ -16,7 +16,7 @@ RUNS_DIR = ROOT / "runs"  # the project's runs folder, wherever the script is st
 def run_search(overrides: list[str]) -> dict:
     """Compose the search config from ``overrides`` and run it (real Ray Tune, Optuna, ASHA, MLflow)."""
     from emotune.config import load_config
-    from emotune.search import run_search as run
+    from emotune.search.driver import run_search as run
 
     return run(load_config([f"paths.runs_dir={RUNS_DIR}", *overrides], "search"))
 

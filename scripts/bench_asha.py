@@ -48,7 +48,7 @@ def _search_config(metric: str, max_t: int, grace: int, factor: float) -> dict:
 
 def scheduler_for(metric: str, max_t: int, grace: int, factor: float):
     """A fresh scheduler as a search with these settings gets it (emotune.search_algorithms.make_scheduler)."""
-    from emotune.search_algorithms import make_scheduler
+    from emotune.search.algorithms import make_scheduler
 
     return make_scheduler(_search_config(metric, max_t, grace, factor))
 
@@ -212,7 +212,7 @@ def main() -> int:
     chosen, why = choose(results)
 
     from emotune.config import load_config
-    from emotune.search_algorithms import asha_rungs
+    from emotune.search.algorithms import asha_rungs
 
     shipped = load_config([], "search")
     shipped_key = "{}@{}/{:g}/{}".format(shipped["search"]["metric"], shipped["search"]["grace_period"],

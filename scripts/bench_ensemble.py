@@ -32,7 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from emotune.config import load_config
-    from emotune.ensemble import EnsembleRequest, select_top
+    from emotune.selection.ensemble import EnsembleRequest, select_top
 
     rows = []
     for seed in args.seeds:

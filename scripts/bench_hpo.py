@@ -50,7 +50,7 @@ def draw_configurations(cfg: dict, count: int, seed: int) -> list[dict]:
     define-by-run function), the space's known-good point first."""
     import optuna
 
-    from emotune.space import DefineByRun, points_to_evaluate
+    from emotune.search.space import DefineByRun, points_to_evaluate
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -69,7 +69,7 @@ def _record_one(job: tuple[int, dict, dict]) -> dict:
     import torch
 
     from emotune import evaluation, noise
-    from emotune.space import apply_sampled
+    from emotune.search.space import apply_sampled
     from emotune.trial import Trainer, TrialContext, predict
 
     index, sampled, base = job
@@ -112,7 +112,7 @@ def record(args) -> None:
 
     from emotune.data.prepare import prepare_corpus
     from emotune.features.prepare import prepare_features
-    from emotune.space import encoders_in_play
+    from emotune.search.space import encoders_in_play
 
     base = pool_config([f"trial.max_epochs={args.epochs}", f"seed={args.seed}"])
     configurations = draw_configurations(base, args.configs, args.seed)
@@ -330,7 +330,7 @@ class Method:
         return cfg
 
     def searcher(self, cfg: dict):
-        from emotune.search import make_searcher
+        from emotune.search.driver import make_searcher
 
         if not self.shipped_before:
             return make_searcher(cfg)
@@ -339,8 +339,8 @@ class Method:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        from emotune.search_algorithms import make_sampler
-        from emotune.space import DefineByRun, points_to_evaluate
+        from emotune.search.algorithms import make_sampler
+        from emotune.search.space import DefineByRun, points_to_evaluate
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -373,7 +373,7 @@ def replay_search(pool: Pool, method: Method, seed: int, budget: float, scores_o
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search_algorithms import make_scheduler
+    from emotune.search.algorithms import make_scheduler
 
     cfg = method.config(seed)
     scores = scores_of[cfg["trial"]["select_by"]]
@@ -422,7 +422,7 @@ def replay_search(pool: Pool, method: Method, seed: int, budget: float, scores_o
 def state_at(pool: Pool, scores: Scores, replay: dict, seconds: float) -> dict:
     """What a search knows ``seconds`` into its replay: each trial's evaluations so far, the trial its ranking
     score selects, that trial's test F1, the k = 3 hard-vote ensemble's test F1 and the best dev F1 seen."""
-    from emotune.ensemble import hard_vote
+    from emotune.selection.ensemble import hard_vote
 
     done: dict[int, tuple[int, int]] = {}
     best_dev = 0.0

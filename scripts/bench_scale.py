@@ -340,7 +340,7 @@ def _build_ensemble(corpus, xlsr: Path, folder: Path):
     """A one-member ensemble on the XLS-R replica, all 24 layers in float16, in the format ensemble._save writes."""
     import torch
 
-    from emotune.checkpoint import ModelCard, save_model
+    from emotune.model.checkpoint import ModelCard, save_model
     from emotune.model import build_model
 
     recipe = speech_recipe(xlsr, "all", "float16")
@@ -425,7 +425,7 @@ def run_predict(args, corpus, folders: dict) -> dict:
     log(f"one clip of {durations[typical]:.1f} s: {rate:.3f} s per second of audio")
 
     base_gb = weights_gb + args.base_gb
-    from emotune.predict import CHUNK_CLIPS
+    from emotune.selection.predict import CHUNK_CLIPS
 
     largest, chunked = max(counts), CHUNK_CLIPS
     # Whole clips first: the reasons to crop, if any, are reported whether the crop was chosen here or asked for.
@@ -525,7 +525,7 @@ def child_predict(args) -> int:
     import torch
 
     from emotune.data.corpus import Utterance
-    from emotune.predict import Ensemble
+    from emotune.selection.predict import Ensemble
 
     torch.set_num_threads(args.threads)
     items = json.loads(Path(args.child_input).read_text())
@@ -552,7 +552,7 @@ def run_f1(args, corpus) -> dict:
     from emotune.features.encode import open_encoder
     from emotune.features.recipe import resolve_layers
     from emotune.features.tiny import build_tiny_encoder
-    from emotune.checkpoint import ModelCard
+    from emotune.model.checkpoint import ModelCard
     from emotune.trial import TrialContext, run_trial
 
     tiny = build_tiny_encoder("tiny-wav2vec2", WORK_DIR / "tiny-wav2vec2-24", num_layers=24)

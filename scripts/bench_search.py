@@ -109,7 +109,7 @@ def main() -> int:
         return 0
 
     from emotune.config import load_config
-    from emotune.ensemble import EnsembleRequest, select_top
+    from emotune.selection.ensemble import EnsembleRequest, select_top
 
     import ray
 

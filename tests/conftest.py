@@ -126,7 +126,7 @@ def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
     It evaluates twice per epoch, so that ASHA's clock (dev evaluations) differs from the epochs that patience,
     checkpoints and retries count."""
     from emotune.config import load_config
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     from faults import crash_once_at
 

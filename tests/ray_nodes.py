@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emotune.ui import _is_zombie, _session_members, stop_processes, stop_session
+from emotune.tracking.ui import _is_zombie, _session_members, stop_processes, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]  # the project, for nodes' PYTHONPATH
 VENV_BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from emotune.checkpoint import CARD_FORMAT, ModelCard, load_model, save_model
+from emotune.model.checkpoint import CARD_FORMAT, ModelCard, load_model, save_model
 from emotune.errors import EmotuneError
 
 CARD = ModelCard(labels=["anger", "joy", "neutral"], dims={"speech": (2, 16), "text": (1, 24)},

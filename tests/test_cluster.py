@@ -59,7 +59,7 @@ class Server:
         raise AssertionError("emotune server did not start:\n" + self.log.read_text())
 
     def stop(self) -> None:
-        from emotune.ui import stop_session
+        from emotune.tracking.ui import stop_session
 
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -113,7 +113,7 @@ def run(command: list[str], env: dict, timeout: float = 420) -> subprocess.Compl
 def test_a_cluster_search_with_an_sqlite_store_stops_before_any_work(team, tmp_path):
     from emotune.config import load_config
     from emotune.errors import EmotuneError
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     runs = tmp_path / "runs"
     cfg = load_config(search_command(team, runs)[3:-2], "search")  # the default tracking: SQLite in runs

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from emotune import driver_lock
-from emotune.driver_lock import DriverLock
+from emotune.search import lock as driver_lock
+from emotune.search.lock import DriverLock
 from emotune.errors import EmotuneError
 
 DRIVERS = 4
@@ -36,7 +36,7 @@ def _dead_pid() -> int:
 def _driver(where, gates, outcomes, store: bool = False) -> None:
     """One contender: every round it tries the lock at the gate, reports, and holds until all have tried. ``where``
     is the search's Ray folder (its lock file), or with ``store`` the MLflow store's URI (its lock there)."""
-    from emotune.driver_lock import StoreLock
+    from emotune.search.lock import StoreLock
 
     for _ in range(STORE_ROUNDS if store else ROUNDS):
         lock = StoreLock({"uri": where, "experiment": "emotune"}, "search/race") if store else DriverLock(where)
@@ -170,7 +170,7 @@ def test_a_file_system_without_file_locks_stops_a_take_over_safely(tmp_path, mon
 def test_drivers_racing_for_a_dead_drivers_lock_in_the_mlflow_store_take_it_over_one_at_a_time(tmp_path):
     from mlflow import MlflowClient
 
-    from emotune.tracking import client, take_store_lock
+    from emotune.tracking.store import client, take_store_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = {"uri": uri, "experiment": "emotune"}

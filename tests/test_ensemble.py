@@ -15,7 +15,7 @@ import pytest
 
 from emotune.cli import main as cli_main
 from emotune.config import load_config
-from emotune.ensemble import EnsembleRequest, greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
+from emotune.selection.ensemble import EnsembleRequest, greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
 from emotune.errors import EmotuneError
 
 
@@ -151,7 +151,7 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     if method == "hard":
         return
     # predict applies the ensemble's calibration offsets: a large one for the last class makes it win everywhere
-    from emotune.predict import Ensemble, read_inputs
+    from emotune.selection.predict import Ensemble, read_inputs
 
     manifest["calibration_offsets"] = [0.0] * (len(manifest["labels"]) - 1) + [50.0]
     (out / "ensemble.json").write_text(json.dumps(manifest))
@@ -225,7 +225,7 @@ def test_calibrate_reports_the_figures_of_the_predictions_it_writes(smoke_search
 def test_the_prediction_files_agree_on_vote_ties_and_calibrated_scores(tmp_path):
     from types import SimpleNamespace
 
-    from emotune.ensemble import Candidate, Chosen, _write_predictions
+    from emotune.selection.ensemble import Candidate, Chosen, _write_predictions
     from emotune.evaluation import write_predictions
 
     labels, ids = ["a", "b", "c"], ["x", "y"]
@@ -284,7 +284,7 @@ def finished_trials(runs, parent_run_id: str) -> list:
 
 def test_select_top_never_deletes_a_folder_it_did_not_write(smoke_search, tmp_path, capsys):
     from emotune.cli import main
-    from emotune.ensemble import check_replaceable
+    from emotune.selection.ensemble import check_replaceable
 
     runs, _ = smoke_search
     mine = tmp_path / "my-results"
@@ -347,7 +347,7 @@ def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tm
 
     from mlflow import MlflowClient
 
-    from emotune.ensemble import candidates_of, find_search
+    from emotune.selection.ensemble import candidates_of, find_search
 
     runs, search = smoke_search
     copy = tmp_path / "runs"
@@ -371,9 +371,9 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
 
     from conftest import search_args
     from emotune.data.prepare import prepare_corpus
-    from emotune.ensemble import evaluation_plan
+    from emotune.selection.ensemble import evaluation_plan
     from emotune.evaluation import macro_f1
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
@@ -466,7 +466,7 @@ def tied_store(smoke_search, tmp_path_factory):
 
     from emotune.data.prepare import prepare_corpus
     from emotune.evaluation import macro_f1, write_predictions
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     smoke_runs, search = smoke_search
     base = tmp_path_factory.mktemp("tied")
@@ -512,7 +512,7 @@ def names_of(summary: dict, key: str) -> list[str]:
 
 
 def test_k_tied_ensembles_the_trials_tied_with_the_best(tied_store, tmp_path, capsys):
-    from emotune.ensemble import TIED_FLOOR
+    from emotune.selection.ensemble import TIED_FLOOR
     from emotune.evaluation import macro_f1
     from emotune.noise import better_with_confidence
 
@@ -552,7 +552,7 @@ def test_k_tied_ensembles_the_trials_tied_with_the_best(tied_store, tmp_path, ca
 
 
 def test_tied_members_are_clamped_to_the_floor_and_the_ceiling():
-    from emotune.ensemble import TIED_CEILING, TIED_FLOOR, tied_members
+    from emotune.selection.ensemble import TIED_CEILING, TIED_FLOOR, tied_members
 
     assert (TIED_FLOOR, TIED_CEILING) == (3, 7)
     # one tied trial (position 2): the best-ranked untied one (position 1) fills up, members stay in rank order

@@ -94,7 +94,7 @@ def _decide(scheduler, trial_id: str, value: float, se: float, evaluation_count:
 def test_noise_asha_keeps_a_trial_within_noise_that_asha_cuts_and_cuts_one_far_below(kind):
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from emotune.search_algorithms import NoiseASHA
+    from emotune.search.algorithms import NoiseASHA
 
     settings = {"time_attr": "evaluation", "metric": "val_f1", "mode": "max", "max_t": 8, "grace_period": 1,
                 "reduction_factor": 2}
@@ -111,7 +111,7 @@ def test_noise_asha_keeps_a_trial_within_noise_that_asha_cuts_and_cuts_one_far_b
 
 def test_a_search_prints_the_rule_of_its_ladder():
     from emotune.config import load_config
-    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
+    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(["search.scheduler=noise_asha", "search.noise_z=1.5"], "search")
     lines = ladder_lines(cfg, asha_rungs(make_scheduler(cfg)))
@@ -127,7 +127,7 @@ def test_trials_the_scheduler_cut_reach_optuna_as_pruned_with_their_intermediate
     import optuna
 
     from emotune.config import load_config
-    from emotune.search import make_searcher
+    from emotune.search.driver import make_searcher
 
     cfg = load_config(["space=head", "trial.max_epochs=10"], "search")
     limiter = make_searcher(cfg)

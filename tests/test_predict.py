@@ -20,8 +20,8 @@ import soundfile as sf
 from conftest import write_csv
 from emotune.cli import main
 from emotune.config import load_config
-from emotune.ensemble import EnsembleRequest, select_top
-from emotune.predict import Ensemble, read_inputs
+from emotune.selection.ensemble import EnsembleRequest, select_top
+from emotune.selection.predict import Ensemble, read_inputs
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from emotune.ui import _is_zombie, _session_members
+from emotune.tracking.ui import _is_zombie, _session_members
 from ray_nodes import RayNodes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,

@@ -94,7 +94,7 @@ def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, 
 def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not_stopped(smoke_search, separable,
                                                                                           tmp_path):
     from emotune.config import load_config
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     corpus, shared = separable
     runs, cache = tmp_path / "runs", tmp_path / "cache"
@@ -193,7 +193,7 @@ def test_hub_encoders_bring_the_papers_learning_rates():
     import optuna
 
     from emotune.config import load_config
-    from emotune.space import DefineByRun, points_to_evaluate
+    from emotune.search.space import DefineByRun, points_to_evaluate
 
     hub = load_config(["space=encoders", "encoders=hub"], "search")
     offline = load_config(["space=encoders"], "search")
@@ -221,7 +221,7 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
     import torch
 
     from emotune.config import load_config
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     corpus, _ = separable
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
@@ -284,7 +284,7 @@ def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_mor
 
 def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
     from emotune.config import load_config
-    from emotune.search import run_search
+    from emotune.search.driver import run_search
 
     corpus, shared = separable
     args = search_args(corpus, tmp_path / "runs", shared / "cache" / "features", "search.name=old",

@@ -15,7 +15,7 @@ import pytest
 from conftest import search_args
 from emotune.config import load_config
 from emotune.errors import EmotuneError
-from emotune.search import run_search
+from emotune.search.driver import run_search
 
 
 def mlflow_runs(runs: Path):
@@ -444,7 +444,7 @@ def test_a_bad_setting_exits_2_with_the_message_and_no_traceback(tmp_path):
 def test_a_spaces_folder_of_your_own_adds_spaces_and_overrides_shipped_ones(tmp_path):
     import shutil
 
-    from emotune.search import spaces_dir
+    from emotune.search.driver import spaces_dir
 
     mine = tmp_path / "my_spaces" / "space"
     mine.mkdir(parents=True)

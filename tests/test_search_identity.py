@@ -9,7 +9,7 @@ import sys
 
 from conftest import search_args
 from emotune.config import load_config
-from emotune.search import run_search
+from emotune.search.driver import run_search
 from test_search import _wait_for, mlflow_runs
 
 
@@ -63,7 +63,7 @@ def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separa
     assert {r.data.tags["mlflow.parentRunId"] for r in new} == {replaced["parent_run_id"]}
     assert {r.data.tags["emotune.search"] for r in new} == {"shared"}
     # select-top's `--search shared` now means the new search
-    from emotune.ensemble import find_search
+    from emotune.selection.ensemble import find_search
 
     assert find_search(load_config(args, "search")["tracking"], "shared").info.run_id == replaced["parent_run_id"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from emotune.config import load_config
-from emotune.search_algorithms import asha_rungs, make_scheduler
-from emotune.search_plan import asha_share, survival_chances
+from emotune.search.algorithms import asha_rungs, make_scheduler
+from emotune.search.plan import asha_share, survival_chances
 
 
 def _ray_asha_evaluations(cfg: dict, trials: int, concurrent: int, rng: np.random.Generator) -> dict[int, int]:

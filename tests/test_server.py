@@ -90,7 +90,7 @@ class Server:
 
     def stop(self) -> None:
         """This server only: its emotune process, then anything left of the MLflow sessions it started."""
-        from emotune.ui import stop_session
+        from emotune.tracking.ui import stop_session
 
         if self.process.poll() is None:
             self.sessions |= mlflow_sessions(self.process.pid)
@@ -114,7 +114,7 @@ def server(tmp_path_factory):
 def test_runs_and_artifacts_go_through_the_server(server):
     from mlflow import MlflowClient
 
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     assert server.uri == f"http://127.0.0.1:{server.port}"
     tracking = {"uri": server.uri, "experiment": "e", "artifacts": None}
@@ -185,7 +185,7 @@ def test_auth_without_an_admin_password_is_refused(tmp_path):
 def test_auth_refuses_strangers_and_lets_the_admin_log(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     # no job runner (GenAI scorers): its consumers would only slow this second start on a busy machine
     env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

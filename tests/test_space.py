@@ -7,8 +7,8 @@ import pytest
 
 from emotune.config import load_config
 from emotune.errors import EmotuneError
-from emotune.search import make_searcher
-from emotune.space import validate_space
+from emotune.search.driver import make_searcher
+from emotune.search.space import validate_space
 
 
 def made_up_f1(config: dict) -> float:
@@ -92,7 +92,7 @@ def test_a_known_good_point_outside_the_space_is_refused():
 def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, rungs, head, warning):
     from ray.tune.schedulers import ASHAScheduler
 
-    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
+    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
 
     cfg = load_config(overrides, "search")
     search, trial = cfg["search"], cfg["trial"]
@@ -109,7 +109,7 @@ def test_the_printed_asha_ladder_is_rays_own_and_a_single_cut_warns(overrides, r
 def test_the_printed_rungs_are_the_evaluations_at_which_ray_judges(grace, factor):
     from types import SimpleNamespace
 
-    from emotune.search_algorithms import asha_rungs, make_scheduler
+    from emotune.search.algorithms import asha_rungs, make_scheduler
 
     cfg = load_config([f"search.grace_period={grace}", f"search.reduction_factor={factor}"], "search")
     scheduler = make_scheduler(cfg)
@@ -131,7 +131,7 @@ def test_asha_judging_val_loss_cuts_the_trial_with_the_higher_loss():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search_algorithms import make_scheduler
+    from emotune.search.algorithms import make_scheduler
 
     scheduler = make_scheduler(smoke_cfg("search.metric=val_loss", "search.reduction_factor=2"))
     decisions = {}

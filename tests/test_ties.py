@@ -6,7 +6,7 @@ import numpy as np
 
 from emotune.evaluation import write_predictions
 from emotune.noise import better_with_confidence
-from emotune.search_report import ties_text, ties_with_best
+from emotune.search.report import ties_text, ties_with_best
 
 LABELS = ["neutral", "joy", "anger"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from emotune.tracking import TrackedRun, ensure_experiment, flatten
+from emotune.tracking.store import TrackedRun, ensure_experiment, flatten
 
 
 def tracking_for(tmp_path) -> dict:

@@ -75,7 +75,7 @@ def _tracking(uri: str) -> list[tuple[str, str]]:
     import urllib.error
     import urllib.request
 
-    from emotune.tracking import is_server
+    from emotune.tracking.store import is_server
 
     if not is_server(uri):
         return []

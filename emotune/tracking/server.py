@@ -140,7 +140,7 @@ def _port_in_use(host: str, port: int) -> bool:
 
 def serve_tracking(runs_dir: str | Path, options: ServerOptions) -> int:
     """Run the tracking server until a signal; returns the exit status."""
-    from emotune.ui import run_until_signal
+    from emotune.tracking.ui import run_until_signal
 
     host, port = options.host, options.port
     auth = options.auth or bool(options.auth_config)

@@ -29,12 +29,12 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from emotune.driver_lock import DriverLock, StoreLock
+from emotune.search.lock import DriverLock, StoreLock
 from emotune.errors import EmotuneError, run_command
 from emotune.names import ASHA_METRICS
-from emotune.search_identity import identity_of, parent_run
-from emotune.search_report import progress_table, summarise, trial_table
-from emotune.search_resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
+from emotune.search.identity import identity_of, parent_run
+from emotune.search.report import progress_table, summarise, trial_table
+from emotune.search.resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
                                    trial_runs_callback)
 
 USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
@@ -63,14 +63,14 @@ def code_version() -> str:
 
 def _validate(cfg: dict) -> dict[str, list[str]]:
     """Check the space and the search settings before anything starts; return the encoders in play."""
-    from emotune.space import encoders_in_play, validate_space
+    from emotune.search.space import encoders_in_play, validate_space
 
     space, search = cfg["space"], cfg["search"]
     validate_space(space, cfg)
     if search["metric"] not in ASHA_METRICS:
         raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
     from emotune.noise import SCORES
-    from emotune.search_algorithms import SAMPLERS, SCHEDULERS
+    from emotune.search.algorithms import SAMPLERS, SCHEDULERS
 
     for key, value, allowed in (("search.sampler", search["sampler"], SAMPLERS),
                                 ("search.scheduler", search["scheduler"], SCHEDULERS),
@@ -131,7 +131,7 @@ def print_time_plan(cfg: dict, corpus, plan, corpus_seconds: float):
     made (the search runs all the same, and says why). ``corpus_seconds``: the corpus' first preparation."""
     from emotune.data.prepare import prepare_corpus
     from emotune.features.plan import ClipSplits
-    from emotune.search_plan import plan_search
+    from emotune.search.plan import plan_search
 
     if not cfg["search"]["plan_time"] or not plan.encoders:
         return None
@@ -228,7 +228,7 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
 
     from emotune.features.cache import FeatureIndex
     from emotune.model import modalities_of
-    from emotune.space import apply_sampled
+    from emotune.search.space import apply_sampled
     from emotune.trial import trainable
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
@@ -241,11 +241,11 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
 def make_searcher(cfg: dict):
     """Optuna's sampler (search.sampler) over the search space, its known-good points first, seeded by
     search.sampler_seed; it learns each trial's ranking score (best_val_score), and trials the scheduler cut reach
-    it as pruned (:class:`~emotune.search_algorithms.PruningAwareOptunaSearch`)."""
+    it as pruned (:class:`~emotune.search.algorithms.PruningAwareOptunaSearch`)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from emotune.search_algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
-    from emotune.space import DefineByRun, points_to_evaluate
+    from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
+    from emotune.search.space import DefineByRun, points_to_evaluate
 
     search = cfg["search"]
     sampler = make_sampler(search["sampler"], int(search["sampler_seed"]), int(search["n_startup_trials"]))
@@ -258,7 +258,7 @@ def make_searcher(cfg: dict):
     limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
     if search["time_budget_s"] is None:
         return limited
-    from emotune.search_budget import TimeBudget
+    from emotune.search.budget import TimeBudget
 
     return TimeBudget(limited, float(search["time_budget_s"]))
 
@@ -267,7 +267,7 @@ def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
     """Tune's tuner for this search; ``payload`` is what every trial gets (see :func:`search_trainable`)."""
     from ray import tune
 
-    from emotune.search_algorithms import make_scheduler
+    from emotune.search.algorithms import make_scheduler
 
     search = cfg["search"]
     resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"]["gpu"])}
@@ -336,8 +336,8 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
     """The search proper, once this driver holds the search's lock."""
     import ray
 
-    from emotune.search_algorithms import asha_rungs, ladder_lines, make_scheduler
-    from emotune.tracking import TAG_SEARCH, ensure_experiment
+    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
+    from emotune.tracking.store import TAG_SEARCH, ensure_experiment
     from emotune.trial import TrialContext
 
     search = cfg["search"]
@@ -397,10 +397,10 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
 def _ready_to_run(cfg: dict, corpus, encoders: dict[str, list[str]]) -> dict:
     """What must hold before the search records or runs anything: the cluster's GPUs for the cache workers, every
     encoder resolved once (built, found or downloaded) into the recipes all nodes use, and, on a multi-node
-    cluster, every node able to see what the search needs (:mod:`emotune.search_preflight`)."""
+    cluster, every node able to see what the search needs (:mod:`emotune.search.preflight`)."""
     from emotune.features.distributed import worker_shape
     from emotune.features.prepare import resolve_recipes
-    from emotune.search_preflight import check_cluster
+    from emotune.search.preflight import check_cluster
 
     worker_shape(cfg["features"], 1)  # features.gpu_per_worker against the cluster's GPUs
     recipes = resolve_recipes(corpus, encoders, cfg["features"], cfg["paths"])
@@ -473,6 +473,3 @@ def spaces_dir() -> Path:
 
     return Path(str(files("emotune.search_spaces").joinpath("space")))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ def trial_runs_callback(tracking: dict, max_epochs: int, trials_dir: Path):
 
     from ray.tune import Callback
 
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     class EndTrialRuns(Callback):
         def _end(self, trial, status: str) -> None:
@@ -84,8 +84,8 @@ def check_same_settings(cfg: dict, experiment_dir: Path, restore: bool) -> None:
     """Refuse to resume a search with other settings: its trials would mix two configurations."""
     import json
 
-    from emotune.space import get_path, set_path
-    from emotune.tracking import flatten
+    from emotune.search.space import get_path, set_path
+    from emotune.tracking.store import flatten
 
     saved = experiment_dir / "emotune_config.json"
     if restore and saved.is_file():
@@ -121,7 +121,7 @@ def end_running_trials(tracking: dict, parent_run_id: str) -> None:
 
     Resuming the search reuses them (and sets them running again), so nothing is duplicated or orphaned.
     """
-    from emotune.tracking import TAG_KIND, TrackedRun, child_runs
+    from emotune.tracking.store import TAG_KIND, TrackedRun, child_runs
 
     for run in child_runs(tracking, parent_run_id):
         if run.data.tags.get(TAG_KIND) == "trial" and run.info.status == "RUNNING":
@@ -136,7 +136,7 @@ def reconcile_runs(cfg: dict, parent, search_id: str, rows: list[dict]) -> int:
     one trial twice. Only runs tagged with this search's id are candidates: never another search's, whatever
     its name. Returns how many runs were discarded.
     """
-    from emotune.tracking import TAG_RUN_KEY, TAG_SEARCH_ID, child_runs, discard_run
+    from emotune.tracking.store import TAG_RUN_KEY, TAG_SEARCH_ID, child_runs, discard_run
 
     known = {str(r["trial_id"]) for r in rows}
     discarded = 0

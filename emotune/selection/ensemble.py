@@ -47,7 +47,7 @@ from typing import Sequence
 import numpy as np
 
 from emotune import evaluation
-from emotune.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
+from emotune.model.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
 from emotune.errors import EmotuneError
 from emotune.names import ENSEMBLE_METHODS
 
@@ -152,7 +152,7 @@ class Candidate:
 
 def find_search(tracking: dict, search: str | None):
     """The parent run of search ``search`` (a name or a run id), or of the latest search."""
-    from emotune.tracking import TAG_KIND, client, ensure_experiment, retry
+    from emotune.tracking.store import TAG_KIND, client, ensure_experiment, retry
 
     mlflow_client = client(tracking["uri"])
     experiment_id = ensure_experiment(tracking)
@@ -173,7 +173,7 @@ def find_search(tracking: dict, search: str | None):
 def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candidate]:
     """The search's finished trials, best ranking score (best_val_score, else best_val_f1) first; equal scores by
     run start, then run id."""
-    from emotune.tracking import TAG_KIND, child_runs
+    from emotune.tracking.store import TAG_KIND, child_runs
 
     found = []
     for run in child_runs(tracking, parent.info.run_id):
@@ -193,7 +193,7 @@ def candidates_of(tracking: dict, parent, exclude_stopped: bool) -> list[Candida
 
 def download(tracking: dict, candidate: Candidate, into: Path) -> Path:
     """The trial's best checkpoint, model card, predictions and config, copied to ``into``."""
-    from emotune.tracking import client, retry
+    from emotune.tracking.store import client, retry
 
     into.mkdir(parents=True, exist_ok=True)
     mlflow_client = client(tracking["uri"])
@@ -506,7 +506,7 @@ def check_replaceable(out: Path) -> None:
 def _download_text(tracking: dict, run_id: str, path: str) -> str:
     import tempfile
 
-    from emotune.tracking import client, retry
+    from emotune.tracking.store import client, retry
 
     with tempfile.TemporaryDirectory() as tmp:
         local = retry(client(tracking["uri"]).download_artifacts, run_id, path, tmp)
@@ -584,7 +584,7 @@ def _write_predictions(out: Path, corpus, ensemble: Chosen) -> list:
 def _log(tracking: dict, parent, request: EnsembleRequest, plan: EvaluationPlan, ensemble: Chosen, scored: Scored,
          files: list) -> str:
     """The ensemble's MLflow run, a child of the search's; returns its id."""
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     name = parent.data.tags.get("emotune.search", parent.info.run_id)
     method, k = ensemble.method, request.k

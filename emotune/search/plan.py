@@ -8,7 +8,7 @@ It adds the trials to the cache plan (emotune/features/plan.py):
 
 - per trial: seconds per epoch of the model shapes the space can draw (the narrowest and widest encoder pairs,
   at the lowest and highest hidden depth and head width, per model family), from short measurements of the real
-  training step, evaluation and bookkeeping (emotune/search_probe.py), plus the cache reads at the cache folder's
+  training step, evaluation and bookkeeping (emotune/search/probe.py), plus the cache reads at the cache folder's
   speed;
 - ASHA's expected share of the epochs, by exact arithmetic on Ray's rule (:func:`asha_share`), and how many
   trials are expected to reach each rung;
@@ -126,7 +126,7 @@ def replayed_asha_share(cfg: dict, trials: int, concurrency: int, replays: int =
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search_algorithms import asha_clock, asha_rungs, make_scheduler
+    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
     from emotune.names import asha_mode
 
     _, _, max_t = asha_clock(cfg)
@@ -296,7 +296,7 @@ def _stored_layers(text: str) -> int:
 
 def _values(space: dict, cfg: dict, key: str) -> list:
     """The values ``key`` takes in the space: a choice's, an int range's ends, or the fixed value."""
-    from emotune.space import get_path
+    from emotune.search.space import get_path
 
     spec = (space.get("params") or {}).get(key) or {}
     if "choice" in spec:
@@ -313,7 +313,7 @@ def model_shapes(cfg: dict, cache_plan, splits) -> tuple[list[tuple[str, float, 
     settings and the widest at the highest, and both pairs at the other end (bilinear in size and depth); with the
     input size of every pair, for the interpolation between them."""
     from emotune.model import modalities_of
-    from emotune.search_probe import Shape
+    from emotune.search.probe import Shape
 
     space = cfg["space"]
     modalities = modalities_of(cfg["model"])
@@ -391,8 +391,8 @@ def plan_search(cfg: dict, splits, cache_plan, machine: Machine | None = None,
     ``machine`` says otherwise. ``corpus_seconds``: what preparing the corpus took in a new process (the search's
     start) and again in the same one (each trial's, in a worker that has read it before).
     ``as_command``: the search will run as a new process, whose imports count too."""
-    from emotune import search_probe as probe
-    from emotune.search_algorithms import asha_clock, asha_rungs, make_scheduler
+    from emotune.search import probe as probe
+    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
 
     machine = machine or Machine()
     started = time.perf_counter()
@@ -510,7 +510,7 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
     clips for encoders on this machine; otherwise the encoders' FLOPs at the device's speed plus the CPU's share
     (normalising and augmenting each clip, timed here), spread over the cache workers (one per GPU, or per CPU up to
     features.cpu_workers)."""
-    from emotune import search_probe as probe
+    from emotune.search import probe as probe
     from emotune.features.plan import plan_recipe
 
     missing = [e for e in cache_plan.encoders if e.missing_bytes > 0]

@@ -1,4 +1,4 @@
-"""Short measurements of what a trial spends its time on, for the search's time plan (emotune/search_plan.py).
+"""Short measurements of what a trial spends its time on, for the search's time plan (emotune/search/plan.py).
 
 Each figure comes from the code a trial runs, on this machine, with random data of the search's shapes:
 
@@ -258,8 +258,8 @@ def measure_bookkeeping(shape: Shape, n_classes: int, n_dev: int, n_test: int, t
     """Run a trial's bookkeeping once with ``shape``'s model, against an MLflow SQLite store in a temporary folder
     (``tracking``: the search's settings, for the experiment's name; its store is not touched)."""
     from emotune import evaluation, noise
-    from emotune.checkpoint import ModelCard, save_model
-    from emotune.tracking import TrackedRun, ensure_experiment
+    from emotune.model.checkpoint import ModelCard, save_model
+    from emotune.tracking.store import TrackedRun, ensure_experiment
     from emotune.trial import TrainerState, save_checkpoint
 
     rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ TAG_KIND = "emotune.kind"  # trial | search | ensemble
 TAG_RUN_KEY = "emotune.run_key"  # stable identity (e.g. the Ray trial id) that lets a resumed trial reuse its run
 TAG_PARENT = "mlflow.parentRunId"
 TAG_SEARCH = "emotune.search"  # the search's name, on its run and its trials' runs
-TAG_SEARCH_ID = "emotune.search_id"  # which search of that name: a new one gets a new id (search_identity.py)
+TAG_SEARCH_ID = "emotune.search_id"  # which search of that name: a new one gets a new id (search/identity.py)
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value's length
 
 

@@ -201,7 +201,7 @@ class StoreLock(_Lock):
         self.holder: dict | None = None
 
     def acquire(self, name: str, take_over: bool = False) -> None:
-        from emotune.tracking import clear_stale_store_lock, take_store_lock
+        from emotune.tracking.store import clear_stale_store_lock, take_store_lock
 
         me = _my_record(name, ray_folder=self.ray_folder, token=uuid.uuid4().hex)
         where = f"the MLflow store {self.tracking['uri']}"
@@ -223,7 +223,7 @@ class StoreLock(_Lock):
                            "check that no other driver of this search is starting, then try again.")
 
     def release(self) -> None:
-        from emotune.tracking import release_store_lock
+        from emotune.tracking.store import release_store_lock
 
         if self.holder is not None:
             release_store_lock(self.tracking, self.key, self.holder)

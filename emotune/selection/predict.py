@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from emotune.checkpoint import ModelCard
+from emotune.model.checkpoint import ModelCard
 from emotune.data.audio import NormStats, load_audio
 from emotune.data.corpus import ErrorPolicy, Utterance
 from emotune.errors import DataError, EmotuneError
@@ -56,7 +56,7 @@ class Ensemble:
         self._encoders: dict[str, object] = {}
 
     def _load_member(self, entry: dict) -> Member:
-        from emotune.checkpoint import load_model
+        from emotune.model.checkpoint import load_model
 
         model, card = load_model(self.folder / entry["folder"],
                                  f"ensemble member {entry['folder']} ({entry.get('name', '?')})")
@@ -121,7 +121,7 @@ class Ensemble:
         Clips go through in chunks: load, encode, run every member, keep the probabilities, and drop the
         waveforms and features before the next chunk, so memory does not grow with the number of clips.
         """
-        from emotune.ensemble import combine
+        from emotune.selection.ensemble import combine
         from emotune.features.source import pad_batch
 
         member_probs: list[list[np.ndarray]] = [[] for _ in self.members]

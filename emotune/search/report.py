@@ -225,7 +225,7 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     ``corpus``: the prepared corpus the search ran on (its dev split decides which trials are tied with the best).
     ``timing``: the fill's and the trials' seconds, and the time plan made at the start (or None).
     """
-    from emotune.tracking import TrackedRun
+    from emotune.tracking.store import TrackedRun
 
     rows = trial_table(results)
     # only trials that ended without error compete: a failed one is listed as failed, never crowned or counted as cut

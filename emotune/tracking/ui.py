@@ -38,7 +38,7 @@ def runs_page(tracking: dict, base: str) -> str:
     """
     import json
 
-    from emotune.tracking import TAG_KIND, client, ensure_experiment, retry
+    from emotune.tracking.store import TAG_KIND, client, ensure_experiment, retry
 
     experiment_id = ensure_experiment(tracking)
     mlflow_client = client(tracking["uri"])
@@ -156,7 +156,7 @@ def run_until_signal(command: list[str], probe: str, announce: Callable[[], None
 
 def serve(tracking: dict, host: str, port: int, open_browser: bool = False) -> int:
     """Run the MLflow UI until a signal; returns the exit status. On a tracking server, only point to its UI."""
-    from emotune.tracking import is_server
+    from emotune.tracking.store import is_server
 
     uri = tracking["uri"]
     if is_server(uri):

@@ -48,7 +48,7 @@ def _started(run) -> str:
 
 
 def _clash_message(cfg: dict, me: SearchIdentity, old, n_trials: int, experiment_dir: Path) -> str:
-    from emotune.tracking import TAG_SEARCH_ID
+    from emotune.tracking.store import TAG_SEARCH_ID
 
     old_id = old.data.tags.get(TAG_SEARCH_ID)
     return (
@@ -65,8 +65,8 @@ def _clash_message(cfg: dict, me: SearchIdentity, old, n_trials: int, experiment
 
 def _mark_replaced(cfg: dict, old, by: SearchIdentity) -> None:
     """End the old search's run and keep its trials' runs, renamed so that the name now means the new search."""
-    from emotune.search_resume import end_running_trials
-    from emotune.tracking import TAG_RUN_KEY, TAG_SEARCH, TrackedRun, child_runs
+    from emotune.search.resume import end_running_trials
+    from emotune.tracking.store import TAG_RUN_KEY, TAG_SEARCH, TrackedRun, child_runs
 
     tracking = cfg["tracking"]
     label = f"{by.name} (replaced {time.strftime('%Y-%m-%d %H:%M')})"
@@ -88,7 +88,7 @@ def parent_run(cfg: dict, me: SearchIdentity, experiment_dir: Path, tags: dict):
     Raises :class:`EmotuneError` when the name belongs to another search in the store and ``search.replace`` is
     false. ``tags`` go on a new run.
     """
-    from emotune.tracking import TAG_KIND, TAG_SEARCH_ID, TrackedRun, child_runs, runs_with_key
+    from emotune.tracking.store import TAG_KIND, TAG_SEARCH_ID, TrackedRun, child_runs, runs_with_key
 
     tracking = cfg["tracking"]
     found = runs_with_key(tracking, me.parent_key)
