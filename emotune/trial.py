@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from emotune import evaluation, noise
-from emotune.model.checkpoint import ModelCard, save_model
 from emotune.data.corpus import Utterance
 from emotune.errors import EmotuneError
+from emotune.model.checkpoint import ModelCard, save_model
 
 Reporter = Callable[[dict, str], None]
 

@@ -17,9 +17,9 @@ import argparse
 import sys
 import time
 
-from _bench import RUNS_DIR, mean_sd, run_search, write
-
 from emotune.names import ENSEMBLE_METHODS
+
+from _bench import RUNS_DIR, mean_sd, run_search, write
 
 METHODS = ENSEMBLE_METHODS
 

@@ -340,8 +340,8 @@ def _build_ensemble(corpus, xlsr: Path, folder: Path):
     """A one-member ensemble on the XLS-R replica, all 24 layers in float16, in the format ensemble._save writes."""
     import torch
 
-    from emotune.model.checkpoint import ModelCard, save_model
     from emotune.model import build_model
+    from emotune.model.checkpoint import ModelCard, save_model
 
     recipe = speech_recipe(xlsr, "all", "float16")
     model_cfg = {"family": "attention", "width": 512, "hidden_layers": 2, "dropout": 0.1, "modalities": ["speech"],

@@ -108,10 +108,10 @@ def main() -> int:
         report(saved["runs"], argparse.Namespace(**(saved["args"] | {"out": args.out})))
         return 0
 
+    import ray
+
     from emotune.config import load_config
     from emotune.selection.ensemble import EnsembleRequest, select_top
-
-    import ray
 
     # one Ray for every search (each leaves a running Ray as it found it): no start-up inside the budgets
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import tone
+
 from emotune.data.audio import NormStats, crop_or_repeat, load_audio
 from emotune.data.augment import EFFECTS, Augmenter
 from emotune.data.corpus import load_corpus, norm_stats, split_train_dev

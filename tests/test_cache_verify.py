@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import trial_config
+
 from emotune.errors import EmotuneError
 from emotune.features import cache
 from emotune.features.cache import CheckRecord, FeatureStore

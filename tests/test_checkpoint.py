@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from emotune.model.checkpoint import CARD_FORMAT, ModelCard, load_model, save_model
 from emotune.errors import EmotuneError
+from emotune.model.checkpoint import CARD_FORMAT, ModelCard, load_model, save_model
 
 CARD = ModelCard(labels=["anger", "joy", "neutral"], dims={"speech": (2, 16), "text": (1, 24)},
                  norms={"speech": "global", "text": "layer"},

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_separable_corpus
+
 from ray_nodes import RayNodes, free_port
 
 HUB_ID = "emotune-test/tiny-speech"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import LABELS, tone, write_csv
+
 from emotune.data.corpus import load_corpus, split_train_dev
 from emotune.errors import DataError
 

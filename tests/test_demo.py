@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import LABELS
+
 from emotune.data.demo import REAL_COUNTS, build_demo_corpus, ensure_demo_corpus, plan_corpus
 from emotune.errors import EmotuneError
 

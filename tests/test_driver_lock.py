@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from emotune.errors import EmotuneError
 from emotune.search import lock as driver_lock
 from emotune.search.lock import DriverLock
-from emotune.errors import EmotuneError
 
 DRIVERS = 4
 ROUNDS = 50

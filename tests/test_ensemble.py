@@ -15,8 +15,8 @@ import pytest
 
 from emotune.cli import main as cli_main
 from emotune.config import load_config
-from emotune.selection.ensemble import EnsembleRequest, greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
 from emotune.errors import EmotuneError
+from emotune.selection.ensemble import EnsembleRequest, greedy_selection, hard_vote, select_top, soft_vote, tune_offsets
 
 
 def one_hot(labels, n=3, confidence=0.8):
@@ -225,8 +225,8 @@ def test_calibrate_reports_the_figures_of_the_predictions_it_writes(smoke_search
 def test_the_prediction_files_agree_on_vote_ties_and_calibrated_scores(tmp_path):
     from types import SimpleNamespace
 
-    from emotune.selection.ensemble import Candidate, Chosen, _write_predictions
     from emotune.evaluation import write_predictions
+    from emotune.selection.ensemble import Candidate, Chosen, _write_predictions
 
     labels, ids = ["a", "b", "c"], ["x", "y"]
     member_probs = [np.array([[0.3, 0.6, 0.1], [0.2, 0.3, 0.5]]),  # members best first
@@ -367,13 +367,13 @@ def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tm
 
 
 def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path):
+    from conftest import search_args
     from mlflow import MlflowClient
 
-    from conftest import search_args
     from emotune.data.prepare import prepare_corpus
-    from emotune.selection.ensemble import evaluation_plan
     from emotune.evaluation import macro_f1
     from emotune.search.driver import run_search
+    from emotune.selection.ensemble import evaluation_plan
 
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
@@ -512,9 +512,9 @@ def names_of(summary: dict, key: str) -> list[str]:
 
 
 def test_k_tied_ensembles_the_trials_tied_with_the_best(tied_store, tmp_path, capsys):
-    from emotune.selection.ensemble import TIED_FLOOR
     from emotune.evaluation import macro_f1
     from emotune.noise import better_with_confidence
+    from emotune.selection.ensemble import TIED_FLOOR
 
     runs, truth, probs = tied_store
     best = probs["best"].argmax(1)

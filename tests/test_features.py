@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import search_args, tone, trial_config
+
 from emotune.data.audio import NormStats
 from emotune.data.corpus import load_corpus
 from emotune.errors import EmotuneError
-from emotune.features.cache import (AudioHashes, FeatureIndex, FeatureStore, build, check_disk, speech_jobs,
-                                    text_jobs)
+from emotune.features.cache import AudioHashes, FeatureIndex, FeatureStore, build, check_disk, speech_jobs, text_jobs
 from emotune.features.catalog import known_names, resolve_encoder
 from emotune.features.encode import load_encoder
 from emotune.features.recipe import resolve_layers

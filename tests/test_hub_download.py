@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tone
 from packaging.requirements import Requirement
 from safetensors.torch import load_file
 
-from conftest import tone
 from emotune.errors import EmotuneError
 from emotune.features.catalog import HUB_SPEECH, HUB_TEXT, EncoderSpec, resolve_encoder
 from emotune.features.encode import open_encoder
-from emotune.features.recipe import make_recipe
 from emotune.features.locate import hub_load_files, locate_hf_folder
+from emotune.features.recipe import make_recipe
 from emotune.features.tiny import build_tiny_encoder
 
 HUB_FILES = [".gitattributes", "README.md"]  # in every hub repository, needed by no loader

@@ -54,6 +54,7 @@ def test_paired_comparison_tells_ties_from_real_differences():
 
 def test_the_trial_reports_the_standard_error_of_the_predictions_it_keeps(separable, tmp_path):
     from conftest import trial_config
+
     from emotune.trial import TrialContext, run_trial
 
     corpus, runs = separable

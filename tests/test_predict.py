@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import write_csv
+
 from emotune.cli import main
 from emotune.config import load_config
 from emotune.selection.ensemble import EnsembleRequest, select_top

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from emotune.tracking.ui import _is_zombie, _session_members
+
 from ray_nodes import RayNodes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import search_args, tone, trial_config
+
 from emotune.errors import EmotuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +113,11 @@ def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not
 
 
 def test_waveform_norm_follows_the_encoder_and_changes_the_cache_key(tmp_path):
-    from emotune.features.catalog import resolve_encoder
-    from emotune.features.recipe import make_recipe
-    from emotune.features.locate import resolve_files
     from emotune.config import load_config
+    from emotune.features.catalog import resolve_encoder
+    from emotune.features.locate import resolve_files
     from emotune.features.plan import _offline_recipe
+    from emotune.features.recipe import make_recipe
 
     spec = resolve_encoder("tiny-wav2vec2", "speech")
     folder = resolve_files(spec, tmp_path)[1]

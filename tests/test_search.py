@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import search_args
+
 from emotune.config import load_config
 from emotune.errors import EmotuneError
 from emotune.search.driver import run_search

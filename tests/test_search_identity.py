@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 from conftest import search_args
+from test_search import _wait_for, mlflow_runs
+
 from emotune.config import load_config
 from emotune.search.driver import run_search
-from test_search import _wait_for, mlflow_runs
 
 
 def _trial_runs(runs, include_deleted: bool = False):

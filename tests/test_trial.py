@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import trial_config
+
 from emotune.errors import EmotuneError
 from emotune.trial import TrainerState, TrialContext, load_checkpoint, run_trial, save_checkpoint
 
@@ -139,6 +139,7 @@ def test_class_weights_come_from_the_training_split_only_inverse_to_its_counts(s
     import shutil
 
     from conftest import write_csv
+
     from emotune.trial import Trainer
 
     corpus, runs = separable

@@ -19,9 +19,15 @@ from typing import Sequence
 from emotune.errors import EmotuneError
 from emotune.features.cache import HEADER_BYTES, FeatureStore, SpeechJob, TextJob, bytes_per_step, free_bytes
 from emotune.features.catalog import hub_entry, resolve_encoder
-from emotune.features.recipe import (EncoderRecipe, check_storage, recipe_settings, resolve_layers, resolve_recipe,
-                                     resolve_waveform_norm)
 from emotune.features.prepare import encoder_dirs, plan_jobs, tokenizer_texts
+from emotune.features.recipe import (
+    EncoderRecipe,
+    check_storage,
+    recipe_settings,
+    resolve_layers,
+    resolve_recipe,
+    resolve_waveform_norm,
+)
 from emotune.names import SAMPLE_RATE
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.

@@ -13,8 +13,16 @@ from typing import Sequence
 
 from emotune.data.augment import Augmenter
 from emotune.data.prepare import PreparedCorpus
-from emotune.features.cache import (AudioHashes, BuildReport, FeatureIndex, FeatureStore, encode_jobs, fill_missing,
-                                    speech_jobs, text_jobs)
+from emotune.features.cache import (
+    AudioHashes,
+    BuildReport,
+    FeatureIndex,
+    FeatureStore,
+    encode_jobs,
+    fill_missing,
+    speech_jobs,
+    text_jobs,
+)
 from emotune.features.catalog import resolve_encoder
 from emotune.features.encode import FrozenEncoder, open_encoder
 from emotune.features.recipe import EncoderRecipe, recipe_settings, resolve_recipe

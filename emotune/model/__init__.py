@@ -7,9 +7,9 @@ from typing import Any, Mapping
 from torch import nn
 
 from emotune.errors import EmotuneError
-from emotune.names import MODALITIES
 from emotune.model.heads import AttentionPoolingModel, ClassifierHead, CogniCICModel, FeatureAdapter
 from emotune.model.pooling import AttentionPooling, LayerMix, masked_mean
+from emotune.names import MODALITIES
 
 FAMILIES = ("attention", "cognicic")
 

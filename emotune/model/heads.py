@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from emotune.errors import EmotuneError
-from emotune.names import MODALITIES
 from emotune.model.pooling import AttentionPooling, LayerMix, masked_mean
+from emotune.names import MODALITIES
 
 NORMS = ("layer", "global", "none")
 

@@ -29,13 +29,18 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from emotune.search.lock import DriverLock, StoreLock
 from emotune.errors import EmotuneError, run_command
 from emotune.names import ASHA_METRICS
 from emotune.search.identity import identity_of, parent_run
+from emotune.search.lock import DriverLock, StoreLock
 from emotune.search.report import progress_table, summarise, trial_table
-from emotune.search.resume import (check_same_settings, end_running_trials, reconcile_runs, trainable_name,
-                                   trial_runs_callback)
+from emotune.search.resume import (
+    check_same_settings,
+    end_running_trials,
+    reconcile_runs,
+    trainable_name,
+    trial_runs_callback,
+)
 
 USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
 
@@ -222,9 +227,8 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
     there reads their features without loading the encoders. ``train`` replaces
     :func:`emotune.trial.trainable` (tests wrap it to inject failures).
     """
-    from dataclasses import replace
-
     import logging
+    from dataclasses import replace
 
     from emotune.features.cache import FeatureIndex
     from emotune.model import modalities_of

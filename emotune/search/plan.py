@@ -126,8 +126,8 @@ def replayed_asha_share(cfg: dict, trials: int, concurrency: int, replays: int =
 
     from ray.tune.schedulers import TrialScheduler
 
-    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
     from emotune.names import asha_mode
+    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
 
     _, _, max_t = asha_clock(cfg)
     metric, alpha = cfg["search"]["metric"], float(cfg["trial"]["ema_alpha"])
@@ -510,8 +510,8 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
     clips for encoders on this machine; otherwise the encoders' FLOPs at the device's speed plus the CPU's share
     (normalising and augmenting each clip, timed here), spread over the cache workers (one per GPU, or per CPU up to
     features.cpu_workers)."""
-    from emotune.search import probe as probe
     from emotune.features.plan import plan_recipe
+    from emotune.search import probe as probe
 
     missing = [e for e in cache_plan.encoders if e.missing_bytes > 0]
     if not missing:

@@ -14,10 +14,9 @@ def trial_runs_callback(tracking: dict, max_epochs: int, trials_dir: Path):
 
     For a stopped trial it also draws the dev report of its best model (the trial itself never got to).
     """
-    from emotune.evaluation import dev_reports
-
     from ray.tune import Callback
 
+    from emotune.evaluation import dev_reports
     from emotune.tracking.store import TrackedRun
 
     class EndTrialRuns(Callback):

@@ -47,10 +47,9 @@ from typing import Sequence
 import numpy as np
 
 from emotune import evaluation
-from emotune.model.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
 from emotune.errors import EmotuneError
+from emotune.model.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
 from emotune.names import ENSEMBLE_METHODS
-
 
 # --- combining predictions ----------------------------------------------------------------------------------
 

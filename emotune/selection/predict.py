@@ -17,11 +17,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from emotune.model.checkpoint import ModelCard
 from emotune.data.audio import NormStats, load_audio
 from emotune.data.corpus import ErrorPolicy, Utterance
 from emotune.errors import DataError, EmotuneError
-
+from emotune.model.checkpoint import ModelCard
 
 # Clips per predict chunk. A chunk's encoder outputs are all in memory at once (a large speech encoder with all
 # layers: about 10 MB per second of audio), so a chunk of 16 clips of MEACorpus' 9 s holds about 1.5 GB of
@@ -121,8 +120,8 @@ class Ensemble:
         Clips go through in chunks: load, encode, run every member, keep the probabilities, and drop the
         waveforms and features before the next chunk, so memory does not grow with the number of clips.
         """
-        from emotune.selection.ensemble import combine
         from emotune.features.source import pad_batch
+        from emotune.selection.ensemble import combine
 
         member_probs: list[list[np.ndarray]] = [[] for _ in self.members]
         bar = None

@@ -23,7 +23,6 @@ from typing import Callable
 
 from emotune.errors import EmotuneError
 
-
 # The columns the first screen shows: how each trial did, and what it was.
 METRIC_COLUMNS = ("best_val_f1", "val_f1", "epochs_trained", "asha_stopped")
 VIEW_KEY = "emotune-latest-search"
