@@ -118,13 +118,19 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resuming_with_other_settings_is_refused(smoke_search, separable):
+def test_resuming_with_other_settings_is_refused(smoke_search, separable, capsys):
     runs, _ = smoke_search
     corpus, shared_runs = separable
     args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
                        "search.max_concurrent=1", "search.max_failures=1", "trial.evals_per_epoch=2")
-    with pytest.raises(EmotuneError, match=r"already exists .*trial\.max_epochs: 4 -> 9.*search\.name=NEW_NAME"):
-        run_search(load_config(args + ["trial.max_epochs=9"], "search"))
+    capsys.readouterr()
+    typed = "python -m emotune.search " + " ".join(args + ["trial.max_epochs=9"])
+    with pytest.raises(EmotuneError, match=r"already exists .*trial\.max_epochs: 4 -> 9") as refused:
+        run_search(load_config(args + ["trial.max_epochs=9"], "search"), command=typed)
+    # the way on is the typed command under a free name, and the refusal comes before the corpus and the plans
+    assert str(refused.value).endswith(f"\n  {typed} search.name=smoke-2")
+    printed = capsys.readouterr().out
+    assert "emotune search 'smoke'" in printed and "corpus " not in printed and "to encode" not in printed
     # where it runs may change: a finished search resumed elsewhere just reports again
     again = run_search(load_config(args + ["search.max_concurrent=2"], "search"))
     assert again["trials"] == 6
@@ -307,6 +313,34 @@ def test_the_same_search_started_twice_runs_once_and_a_time_budget_ends_it_with_
     cut = {c.info.run_id for c in children if c.data.tags.get("emotune.stopped_by") == "asha"}
     assert early and not early & cut
     assert f"{len(cut)} cut by ASHA, {len(early)} ended by their own early stopping" in output
+
+
+def test_a_bigger_search_after_the_demo_runs_as_the_refusal_says(separable, tmp_path):
+    """The README's order: scripts/demo.sh, then the same with more trials. Resuming needs the same settings, so the
+    second is refused before any work, with a command that, typed as shown, runs the bigger search."""
+    import shlex
+
+    corpus, shared_runs = separable
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"EMOTUNE_VENV": sys.prefix}  # the scripts' environment is this one
+    args = search_args(corpus, tmp_path / "runs", shared_runs / "cache" / "features", "search.max_concurrent=1",
+                       "trial.max_epochs=2", "search.grace_period=2")
+
+    def demo(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["scripts/demo.sh", *args, *extra], capture_output=True, text=True, env=env, cwd=root,
+                              timeout=600)
+
+    first = demo("search.num_samples=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    bigger = demo("search.num_samples=3")
+    assert bigger.returncode == 2 and "Traceback" not in bigger.stderr, bigger.stderr[-3000:]
+    assert "search.num_samples: 2 -> 3" in bigger.stderr
+    assert "to encode" not in bigger.stdout  # refused before the cache plan
+    suggested = bigger.stderr.strip().splitlines()[-1].strip()
+    assert suggested == shlex.join(["scripts/demo.sh", *args, "search.num_samples=3", "search.name=smoke-2"])
+    again = subprocess.run(suggested, shell=True, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Search 'smoke-2' done" in again.stdout and ": 3 trials, " in again.stdout
 
 
 def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):

@@ -26,9 +26,10 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from emotune.config import SearchSettings, typed
 from emotune.errors import EmotuneError, run_command
 from emotune.names import ASHA_METRICS
 from emotune.search.identity import identity_of, parent_run
@@ -38,6 +39,7 @@ from emotune.search.resume import (
     check_same_settings,
     end_running_trials,
     reconcile_runs,
+    record_settings,
     trainable_name,
     trial_runs_callback,
 )
@@ -70,28 +72,28 @@ def _validate(cfg: dict) -> dict[str, list[str]]:
     """Check the space and the search settings before anything starts; return the encoders in play."""
     from emotune.search.space import encoders_in_play, validate_space
 
-    space, search = cfg["space"], cfg["search"]
-    validate_space(space, cfg)
-    if search["metric"] not in ASHA_METRICS:
-        raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search['metric']}'")
+    validate_space(cfg["space"], cfg)
+    search = typed(SearchSettings, cfg["search"], "search")
+    if search.metric not in ASHA_METRICS:
+        raise EmotuneError(f"search.metric must be one of {', '.join(ASHA_METRICS)}, got '{search.metric}'")
     from emotune.noise import SCORES
     from emotune.search.algorithms import SAMPLERS, SCHEDULERS
 
-    for key, value, allowed in (("search.sampler", search["sampler"], SAMPLERS),
-                                ("search.scheduler", search["scheduler"], SCHEDULERS),
+    for key, value, allowed in (("search.sampler", search.sampler, SAMPLERS),
+                                ("search.scheduler", search.scheduler, SCHEDULERS),
                                 ("trial.select_by", cfg["trial"]["select_by"], SCORES)):
         if value not in allowed:
             raise EmotuneError(f"{key} must be one of {', '.join(allowed)}, got '{value}'")
-    if search["scheduler"] == "noise_asha" and search["metric"] == "val_loss":
+    if search.scheduler == "noise_asha" and search.metric == "val_loss":
         raise EmotuneError("search.scheduler=noise_asha measures noise in dev macro-F1 (val_f1_se), so it judges an "
                            "F1 metric: set search.metric to best_val_score, best_val_f1, val_f1 or val_f1_ema, or use "
                            "search.scheduler=asha with val_loss")
-    if int(search["num_samples"]) < 1 or int(search["max_concurrent"]) < 1:
+    if search.num_samples < 1 or search.max_concurrent < 1:
         raise EmotuneError("search.num_samples and search.max_concurrent must be at least 1")
     check_tracking_on_cluster(cfg)
-    if search["time_budget_s"] is not None and float(search["time_budget_s"]) <= 0:
+    if search.time_budget_s is not None and search.time_budget_s <= 0:
         raise EmotuneError(f"search.time_budget_s must be a positive number of seconds or null (no budget), got "
-                           f"{search['time_budget_s']}")
+                           f"{search.time_budget_s}")
     return encoders_in_play(cfg)
 
 
@@ -112,12 +114,13 @@ def check_tracking_on_cluster(cfg: dict) -> None:
 def check_evaluation_cadence(cfg: dict, corpus) -> None:
     """trial.evals_per_epoch against the batches an epoch of this corpus has, at the largest batch size the space
     may sample: before the cache fill, not inside every trial after it."""
+    from emotune.config import TrialSettings
     from emotune.trial import check_evals_per_epoch
 
-    sizes = [int(cfg["trial"]["batch_size"])]
-    spec = cfg["space"]["params"].get("trial.batch_size") or {}
-    sizes += [int(v) for v in spec.get("choice", [])] + [int(v) for v in spec.get("int", [])[1:]]
-    check_evals_per_epoch(int(cfg["trial"]["evals_per_epoch"]), len(corpus.train), max(sizes))
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    spec = cfg["space"]["params"].get("trial.batch_size") or {}  # a space's values: YAML numbers, maybe floats
+    sizes = [trial.batch_size] + [int(v) for v in spec.get("choice", [])] + [int(v) for v in spec.get("int", [])[1:]]
+    check_evals_per_epoch(trial.evals_per_epoch, len(corpus.train), max(sizes))
 
 
 def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):
@@ -198,7 +201,7 @@ def fill_caches(cfg: dict, corpus, recipes: dict, plan) -> tuple[list[dict], dic
         return [], {}
     workers = int(ray.available_resources().get("CPU", 1))
     if cfg["features"]["cpu_workers"] is not None:
-        workers = min(workers, int(cfg["features"]["cpu_workers"]))
+        workers = min(workers, cfg["features"]["cpu_workers"])
     memory = worker_memory(max((e.params_m for e in plan.encoders), default=0.0))
     lines, parts, started = [], {}, []
 
@@ -251,20 +254,20 @@ def make_searcher(cfg: dict):
     from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
     from emotune.search.space import DefineByRun, points_to_evaluate
 
-    search = cfg["search"]
-    sampler = make_sampler(search["sampler"], int(search["sampler_seed"]), int(search["n_startup_trials"]))
+    search = typed(SearchSettings, cfg["search"], "search")
+    sampler = make_sampler(search.sampler, search.sampler_seed, search.n_startup_trials)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         searcher = PruningAwareOptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_score", mode="max",
                                             sampler=sampler, last_step=asha_clock(cfg)[2],
                                             points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)
-    limited = ConcurrencyLimiter(searcher, max_concurrent=int(search["max_concurrent"]))
-    if search["time_budget_s"] is None:
+    limited = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+    if search.time_budget_s is None:
         return limited
     from emotune.search.budget import TimeBudget
 
-    return TimeBudget(limited, float(search["time_budget_s"]))
+    return TimeBudget(limited, search.time_budget_s)
 
 
 def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
@@ -273,8 +276,8 @@ def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
 
     from emotune.search.algorithms import make_scheduler
 
-    search = cfg["search"]
-    resources = {"cpu": float(search["resources"]["cpu"]), "gpu": float(search["resources"]["gpu"])}
+    search = typed(SearchSettings, cfg["search"], "search")
+    resources = {"cpu": float(search.resources["cpu"]), "gpu": float(search.resources["gpu"])}  # YAML numbers
     with_data = tune.with_parameters(search_trainable, **payload)
     # Ray's trainable registry is keyed by name: a name of its own keeps this search's payload from being
     # replaced by another search's on a shared cluster (ray #31330)
@@ -282,26 +285,40 @@ def _tuner(cfg: dict, experiment_dir: Path, restore: bool, payload: dict):
     trainable = tune.with_resources(with_data, resources)
     if restore:
         return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
-    max_epochs = int(cfg["trial"]["max_epochs"])
+    max_epochs = cfg["trial"]["max_epochs"]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
-                                    num_samples=int(search["num_samples"]),
+                                    num_samples=search.num_samples,
                                     reuse_actors=True,  # saves each trial the worker's start-up and imports
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
             name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=int(search["max_failures"])),
+            failure_config=tune.FailureConfig(max_failures=search.max_failures),
             callbacks=[trial_runs_callback(cfg["tracking"], max_epochs,
                                         Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name)], verbose=1,
             progress_reporter=progress_table(cfg)),
     )
 
 
-def run_search(cfg: dict, train=None) -> dict:
+@dataclass(frozen=True)
+class SearchStart:
+    """What the driver knows and has prepared before it takes the search's locks."""
+
+    experiment_dir: Path  # ray.storage/NAME: Tune's state, the id, the settings, the locks
+    restore: bool         # Tune has state there: this run resumes the search
+    started: float        # time.perf_counter() at the command's start, for the summary's timing
+    corpus: object        # the prepared corpus (data.prepare.PreparedCorpus)
+    encoders: dict        # the encoders the space can pick, by modality
+    plan: object          # the feature-cache plan
+    time_plan: object     # the time plan, or None (search.plan_time=false, or it could not be made)
+
+
+def run_search(cfg: dict, train=None, command: str | None = None) -> dict:
     """Run (or resume) the search ``cfg`` describes; returns the summary that is also printed.
 
     ``train`` replaces the function each trial runs, :func:`emotune.trial.trainable` (tests wrap it).
+    ``command``: the command that was typed, for the message that refuses a resume with other settings.
     """
     from ray import tune
 
@@ -313,12 +330,12 @@ def run_search(cfg: dict, train=None) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = time.perf_counter()
     encoders = _validate(cfg)
-    search = cfg["search"]
-    name = str(search["name"])
+    name = str(cfg["search"]["name"])
     experiment_dir = Path(cfg["ray"]["storage"]) / name
     restore = tune.Tuner.can_restore(str(experiment_dir))
     print(f"emotune search '{name}' (space {cfg['space']['name']}): "
           f"{'resuming from' if restore else 'results in'} {experiment_dir}", flush=True)
+    check_same_settings(cfg, experiment_dir, restore, command)  # before any work: a refusal costs nothing
 
     corpus_started = time.perf_counter()
     corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"])
@@ -327,59 +344,37 @@ def run_search(cfg: dict, train=None) -> dict:
     check_evaluation_cadence(cfg, corpus)
     plan = print_plan(cfg, corpus, encoders)  # before any download, encoding, MLflow run or Ray results folder
     time_plan = print_time_plan(cfg, corpus, plan, corpus_seconds)
+    start = SearchStart(experiment_dir, restore, started, corpus, encoders, plan, time_plan)
     # one driver per name: in its Ray folder (drivers sharing ray.storage) and in the tracking store (drivers on
     # other storage writing the same MLflow runs), both before any Ray or MLflow state
-    take_over = bool(search["take_over_lock"])
+    take_over = typed(SearchSettings, cfg["search"], "search").take_over_lock
     with DriverLock(experiment_dir).holding(name, take_over), \
             StoreLock(cfg["tracking"], f"search/{name}", str(experiment_dir)).holding(name, take_over):
-        return _run_locked(cfg, corpus, encoders, plan, experiment_dir, restore, started, train, time_plan)
+        return _run_locked(cfg, start, train)
 
 
-def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, restore: bool, started: float,
-                train=None, time_plan=None) -> dict:
+def _run_locked(cfg: dict, start: SearchStart, train=None) -> dict:
     """The search proper, once this driver holds the search's lock."""
     import ray
 
-    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
-    from emotune.tracking.store import TAG_SEARCH, ensure_experiment
-    from emotune.trial import TrialContext
+    from emotune.tracking.store import ensure_experiment
 
-    search = cfg["search"]
-    name = str(search["name"])
-    fresh = not experiment_dir.exists()
-    check_same_settings(cfg, experiment_dir, restore)
-    me = identity_of(experiment_dir, name, restore)
+    name = str(cfg["search"]["name"])
+    fresh = not start.experiment_dir.exists()
+    record_settings(cfg, start.experiment_dir, start.restore)
+    me = identity_of(start.experiment_dir, name, start.restore)
     ensure_experiment(cfg["tracking"])  # create the store once, before concurrent trials write to it
     started_ray = _init_ray(cfg["ray"])
     try:
         try:
-            recipes = _ready_to_run(cfg, corpus, encoders)
-            parent = parent_run(cfg, me, experiment_dir,
-                                tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
-                                      TAG_SEARCH: name, "emotune.searched": ",".join(cfg["space"]["params"])})
+            recipes = _ready_to_run(cfg, start.corpus, start.encoders)
+            parent = _search_run(cfg, me, start)
         except EmotuneError:
             if fresh:  # a refused start leaves nothing behind: the old search's Ray folder can be put back here
-                shutil.rmtree(experiment_dir, ignore_errors=True)
+                shutil.rmtree(start.experiment_dir, ignore_errors=True)
             raise
-        parent.log_params({"space": cfg["space"]["name"], "search": search, "encoders": cfg["encoders"],
-                           "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
-        parent.log_json(cfg, "config.json")
-        parent.log_json(plan.to_dict(), "cache_plan.json")
-        if time_plan is not None:
-            parent.log_json(time_plan.to_dict(), "time_plan.json")
-        rungs = asha_rungs(make_scheduler(cfg))
-        print("\n".join(ladder_lines(cfg, rungs)), flush=True)
-        parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
         try:
-            reports, cached = fill_caches(cfg, corpus, recipes, plan)
-            launch = TrialContext(verify_cache=False,  # the driver just checked the cache (stats; changed files' CRCs)
-                                  cpus=max(1, int(float(search["resources"]["cpu"]))), parent_run_id=parent.run_id,
-                                  search_name=name, search_id=me.id, recipes=recipes)
-            payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
-            tuner = _tuner(cfg, experiment_dir, restore, payload)
-            fit_started = time.perf_counter()
-            results = _fit(tuner)
-            fit_seconds = time.perf_counter() - fit_started
+            reports, results, fit_seconds = _fill_and_fit(cfg, start, recipes, parent, me, train)
         except KeyboardInterrupt:
             parent.finish("KILLED")
             raise
@@ -393,9 +388,45 @@ def _run_locked(cfg: dict, corpus, encoders: dict, plan, experiment_dir: Path, r
         print(f"Discarded {discarded} MLflow run(s) of trials the interrupted search had not recorded "
               "(their trials were proposed again).")
     timing = {"fit_seconds": fit_seconds, "fill_seconds": sum(r.get("seconds", 0.0) for r in reports),
-              "planned": time_plan}
-    summary = summarise(cfg, corpus, results, parent, experiment_dir, time.perf_counter() - started, reports, timing)
+              "planned": start.time_plan}
+    summary = summarise(cfg, start.corpus, results, parent, start.experiment_dir, time.perf_counter() - start.started,
+                        reports, timing)
     return summary | {"fit_seconds": fit_seconds}
+
+
+def _search_run(cfg: dict, me, start: SearchStart):
+    """The search's MLflow run (adopted or created), with its settings, plans and ASHA's rungs recorded."""
+    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
+    from emotune.tracking.store import TAG_SEARCH
+
+    parent = parent_run(cfg, me, start.experiment_dir,
+                        tags={"emotune.space": cfg["space"]["name"], "emotune.code_version": code_version(),
+                              TAG_SEARCH: me.name, "emotune.searched": ",".join(cfg["space"]["params"])})
+    parent.log_params({"space": cfg["space"]["name"], "search": cfg["search"], "encoders": cfg["encoders"],
+                       "data_root": cfg["data"]["root"], "seed": cfg["seed"]})
+    parent.log_json(cfg, "config.json")
+    parent.log_json(start.plan.to_dict(), "cache_plan.json")
+    if start.time_plan is not None:
+        parent.log_json(start.time_plan.to_dict(), "time_plan.json")
+    rungs = asha_rungs(make_scheduler(cfg))
+    print("\n".join(ladder_lines(cfg, rungs)), flush=True)
+    parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
+    return parent
+
+
+def _fill_and_fit(cfg: dict, start: SearchStart, recipes: dict, parent, me, train):
+    """Fill the feature cache, then run the trials; returns the fill reports, Tune's results and the fit's seconds."""
+    from emotune.trial import TrialContext
+
+    reports, cached = fill_caches(cfg, start.corpus, recipes, start.plan)
+    launch = TrialContext(verify_cache=False,  # the driver just checked the cache (stats; changed files' CRCs)
+                          cpus=max(1, int(float(cfg["search"]["resources"]["cpu"]))), parent_run_id=parent.run_id,
+                          search_name=me.name, search_id=me.id, recipes=recipes)
+    payload = {"base": copy.deepcopy(cfg), "launch": launch, "cached": cached, "train": train}
+    tuner = _tuner(cfg, start.experiment_dir, start.restore, payload)
+    fit_started = time.perf_counter()
+    results = _fit(tuner)
+    return reports, results, time.perf_counter() - fit_started
 
 
 def _ready_to_run(cfg: dict, corpus, encoders: dict[str, list[str]]) -> dict:
@@ -454,7 +485,7 @@ def main(argv: list[str] | None = None, train=None) -> int:
 
             print(OmegaConf.to_yaml(compose([a for a in args if a != "--cfg"], "search"), resolve=True))
         else:
-            summary = run_search(load_config(args, "search"), train)
+            summary = run_search(load_config(args, "search"), train, command=_typed_command(args))
             if summary["failed"]:
                 raise EmotuneError(f"{summary['failed']} trial(s) failed (their tracebacks are above and in the files "
                                    "named there); the other trials are kept, and running the same command again "
@@ -466,6 +497,13 @@ def main(argv: list[str] | None = None, train=None) -> int:
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _as_ctrl_c)
     return run_command(act, "search interrupted; run the same command again to resume it.")
+
+
+def _typed_command(args: list[str]) -> str:
+    """The command as the user typed it: ``scripts/demo.sh`` sets EMOTUNE_COMMAND to its own name."""
+    import shlex
+
+    return shlex.join([*shlex.split(os.environ.get("EMOTUNE_COMMAND") or "python -m emotune.search"), *args])
 
 
 def _as_ctrl_c(*_) -> None:

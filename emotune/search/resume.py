@@ -73,46 +73,71 @@ RESUMABLE_CHANGES = ("ray.", "paths.spaces_dir", "search.max_concurrent", "searc
 ADDED_KEYS = {"features.waveform_norm": "global", "features.storage": "float16", "model.branch_width": 256,
               "trial.evals_per_epoch": 1,
               "search.sampler": "tpe",
-              # step 12: a search started before these ran plain ASHA and ranked by best_val_f1
+              # a search started before these existed ran plain ASHA and ranked by best_val_f1
               "search.scheduler": "asha", "search.noise_z": None, "search.n_startup_trials": 10,
               "search.ties_confidence": None, "trial.select_by": "val_f1",
               "encoders.lr_range": None}  # None: only names a range the saved space already holds in full
 
 
-def check_same_settings(cfg: dict, experiment_dir: Path, restore: bool) -> None:
-    """Refuse to resume a search with other settings: its trials would mix two configurations."""
+def check_same_settings(cfg: dict, experiment_dir: Path, restore: bool, command: str | None = None) -> None:
+    """Refuse to resume a search with other settings: its trials would mix two configurations.
+
+    Runs before the corpus, the plans and the locks, so that a refusal costs nothing. ``command``: the command
+    that was typed, shown again with a free ``search.name`` as the way to run these settings as a new search."""
     import json
 
     from emotune.search.space import get_path, set_path
     from emotune.tracking.store import flatten
 
     saved = experiment_dir / "emotune_config.json"
-    if restore and saved.is_file():
-        before_cfg = json.loads(saved.read_text())
-        for key, old in ADDED_KEYS.items():
-            try:
-                get_path(before_cfg, key)
-            except KeyError:  # started before the key existed: resume as it ran
-                if old is None:
-                    set_path(before_cfg, key, get_path(cfg, key))
-                    continue
-                set_path(before_cfg, key, old)
-                if get_path(cfg, key) != old:
-                    print(f"search '{cfg['search']['name']}' was started before {key} existed: it resumes with "
-                          f"{key}={old}, as it ran.", flush=True)
-                set_path(cfg, key, old)
-        current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
-        before = {k: v for k, v in flatten(before_cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
-        changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
-        if changed:
-            shown = "; ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
-            raise EmotuneError(
-                f"search '{cfg['search']['name']}' already exists in {experiment_dir} with other settings ({shown}"
-                f"{'; ...' if len(changed) > 6 else ''}). Running it again resumes it, which needs the same "
-                "settings: repeat them, or start a new search with search.name=NEW_NAME.")
-    elif not restore:  # a new search (or one killed before Tune saved anything): these are its settings
+    if not (restore and saved.is_file()):
+        return
+    before_cfg = json.loads(saved.read_text())
+    for key, old in ADDED_KEYS.items():
+        try:
+            get_path(before_cfg, key)
+        except KeyError:  # started before the key existed: resume as it ran
+            if old is None:
+                set_path(before_cfg, key, get_path(cfg, key))
+                continue
+            set_path(before_cfg, key, old)
+            if get_path(cfg, key) != old:
+                print(f"search '{cfg['search']['name']}' was started before {key} existed: it resumes with "
+                      f"{key}={old}, as it ran.", flush=True)
+            set_path(cfg, key, old)
+    current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+    before = {k: v for k, v in flatten(before_cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
+    changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+        raise EmotuneError(
+            f"search '{cfg['search']['name']}' already exists in {experiment_dir} with other settings ({shown}"
+            f"{'; ...' if len(changed) > 6 else ''}). Running it again resumes it, which needs the same settings: "
+            f"repeat them, or run these settings as a new search under a name of its own:\n"
+            f"  {as_new_search(command, experiment_dir)}")
+
+
+def as_new_search(command: str | None, experiment_dir: Path) -> str:
+    """``command`` with ``search.name`` set to the first free name beside ``experiment_dir`` (NAME-2, NAME-3, ...)."""
+    import shlex
+
+    n = 2
+    while (experiment_dir.parent / f"{experiment_dir.name}-{n}").exists():
+        n += 1
+    new_name = f"search.name={experiment_dir.name}-{n}"
+    if not command:
+        return f"the same command with {new_name}"
+    words = [w for w in shlex.split(command) if not w.startswith("search.name=")]
+    return shlex.join(words + [new_name])
+
+
+def record_settings(cfg: dict, experiment_dir: Path, restore: bool) -> None:
+    """Keep a new search's settings beside its Tune state, for :func:`check_same_settings` on a later run."""
+    import json
+
+    if not restore:  # a new search (or one killed before Tune saved anything): these are its settings
         experiment_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(cfg, indent=1, default=str))
+        (experiment_dir / "emotune_config.json").write_text(json.dumps(cfg, indent=1, default=str))
 
 
 def end_running_trials(tracking: dict, parent_run_id: str) -> None:
