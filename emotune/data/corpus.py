@@ -196,7 +196,8 @@ def read_split_csv(
     if not audio_dir.is_dir():
         raise DataError("audio folder not found", file=audio_dir, fix="Check data.audio_dir (or data.root).")
     columns, records = _csv_rows(csv_path, _read_utf8(csv_path))
-    required = ["id", "transcription"] + (["label"] if require_labels else []) + ([group_column] if group_column else [])
+    required = (["id", "transcription"] + (["label"] if require_labels else [])
+                + ([group_column] if group_column else []))
     layout = _SplitCsv(csv_path, audio_dir, columns, _require_columns(csv_path, columns, required),
                        _canonical_labels(labels), group_column)
     first_row_of: dict[str, int] = {}
@@ -222,7 +223,8 @@ class _SplitCsv:
 
 
 def _parse_row(layout: _SplitCsv, row: int, fields: list[str], first_row_of: dict[str, int]) -> Utterance:
-    csv_path, audio_dir, columns, col, known = layout.csv_path, layout.audio_dir, layout.columns, layout.col, layout.known
+    csv_path, audio_dir, columns, col, known = (layout.csv_path, layout.audio_dir, layout.columns, layout.col,
+                                                layout.known)
     group_column = layout.group_column
 
     def fail(problem: str, fix: str, kind: str, utt_id: str | None = None) -> DataError:
@@ -304,7 +306,8 @@ def read_label_file(
         elif utt_id in found:
             problem = ("duplicate id", "duplicate id")
         elif fields[col["label"]].strip().lower() not in known:
-            problem = (f"unknown label '{fields[col['label']]}'; known labels: {', '.join(known.values())}", "unknown label")
+            problem = (f"unknown label '{fields[col['label']]}'; known labels: {', '.join(known.values())}",
+                       "unknown label")
         if problem:
             policy.handle(DataError(problem[0], file=path, row=row, utt_id=utt_id, kind=problem[1],
                                     fix="Correct the row or remove it."))

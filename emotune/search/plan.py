@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from emotune.config import FeatureSettings, SearchSettings, TrialSettings, typed
 from emotune.errors import EmotuneError
 
 # What no short measurement gives, measured on this project's 2-core machine (scripts/bench_plan.py): Ray's start,
@@ -130,7 +131,8 @@ def replayed_asha_share(cfg: dict, trials: int, concurrency: int, replays: int =
     from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
 
     _, _, max_t = asha_clock(cfg)
-    metric, alpha = cfg["search"]["metric"], float(cfg["trial"]["ema_alpha"])
+    metric = typed(SearchSettings, cfg["search"], "search").metric
+    alpha = typed(TrialSettings, cfg["trial"], "trial").ema_alpha
     sign = 1.0 if asha_mode(metric) == "max" else -1.0
     rng = np.random.default_rng(seed)
     rungs = [r for r in asha_rungs(make_scheduler(cfg)) if r < max_t]
@@ -234,7 +236,8 @@ class SearchPlan:
     def device_hours(self) -> float:
         """Hours of the devices the search holds: the GPUs (or CPUs) of its concurrent trials for the trials' span,
         plus the fill's."""
-        return (self.concurrency * self.units_per_trial * self.trials_seconds + self.fill_units * self.fill_seconds) / 3600
+        return (self.concurrency * self.units_per_trial * self.trials_seconds
+                + self.fill_units * self.fill_seconds) / 3600
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -272,8 +275,8 @@ class SearchPlan:
             f"Trial: {duration(self.trial_seconds)} expected ({duration(self.epoch_seconds)} per epoch on average, "
             f"{duration(self.trial_fixed_seconds)} to start and end); {self.trials} trials{budget}, "
             f"{self.concurrency} at a time ({self.concurrency_why}) on {self.device}",
-            f"Time: start {duration(self.start_seconds)} + cache fill {duration(self.fill_seconds)} ({self.fill_how}) + "
-            f"trials {duration(self.trials_seconds)} + end {duration(self.end_seconds)} = "
+            f"Time: start {duration(self.start_seconds)} + cache fill {duration(self.fill_seconds)} "
+            f"({self.fill_how}) + trials {duration(self.trials_seconds)} + end {duration(self.end_seconds)} = "
             f"{duration(self.total_seconds)} wall, {self.device_hours:,.2f} {self.unit}-hours",
         ]
         lines += [f"  note: {n}" for n in self.notes]
@@ -318,7 +321,7 @@ def model_shapes(cfg: dict, cache_plan, splits) -> tuple[list[tuple[str, float, 
     space = cfg["space"]
     modalities = modalities_of(cfg["model"])
     seconds = _mean_clip_seconds(splits)
-    crop = float(cfg["trial"]["crop_seconds"])
+    crop = typed(TrialSettings, cfg["trial"], "trial").crop_seconds
     by_modality: dict[str, list] = {m: [e for e in cache_plan.encoders if e.modality == m] for m in modalities}
     for m, found in by_modality.items():
         if not found or any(e.width == 0 for e in found):
@@ -369,11 +372,11 @@ def _mean_clip_seconds(splits) -> float:
 
 def _concurrency(cfg: dict, trials: int, machine: Machine) -> tuple[int, str, str, float, str]:
     """Trials at a time, why, the trial's device, device units per trial and their name."""
-    search = cfg["search"]
-    cpu, gpu = float(search["resources"]["cpu"]), float(search["resources"]["gpu"])
+    search = typed(SearchSettings, cfg["search"], "search")
+    cpu, gpu = float(search.resources["cpu"]), float(search.resources["gpu"])
     cpus = _cpus(cfg, machine)
     gpus = _gpus(machine)
-    limits = {"search.max_concurrent": int(search["max_concurrent"]), "trials": trials,
+    limits = {"search.max_concurrent": search.max_concurrent, "trials": trials,
               f"{cpus} CPUs / {cpu:g} per trial": int(cpus // max(cpu, 1e-9))}
     if gpu > 0:
         limits[f"{gpus} GPUs / {gpu:g} per trial"] = int(gpus // gpu)
@@ -385,77 +388,158 @@ def _concurrency(cfg: dict, trials: int, machine: Machine) -> tuple[int, str, st
     return slots, why, device, (gpu if gpu > 0 else cpu), ("GPU" if gpu > 0 else "CPU")
 
 
+@dataclass
+class _TrialCosts:
+    """What one trial costs besides the evaluations ASHA lets it run (seconds unless named otherwise)."""
+
+    shapes: list[ShapeCost]          # the measured shapes, for the plan's table
+    epoch_seconds: float             # the space's mean epoch (shapes drawn uniformly)
+    fixed_seconds: float             # a trial's start, end and Tune's work, besides its epochs
+    save_seconds: float              # one best-model save: its bookkeeping and test predictions
+    read_bytes_per_second: float
+    read_how: str
+    preloaded: bool                  # the cache fits features.preload_mb: read once per trial
+
+
 def plan_search(cfg: dict, splits, cache_plan, machine: Machine | None = None,
                 corpus_seconds: tuple[float, float] = (0.0, 0.0), as_command: bool = False) -> SearchPlan:
     """The time plan of the search ``cfg`` on ``splits`` (whose cache plan is ``cache_plan``), measured here unless
     ``machine`` says otherwise. ``corpus_seconds``: what preparing the corpus took in a new process (the search's
     start) and again in the same one (each trial's, in a worker that has read it before).
     ``as_command``: the search will run as a new process, whose imports count too."""
-    from emotune.search import probe as probe
-    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
-
     machine = machine or Machine()
     started = time.perf_counter()
     if not cfg["features"]["cache"]:
         raise EmotuneError("features.cache=false: the trials run the encoders themselves, which the time plan does "
                            "not model. Plan with the cache on (features=cached).")
-    search, trial = cfg["search"], cfg["trial"]
-    per_epoch, _, max_t = asha_clock(cfg)
-    n_train, n_dev, n_test = splits.counts()
-    n_classes = len(splits.utterances.labels) if splits.utterances is not None else 5
-    budget = search.get("time_budget_s")
-    trials = int(search["num_samples"])
+    search = typed(SearchSettings, cfg["search"], "search")
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    trials = search.num_samples
     slots, why, device, units, unit = _concurrency(cfg, trials, machine)
     if device == "cuda" and machine.device_tflops is None:
-        import torch
+        _require_gpu_here()
+    costs = _trial_costs(cfg, splits, cache_plan, machine, device, corpus_seconds[1])
+    asha, trial_seconds, best_saves = _under_asha(cfg, max(1, trials), slots, costs)
+    if search.time_budget_s is not None:  # as many trials as start before the budget ends (num_samples at most)
+        trials = min(trials, max(1, int(slots * search.time_budget_s / trial_seconds) + slots))
+        asha, trial_seconds, best_saves = _under_asha(cfg, trials, slots, costs)
+        slots, why, *_ = _concurrency(cfg, trials, machine)
 
-        if not torch.cuda.is_available():
-            raise EmotuneError("search.resources.gpu asks for GPUs, and this machine has none to measure: give the "
-                               "planned GPU's speed, --device-tflops (e.g. 100 for an A100 at a realistic share of "
-                               "its 312 TFLOP/s bf16 peak)")
-    threads = max(1, int(float(search["resources"]["cpu"])))
+    fill_seconds, fill_how, fill_workers = plan_fill(cfg, splits, cache_plan, machine, device)
+    plan = SearchPlan(
+        description=splits.description, trials=trials, concurrency=slots, concurrency_why=why, device=device,
+        asha=asha, evals_per_epoch=trial.evals_per_epoch, shapes=costs.shapes, epoch_seconds=costs.epoch_seconds,
+        trial_fixed_seconds=costs.fixed_seconds + best_saves, trial_seconds=trial_seconds, fill_seconds=fill_seconds,
+        fill_how=fill_how,
+        start_seconds=corpus_seconds[0] + RAY_START_SECONDS + (PROCESS_START_SECONDS if as_command else 0.0),
+        end_seconds=SEARCH_END_SECONDS, read_bytes_per_second=costs.read_bytes_per_second, read_how=costs.read_how,
+        preloaded=costs.preloaded, time_budget_s=search.time_budget_s, units_per_trial=units,
+        fill_units=fill_workers, unit=unit)
+    if trial.early_stop is not None:
+        plan.notes.append(f"trial.early_stop={trial.early_stop} may end trials sooner than ASHA: the "
+                          "trials' time is an upper bound")
+    plan.measure_seconds = time.perf_counter() - started
+    if search.plan_time:  # the search measures again at its start, as this plan just did
+        plan.start_seconds += plan.measure_seconds
+    return plan
 
-    # the step of every shape the space can draw
+
+def _require_gpu_here() -> None:
+    """Refuse to plan GPU trials by measuring on a machine without a GPU: the planned GPU's speed must be given."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EmotuneError("search.resources.gpu asks for GPUs, and this machine has none to measure: give the "
+                           "planned GPU's speed, --device-tflops (e.g. 100 for an A100 at a realistic share of "
+                           "its 312 TFLOP/s bf16 peak)")
+
+
+def _trial_costs(cfg: dict, splits, cache_plan, machine: Machine, device: str, corpus_seconds: float) -> _TrialCosts:
+    """A trial's costs, measured on the shapes the space can draw: their steps, the cache reads, the bookkeeping
+    (checkpoints, MLflow), the epochs these make, and the trial's start and end. ``corpus_seconds``: reading the
+    prepared corpus again, in a worker that has read it before."""
+    from emotune.search import probe as probe
+
+    _, n_dev, n_test = splits.counts()
+    n_classes = len(splits.utterances.labels) if splits.utterances is not None else 5
     shapes, pair_sizes = model_shapes(cfg, cache_plan, splits)
-    batch, eval_batch = int(trial["batch_size"]), int(trial["eval_batch_size"])
-    costs = []
+    steps = _step_times(cfg, shapes, n_classes, device, machine)
+    speed, read_how, held, preloaded = _cache_reads(cfg, cache_plan, machine)
+    bookkeeping = probe.measure_bookkeeping(steps[-1][2], n_classes, int(round(n_dev)), int(round(n_test)),
+                                            cfg["tracking"])
+    shape_costs, epoch_by_shape = _shape_epochs(cfg, splits, steps, bookkeeping, speed, preloaded)
+    eval_batch_mean = float(np.mean([t.evaluate for _, _, _, t in steps]))
+    test_batches = math.ceil(n_test / typed(TrialSettings, cfg["trial"], "trial").eval_batch_size)
+    setup = corpus_seconds + (held / speed if preloaded else 0.0)
+    return _TrialCosts(shapes=shape_costs, epoch_seconds=_mean_epoch(steps, epoch_by_shape, pair_sizes),
+                       fixed_seconds=setup + bookkeeping.per_trial + TUNE_SECONDS_PER_TRIAL,
+                       save_seconds=bookkeeping.per_best + test_batches * eval_batch_mean,
+                       read_bytes_per_second=speed, read_how=read_how, preloaded=preloaded)
+
+
+def _step_times(cfg: dict, shapes: list, n_classes: int, device: str, machine: Machine) -> list[tuple]:
+    """Every shape's training step and evaluation batch, as (family, weight, Shape, StepTimes): from the FLOPs at
+    the planned device's speed where ``machine`` gives one, else timed here with a trial's CPU threads."""
+    from emotune.search import probe as probe
+
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    threads = max(1, int(float(cfg["search"]["resources"]["cpu"])))
+    batch, eval_batch = trial.batch_size, trial.eval_batch_size
+    steps = []
     for family, weight, shape in shapes:
         if machine.device_tflops:
             times = probe.flop_step_times(shape, batch, eval_batch, n_classes, machine.device_tflops,
                                           HOST_TO_DEVICE_BYTES_PER_SECOND if device == "cuda" else float("inf"))
         else:
             times = probe.time_steps(shape, batch, eval_batch, n_classes, device, threads)
-        costs.append((family, weight, shape, times))
+        steps.append((family, weight, shape, times))
+    return steps
 
-    # reads: a cache within features.preload_mb is read once per trial, a larger one crop by crop
+
+def _cache_reads(cfg: dict, cache_plan, machine: Machine) -> tuple[float, str, float, bool]:
+    """How the trials read the cache: its speed in bytes per second, how that was found, the bytes of an encoder
+    pair's cache in memory, and whether those fit features.preload_mb (read once per trial, else crop by crop)."""
+    from emotune.search import probe as probe
+
+    features = typed(FeatureSettings, cfg["features"], "features")
     if machine.read_gbps:
         speed, read_how = machine.read_gbps * 1e9, "as given (--read-gbps)"
     else:
-        speed, read_how = probe.read_speed(cfg["features"]["dir"]), f"measured in {cfg['features']['dir']}"
+        speed, read_how = probe.read_speed(features.dir), f"measured in {features.dir}"
     held = sum(np.mean([e.total_bytes * (2 if e.storage == "int8" else 1) for e in cache_plan.encoders
                         if e.modality == m]) for m in {e.modality for e in cache_plan.encoders})  # a pair's, in memory
-    preloaded = bool(held <= float(cfg["features"]["preload_mb"]) * 1e6)
-    bookkeeping = probe.measure_bookkeeping(costs[-1][2], n_classes, int(round(n_dev)), int(round(n_test)),
-                                            cfg["tracking"])
+    return speed, read_how, held, bool(held <= features.preload_mb * 1e6)
 
-    train_batches, dev_batches = math.ceil(n_train / batch), math.ceil(n_dev / eval_batch)
-    test_batches = math.ceil(n_test / eval_batch)
-    plan_costs, epoch_by_shape = [], {}
-    for family, weight, shape, times in costs:
+
+def _shape_epochs(cfg: dict, splits, steps: list[tuple], bookkeeping, speed: float,
+                  preloaded: bool) -> tuple[list[ShapeCost], dict[int, float]]:
+    """Each measured shape's epoch: its training steps, the epoch's dev evaluations with their bookkeeping and
+    Tune's reports, its checkpoint, and the cache reads unless the cache is preloaded. Returns the shapes' costs
+    and their epoch seconds by ``id(shape)``."""
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    per_epoch = trial.evals_per_epoch
+    n_train, n_dev, _ = splits.counts()
+    train_batches, dev_batches = math.ceil(n_train / trial.batch_size), math.ceil(n_dev / trial.eval_batch_size)
+    shape_costs, epoch_by_shape = [], {}
+    for family, weight, shape, times in steps:
         io = 0.0 if preloaded else (n_train * sum(shape.train_steps[m] * shape.bytes_per_step[m] for m in shape.dims)
                                     + per_epoch * n_dev * sum(shape.eval_steps[m] * shape.bytes_per_step[m]
                                                               for m in shape.dims)) / speed
         epoch = (train_batches * times.train + per_epoch * (dev_batches * times.evaluate + bookkeeping.per_evaluation
                                                             + TUNE_SECONDS_PER_REPORT)
                  + bookkeeping.per_epoch + io)
-        epoch_by_shape[id(shape)] = (epoch, times)
-        plan_costs.append(ShapeCost(shape.label, family, shape.size, times.train, times.evaluate, epoch, times.how))
+        epoch_by_shape[id(shape)] = epoch
+        shape_costs.append(ShapeCost(shape.label, family, shape.size, times.train, times.evaluate, epoch, times.how))
+    return shape_costs, epoch_by_shape
 
-    # the space's mean epoch: per family, bilinear between its measured ends over every pair (drawn uniformly)
+
+def _mean_epoch(steps: list[tuple], epoch_by_shape: dict[int, float], pair_sizes: list[float]) -> float:
+    """The space's mean epoch: per family, bilinear between its measured ends over every encoder pair (drawn
+    uniformly), weighted by the family's share of the draws."""
     epoch_mean = 0.0
-    for family in dict.fromkeys(f for f, _, _, _ in costs):
-        mine = [(s, epoch_by_shape[id(s)][0]) for f, _, s, _ in costs if f == family]
-        weight = next(w for f, w, _, _ in costs if f == family)
+    for family in dict.fromkeys(f for f, _, _, _ in steps):
+        mine = [(s, epoch_by_shape[id(s)]) for f, _, s, _ in steps if f == family]
+        weight = next(w for f, w, _, _ in steps if f == family)
         lo, hi = min(pair_sizes), max(pair_sizes)
         sizes = sorted({s.size for s, _ in mine})
         at = {size: np.mean([e for s, e in mine if s.size == size]) for size in sizes}
@@ -465,44 +549,24 @@ def plan_search(cfg: dict, splits, cache_plan, machine: Machine | None = None,
             mean = float(np.mean([at[sizes[0]] + (at[sizes[-1]] - at[sizes[0]]) * (p - lo) / max(hi - lo, 1e-9)
                                   for p in pair_sizes]))
         epoch_mean += weight * mean
-    eval_batch_mean = float(np.mean([t.evaluate for _, _, _, t in costs]))
+    return epoch_mean
 
-    setup = corpus_seconds[1] + (held / speed if preloaded else 0.0)
-    fixed = setup + bookkeeping.per_trial + TUNE_SECONDS_PER_TRIAL
 
-    def under_asha(count: int) -> tuple[AshaShare, float, float]:
-        """ASHA's share for ``count`` trials, a trial's expected seconds, and its best-model saves' seconds."""
-        rungs = asha_rungs(make_scheduler(cfg)) if search["scheduler"] != "none" else []
-        if rungs and search["metric"] not in ("val_f1", "val_loss"):
-            share = replayed_asha_share(cfg, count, min(count, slots))
-        else:  # values exchangeable at every rung: the exact arithmetic
-            share = asha_share(count, rungs, max_t, float(search["reduction_factor"]))
-        evaluations = share.evaluations / share.trials
-        saves = expected_improvements(evaluations) * (bookkeeping.per_best + test_batches * eval_batch_mean)
-        return share, fixed + evaluations / per_epoch * epoch_mean + saves, saves
+def _under_asha(cfg: dict, count: int, slots: int, costs: _TrialCosts) -> tuple[AshaShare, float, float]:
+    """ASHA's share for ``count`` trials run ``slots`` at a time, a trial's expected seconds, and its best-model
+    saves' seconds."""
+    from emotune.search.algorithms import asha_clock, asha_rungs, make_scheduler
 
-    asha, trial_seconds, best_saves = under_asha(max(1, trials))
-    if budget is not None:  # as many trials as start before the budget ends (num_samples at most)
-        trials = min(trials, max(1, int(slots * float(budget) / trial_seconds) + slots))
-        asha, trial_seconds, best_saves = under_asha(trials)
-        slots, why, *_ = _concurrency(cfg, trials, machine)
-
-    fill_seconds, fill_how, fill_workers = plan_fill(cfg, splits, cache_plan, machine, device)
-    plan = SearchPlan(
-        description=splits.description, trials=trials, concurrency=slots, concurrency_why=why, device=device,
-        asha=asha, evals_per_epoch=per_epoch, shapes=plan_costs, epoch_seconds=epoch_mean,
-        trial_fixed_seconds=fixed + best_saves, trial_seconds=trial_seconds, fill_seconds=fill_seconds,
-        fill_how=fill_how, start_seconds=corpus_seconds[0] + RAY_START_SECONDS + (PROCESS_START_SECONDS if as_command else 0.0),
-        end_seconds=SEARCH_END_SECONDS, read_bytes_per_second=speed, read_how=read_how, preloaded=preloaded,
-        time_budget_s=None if budget is None else float(budget), units_per_trial=units,
-        fill_units=fill_workers, unit=unit)
-    if cfg["trial"].get("early_stop") is not None:
-        plan.notes.append(f"trial.early_stop={cfg['trial']['early_stop']} may end trials sooner than ASHA: the "
-                          "trials' time is an upper bound")
-    plan.measure_seconds = time.perf_counter() - started
-    if search.get("plan_time"):  # the search measures again at its start, as this plan just did
-        plan.start_seconds += plan.measure_seconds
-    return plan
+    search = typed(SearchSettings, cfg["search"], "search")
+    per_epoch, _, max_t = asha_clock(cfg)
+    rungs = asha_rungs(make_scheduler(cfg)) if search.scheduler != "none" else []
+    if rungs and search.metric not in ("val_f1", "val_loss"):
+        share = replayed_asha_share(cfg, count, min(count, slots))
+    else:  # values exchangeable at every rung: the exact arithmetic
+        share = asha_share(count, rungs, max_t, search.reduction_factor)
+    evaluations = share.evaluations / share.trials
+    saves = expected_improvements(evaluations) * costs.save_seconds
+    return share, costs.fixed_seconds + evaluations / per_epoch * costs.epoch_seconds + saves, saves
 
 
 def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> tuple[float, str, float]:
@@ -517,13 +581,14 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
     if not missing:
         return 0.0, "the cache holds everything", 0.0
     gpus = _gpus(machine)
-    features = cfg["features"]
+    features = cfg["features"]  # handed on to the fill code as it is
+    settings = typed(FeatureSettings, features, "features")
     if device == "cuda" and gpus:
-        workers = max(1, int(gpus / float(features["gpu_per_worker"])))
+        workers = max(1, int(gpus / settings.gpu_per_worker))
     else:
         workers = _cpus(cfg, machine)
-        if features["cpu_workers"] is not None:
-            workers = min(workers, int(features["cpu_workers"]))
+        if settings.cpu_workers is not None:
+            workers = min(workers, settings.cpu_workers)
     total, hows = 0.0, set()
     seconds = _mean_clip_seconds(splits)
     prep = None
@@ -537,13 +602,13 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
             total += e.passes * share * per_job / workers + load
             hows.add("the fill code timed on a few clips")
             continue
-        tflops = machine.device_tflops or float(features["plan_tflops"])
-        encode = e.seconds * float(features["plan_tflops"]) / tflops  # the cache plan's FLOPs, at this speed
+        tflops = machine.device_tflops or settings.plan_tflops
+        encode = e.seconds * settings.plan_tflops / tflops  # the cache plan's FLOPs, at this speed
         cpu = 0.0
         if e.modality == "speech":
             prep = prep or probe.time_waveform_prep(seconds, features)
             n_train = splits.counts()[0]
-            variants = n_train * int(features["variants"])
+            variants = n_train * settings.variants
             cpu = (e.passes * prep[0] + variants * prep[1]) * share
         total += (encode + cpu) / workers
         hows.add(f"encoder FLOPs at {tflops:g} TFLOP/s and the CPU's normalising and augmenting, timed here; "

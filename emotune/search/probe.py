@@ -226,7 +226,7 @@ class Bookkeeping:
 
     per_evaluation: float            # bootstrap standard error and the metrics logged to MLflow
     per_epoch: float                 # the epoch's checkpoint (model, optimiser, trainer state)
-    per_best: float                  # a best-model save besides its test predictions: weights, card, predictions, upload
+    per_best: float                  # a best-model save, test predictions aside: weights, card, predictions, upload
     per_trial: float                 # a trial's MLflow run: start, parameters, config, history, dev reports, end
 
 
@@ -265,7 +265,8 @@ def measure_bookkeeping(shape: Shape, n_classes: int, n_dev: int, n_test: int, t
     rng = np.random.default_rng(0)
     model = _build(shape, n_classes, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(_batch(_feature_pool(shape, shape.train_steps, 2, rng), shape, 2, rng, True, n_classes, "cpu")).sum().backward()
+    model(_batch(_feature_pool(shape, shape.train_steps, 2, rng), shape, 2, rng, True, n_classes,
+                 "cpu")).sum().backward()
     optimizer.step()  # the optimiser's state exists, as in a checkpoint after the first epoch
     labels = [f"class{i}" for i in range(n_classes)]
     dev_true = rng.integers(n_classes, size=n_dev)

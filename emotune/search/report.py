@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from emotune.config import SearchSettings, TrialSettings, typed
+
 
 def progress_table(cfg: dict):
     """Tune's table, every 20 s: each trial's sampled values and its latest dev macro-F1 figures."""
@@ -135,7 +137,8 @@ def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -
     labels = list(corpus.labels)
     dev_ids = [u.id for u in corpus.dev]
     dev_true = [labels.index(u.label) for u in corpus.dev]
-    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, float(cfg["search"]["ties_confidence"]))
+    confidence = typed(SearchSettings, cfg["search"], "search").ties_confidence
+    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
 
 
 def _trials(n: int) -> str:
@@ -225,8 +228,7 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     ``corpus``: the prepared corpus the search ran on (its dev split decides which trials are tied with the best).
     ``timing``: the fill's and the trials' seconds, and the time plan made at the start (or None).
     """
-    from emotune.tracking.store import TrackedRun
-
+    search, trial = typed(SearchSettings, cfg["search"], "search"), typed(TrialSettings, cfg["trial"], "trial")
     rows = trial_table(results)
     # only trials that ended without error compete: a failed one is listed as failed, never crowned or counted as cut
     # (select-top leaves it out too)
@@ -234,21 +236,14 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     # a trial that ended before max_epochs was cut by ASHA unless its own early stopping (trial.early_stop) ended it
     early = sum(1 for r in finished if r["early_stopped"])
     cut = sum(1 for r in finished if not r["early_stopped"] and r["epochs"] is not None
-              and r["epochs"] < int(cfg["trial"]["max_epochs"]))
+              and r["epochs"] < trial.max_epochs)
     trials_dir = Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name  # as the trials name it
     ties = search_ties(cfg, corpus, finished, trials_dir)
     for row in rows:  # a failed trial is not tied; one not compared is left blank
         row["tied"] = False if row["status"] == "ERROR" else ties.mark(str(row["trial_id"]))
     out_dir = experiment_dir / "summary"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "trials.csv"
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("param:"), k))
-    with table.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    files = [table]
-    plot = curves_png(results, out_dir / "curves.png", cfg["search"]["metric"])
+    files = [_write_trials_csv(rows, out_dir)]
+    plot = curves_png(results, out_dir / "curves.png", search.metric)
     if plot:
         files.append(plot)
     best = finished[0] if finished else None
@@ -260,44 +255,73 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     parent.log_artifacts(files, "summary")
     parent.finish("FINISHED" if not errors else "FAILED")
 
-    summary = {"name": cfg["search"]["name"], "trials": len(rows), "cut_by_asha": cut, "early_stopped": early,
+    summary = {"name": search.name, "trials": len(rows), "cut_by_asha": cut, "early_stopped": early,
                "failed": len(errors),
                "seconds": seconds, "parent_run_id": parent.run_id, "best": best, "tied": ties.tied,
                "experiment_dir": str(experiment_dir), "cache": reports}
     print()
-    print(f"Search '{cfg['search']['name']}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
+    print(f"Search '{search.name}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
           f"{early} ended by their own early stopping, {len(errors)} failed.")
     print("\n".join(planned_lines(timing, seconds)))
-    budget, wanted = cfg["search"]["time_budget_s"], int(cfg["search"]["num_samples"])
+    budget, wanted = search.time_budget_s, search.num_samples
     if budget is not None and len(rows) < wanted:
         print(f"The time budget (search.time_budget_s={budget:g}) was spent after {len(rows)} of the {wanted} trials "
               "asked for; the trials under way then were finished.")
+    _print_failures(errors)
+    if best:
+        _print_best(cfg, best)
+        print("\n".join(ties_text(ties, finished, trials_dir)))
+    print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
+    _print_next_commands(cfg)
+    return summary
+
+
+def _write_trials_csv(rows: list[dict], out_dir: Path) -> Path:
+    """The search's trials.csv in ``out_dir``: one row per trial, its own columns first, then its parameters."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "trials.csv"
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("param:"), k))
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+def _print_failures(errors: list[dict]) -> None:
+    """Each failed trial's last error line and its traceback file."""
     for row in errors:  # Tune's own table points at a temporary copy; these files stay with the search
         error_file = Path(row["path"]) / "error.txt"
         last = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else "no error file"
         print(f"  trial {row['trial_id']} failed: {last}\n    traceback: {error_file}")
-    if best:
-        params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
-        artifacts = ""
-        if best.get("mlflow_run_id"):
-            artifacts = TrackedRun(cfg["tracking"], best["mlflow_run_id"]).client.get_run(
-                best["mlflow_run_id"]).info.artifact_uri + "/best"
-        score = best.get("best_val_score")
-        by = "" if score is None or score == best["best_val_f1"] else (
-            f" (score {score:.4f} by {cfg['trial'].get('select_by', 'val_f1')})")
-        print(f"Best trial {best['trial_id']}: dev macro-F1 {best['best_val_f1']:.4f}{by} after {best['epochs']} "
-              "epochs")
-        for key, value in params.items():
-            print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
-        print(f"  MLflow run {best['mlflow_run_id']}; checkpoint and predictions: {artifacts}")
-        print("\n".join(ties_text(ties, finished, trials_dir)))
-    print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
-    # the next commands, spelled so that they find this search from the current folder
+
+
+def _print_best(cfg: dict, best: dict) -> None:
+    """The best trial: its scores, sampled parameters, MLflow run and where its checkpoint and predictions are."""
+    from emotune.tracking.store import TrackedRun
+
+    params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
+    artifacts = ""
+    if best.get("mlflow_run_id"):
+        artifacts = TrackedRun(cfg["tracking"], best["mlflow_run_id"]).client.get_run(
+            best["mlflow_run_id"]).info.artifact_uri + "/best"
+    score = best.get("best_val_score")
+    by = "" if score is None or score == best["best_val_f1"] else (
+        f" (score {score:.4f} by {typed(TrialSettings, cfg['trial'], 'trial').select_by})")
+    print(f"Best trial {best['trial_id']}: dev macro-F1 {best['best_val_f1']:.4f}{by} after {best['epochs']} "
+          "epochs")
+    for key, value in params.items():
+        print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
+    print(f"  MLflow run {best['mlflow_run_id']}; checkpoint and predictions: {artifacts}")
+
+
+def _print_next_commands(cfg: dict) -> None:
+    """The commands that come next, spelled so that they find this search from the current folder."""
+    name = typed(SearchSettings, cfg["search"], "search").name
     runs_dir = cfg["paths"]["runs_dir"]
     where = "" if Path(runs_dir) == Path("runs").resolve() else f" paths.runs_dir={runs_dir}"
     print("Next:")
     print(f"  emotune ui{where}    # compare the trials in MLflow ({cfg['tracking']['uri']})")
-    print(f"  emotune select-top --k 3 --search {cfg['search']['name']}{where}    # ensemble the best trials")
-    print(f"  emotune select-top --k tied --search {cfg['search']['name']}{where}    # or the best and those tied "
+    print(f"  emotune select-top --k 3 --search {name}{where}    # ensemble the best trials")
+    print(f"  emotune select-top --k tied --search {name}{where}    # or the best and those tied "
           "with it")
-    return summary

@@ -60,8 +60,10 @@ def validate_space(space: dict, cfg: dict) -> dict[str, dict]:
             get_path(cfg, key)
         except KeyError:
             section = key.split(".")[0]
-            known = ", ".join(sorted(f"{section}.{k}" for k in cfg.get(section, {}))) if isinstance(cfg.get(section), dict) else ", ".join(sorted(cfg))
-            raise EmotuneError(f"{_where(space)}: parameter '{key}' is not a configuration key. Keys that exist: {known}.") from None
+            known = (", ".join(sorted(f"{section}.{k}" for k in cfg.get(section, {})))
+                     if isinstance(cfg.get(section), dict) else ", ".join(sorted(cfg)))
+            raise EmotuneError(f"{_where(space)}: parameter '{key}' is not a configuration key. "
+                               f"Keys that exist: {known}.") from None
         if not isinstance(spec, dict):
             raise EmotuneError(f"{_where(space)}: parameter '{key}' needs a mapping such as {{choice: [...]}}.")
         kinds = [k for k in KINDS if k in spec]
