@@ -302,7 +302,8 @@ def _add_plan(sub) -> None:
                       "in FLOPs, not timed here; also sets features.plan_tflops for the fill)")
     plan.add_argument("--read-gbps", type=float, metavar="GBPS",
                       help="the cache folder's read speed in GB/s (default: measured in features.dir)")
-    plan.add_argument("--cpus", type=int, help="CPUs of the machine or cluster (default: ray.num_cpus or this machine's)")
+    plan.add_argument("--cpus", type=int,
+                      help="CPUs of the machine or cluster (default: ray.num_cpus or this machine's)")
     plan.add_argument("--gpus", type=int, help="GPUs of the machine or cluster (default: this machine's)")
     plan.add_argument("--cache-only", action="store_true", help="only the cache plan (no measurement, no trial plan)")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides, as for the search")

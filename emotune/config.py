@@ -130,8 +130,8 @@ def _storage_path(storage: str) -> str:
         storage = storage[len("file://"):]
     if "://" in storage:
         raise EmotuneError(
-            f"ray.storage={storage}: emotune keeps Ray's results in a folder, not in object storage. A search's lock is "
-            "an atomic file creation there, and its corpus, feature cache and encoders are read as files by every "
+            f"ray.storage={storage}: emotune keeps Ray's results in a folder, not in object storage. A search's lock "
+            "is an atomic file creation there, and its corpus, feature cache and encoders are read as files by every "
             "node anyway, so a cluster needs a shared filesystem (NFS, Lustre, a cloud file share) mounted at the same "
             "path on every node: pass that path, e.g. ray.storage=/shared/emotune/ray.")
     return str(Path(storage).expanduser().resolve())

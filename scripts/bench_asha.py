@@ -175,7 +175,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=60, help="epochs per recorded trial (default 60)")
     parser.add_argument("--pool", type=int, default=12, help="trials drawn from the recording per replay (default 12)")
     parser.add_argument("--replays", type=int, default=200, help="replays per setting (default 200)")
-    parser.add_argument("--graces", type=int, nargs="+", default=[3, 5, 10, 15], help="grace periods (default 3 5 10 15)")
+    parser.add_argument("--graces", type=int, nargs="+", default=[3, 5, 10, 15],
+                        help="grace periods (default 3 5 10 15)")
     parser.add_argument("--factors", type=float, nargs="+", default=[2, 3], help="reduction factors (default 2 3)")
     parser.add_argument("--max-ts", type=int, nargs="+", default=[40, 60], help="max_t values (default 40 60)")
     parser.add_argument("--concurrent", type=int, default=2, help="trials at once during replay (default 2)")
@@ -227,8 +228,8 @@ def main() -> int:
              f"stopping, {record_seconds / 60:.1f} min). Epoch-to-epoch standard deviation of a trial's curve: val_f1 "
              f"{noise['val_f1']:.3f}, val_loss {noise['val_loss']:.3f}. Final best F1 at epoch {args.epochs}: "
              f"{final60.min():.3f} to {final60.max():.3f} (median {np.median(final60):.3f}).", "",
-             f"Each replay runs its pool through Ray's real ASHAScheduler, {args.concurrent} trials at a time, one epoch "
-             "each per round; the replays of all settings took "
+             f"Each replay runs its pool through Ray's real ASHAScheduler, {args.concurrent} trials at a time, one "
+             "epoch each per round; the replays of all settings took "
              f"{replay_seconds:.0f} s." + (f" {agreement}" if agreement else ""), "",
              f"Goal for the default: the pool's best trial survives >= {GOAL_SURVIVAL:.0%} of replays with <= "
              f"{GOAL_SHARE:.0%} of the epochs of no pruning. Chosen: **{chosen}** ({why}). Shipped before this run: "
@@ -257,8 +258,10 @@ def main() -> int:
               f"--epochs {args.epochs} --pool {args.pool} --replays {args.replays} --seed {args.seed}`."]
     metric, rest = chosen.split("@")
     grace, factor, max_t = rest.split("/")
-    defaults = {"metric": metric, "grace_period": int(grace), "reduction_factor": float(factor), "max_epochs": int(max_t)}
-    write("asha", {"args": vars(args), "recorded_by": source, "record_seconds": record_seconds, "replay_seconds": replay_seconds,
+    defaults = {"metric": metric, "grace_period": int(grace), "reduction_factor": float(factor),
+                "max_epochs": int(max_t)}
+    write("asha", {"args": vars(args), "recorded_by": source, "record_seconds": record_seconds,
+                   "replay_seconds": replay_seconds,
                    "curves": curves, "draws": draws, "chosen": chosen, "why": why, "defaults": defaults,
                    "default_best_survival": results[chosen]["survival"],
                    "default_epoch_share": results[chosen]["epoch_share"],

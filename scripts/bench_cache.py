@@ -122,7 +122,8 @@ def main() -> int:
     concurrency = 2
     floor = cached["build_seconds"] + cached["train_seconds"] / concurrency
     # Large-encoder estimate: encoder time scales with parameters (same clips, same frames).
-    scale = {"speech": LARGE["speech"][1] / per_item["speech_params"], "text": LARGE["text"][1] / per_item["text_params"]}
+    scale = {"speech": LARGE["speech"][1] / per_item["speech_params"],
+             "text": LARGE["text"][1] / per_item["text_params"]}
     n_train, n_eval = len(corpus.train), len(corpus.dev)
     variants = int(base_cfg["features"]["variants"])
     live_encode_per_epoch = (n_train * (per_item["speech_crop"] * scale["speech"] + per_item["text"] * scale["text"])
@@ -134,6 +135,8 @@ def main() -> int:
     large_live = trial_epochs * live_encode_per_epoch + head
     large_cached = build_encode + head
     search_epochs = 40 * 93  # e.g. 40 trials of the paper's 93 epochs
+    search_live = search_epochs * live_encode_per_epoch + head
+    search_cached = build_encode + head * search_epochs / trial_epochs
     lines = [f"# Feature cache vs re-encoding every batch ({args.trials} trials x {args.epochs} epochs, "
              f"encoders {args.width} wide x {args.layers} layers)", "",
              "Same search both ways (fixed points, no pruning, 2 trials at a time on 2 cores). The cached run "
@@ -158,9 +161,9 @@ def main() -> int:
              "scaling encoder time by parameters and keeping head training as measured:",
              f"- this benchmark's {trial_epochs} trial-epochs: live {large_live / 3600:.1f} h vs cached "
              f"{large_cached / 3600:.1f} h (ratio {large_live / large_cached:.1f}x);",
-             f"- a 40-trial search of 93 epochs: live {(search_epochs * live_encode_per_epoch + head) / 3600:.0f} h vs "
-             f"cached {(build_encode + head * search_epochs / trial_epochs) / 3600:.1f} h (ratio "
-             f"{(search_epochs * live_encode_per_epoch + head) / (build_encode + head * search_epochs / trial_epochs):.0f}x) "
+             f"- a 40-trial search of 93 epochs: live {search_live / 3600:.0f} h vs "
+             f"cached {search_cached / 3600:.1f} h (ratio "
+             f"{search_live / search_cached:.0f}x) "
              "on one CPU core; a GPU divides the encoder terms, not the ratio's direction.", "",
              f"Command: `python scripts/bench_cache.py --trials {args.trials} --epochs {args.epochs}`"]
     write("cache", {"args": vars(args), "measured": measured, "per_item": per_item, "floor_seconds": floor,

@@ -69,7 +69,8 @@ def main() -> int:
                              "seconds_per_epoch": summary["seconds_per_epoch"],
                              "wall_seconds": time.perf_counter() - start})
             print(f"{title:<40} seed {seed}: dev {rows[-1]['dev_f1']:.3f}  test {rows[-1]['test_f1']:.3f}  "
-                  f"features {rows[-1]['feature_seconds']:.1f} s  {rows[-1]['seconds_per_epoch']:.2f} s/epoch", flush=True)
+                  f"features {rows[-1]['feature_seconds']:.1f} s  {rows[-1]['seconds_per_epoch']:.2f} s/epoch",
+                  flush=True)
         results.append({"config": title, "overrides": overrides, "runs": rows})
 
     def mean_sd(values):

@@ -8,10 +8,10 @@
    Written to ``runs/hpo-pool.jsonl`` as it goes (a stopped recording continues where it was), then to
    ``benchmarks/hpo-pool.json.gz``.
 2. Replay (``replay``): every method runs many seeded searches in process through Ray's real searcher and
-   scheduler classes (``emotune.search.make_searcher`` / ``emotune.search_algorithms.make_scheduler``, so what ships is what is measured)
-   and Optuna's real samplers. A proposal is mapped to the nearest recorded configuration (numeric settings
-   normalised to [0, 1], log-scaled ones on their log, categorical ones exact); two slots run at a time, and time
-   advances by the recorded seconds of each evaluation.
+   scheduler classes (``emotune.search.make_searcher`` / ``emotune.search_algorithms.make_scheduler``, so what ships
+   is what is measured) and Optuna's real samplers. A proposal is mapped to the nearest recorded configuration
+   (numeric settings normalised to [0, 1], log-scaled ones on their log, categorical ones exact); two slots run at a
+   time, and time advances by the recorded seconds of each evaluation.
 3. Report: benchmarks/hpo.md, benchmarks/hpo.json and benchmarks/hpo.png.
 
     python scripts/bench_hpo.py record               # about 60 min on 2 cores
@@ -139,7 +139,8 @@ def record(args) -> None:
             out.flush()
             done[entry["index"]] = entry
             elapsed = time.perf_counter() - started
-            print(f"{count}/{len(todo)} configuration {entry['index']}: best dev {max(r['val_f1'] for r in entry['rows']):.3f}"
+            print(f"{count}/{len(todo)} configuration {entry['index']}: best dev "
+                  f"{max(r['val_f1'] for r in entry['rows']):.3f}"
                   f" ({entry['wall_seconds']:.0f} s; {elapsed / 60:.1f} min so far, about "
                   f"{elapsed / count * (len(todo) - count) / 60:.0f} min to go)", flush=True)
     labels = corpus.labels
@@ -313,7 +314,7 @@ def score_study(pool: Pool, draws: int = 2000, size: int = 20, seed: int = 0) ->
 
 class Method:
     """One way to search: config overrides of ``emotune.search`` (so the searcher and scheduler are what ships),
-    or ``shipped_before``: the searcher as it was before step 12 (Ray's plain OptunaSearch learning best_val_f1,
+    or ``shipped_before``: the searcher as it was in earlier versions (Ray's plain OptunaSearch learning best_val_f1,
     every cut trial told as COMPLETE with its early value)."""
 
     def __init__(self, name: str, overrides: list[str], shipped_before: bool = False, note: str = "") -> None:
@@ -452,7 +453,7 @@ def time_to_reach(pool: Pool, replay: dict, target: float) -> float | None:
     return None
 
 
-# what shipped before step 12: plain ASHA on best_val_f1 at grace 5, reduction factor 2; trials ranked by best_val_f1
+# what earlier versions shipped: plain ASHA on best_val_f1 at grace 5, reduction factor 2; trials ranked by best_val_f1
 OLD = ["search.scheduler=asha", "search.metric=best_val_f1", "search.grace_period=5", "search.reduction_factor=2",
        "trial.select_by=val_f1", "search.n_startup_trials=10"]
 
@@ -466,7 +467,7 @@ def methods(score: str, scheduler: list[str], startup: int) -> list[Method]:
                note="random search, no pruning"),
         Method("random+asha", ["search.sampler=random", *OLD], note="random search, ASHA as shipped"),
         Method("tpe+asha (before)", ["search.sampler=tpe", *OLD], shipped_before=True,
-               note="TPE + ASHA as shipped before step 12"),
+               note="TPE + ASHA, the earlier default"),
         Method("+ pruned told", ["search.sampler=tpe", *OLD], note="cut trials reach Optuna as PRUNED"),
         Method(f"+ startup {startup}", ["search.sampler=tpe", *OLD, f"search.n_startup_trials={startup}"],
                shipped_before=True, note=f"TPE models after {startup} trials instead of 10"),
@@ -488,10 +489,12 @@ def run_methods(pool: Pool, chosen: list[Method], seeds: list[int], budget: floa
         for seed in seeds:
             replay = replay_search(pool, method, seed, budget, scores_of)
             scores = scores_of[replay["select_by"]]
-            row = {f"at{int(share * 100)}": state_at(pool, scores, replay, share * budget) for share in (0.25, 0.5, 1.0)}
+            row = {f"at{int(share * 100)}": state_at(pool, scores, replay, share * budget)
+                   for share in (0.25, 0.5, 1.0)}
             row["replay"] = replay
             evaluations = sum(done for _, done in replay["trials"])
-            row["trials"], row["epoch_share"] = len(replay["trials"]), evaluations / (len(replay["trials"]) * pool.max_t)
+            row["trials"], row["epoch_share"] = (len(replay["trials"]),
+                                                 evaluations / (len(replay["trials"]) * pool.max_t))
             rows.append(row)
         out[method.name] = rows
         print(f"{method.name:22s} {len(seeds)} seeds in {time.perf_counter() - started:.0f} s: trials "
@@ -717,8 +720,10 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
         table.append({"name": method.name, "note": method.note, "seeds": len(rows),
                       "trials": float(np.mean([r["trials"] for r in rows])),
                       "epoch_share": float(np.mean([r["epoch_share"] for r in rows])),
-                      **{f"selected_{k}": ci95(r[k]["selected_test_f1"] for r in rows) for k in ("at25", "at50", "at100")},
-                      **{f"ensemble_{k}": ci95(r[k]["ensemble_test_f1"] for r in rows) for k in ("at25", "at50", "at100")},
+                      **{f"selected_{k}": ci95(r[k]["selected_test_f1"] for r in rows)
+                         for k in ("at25", "at50", "at100")},
+                      **{f"ensemble_{k}": ci95(r[k]["ensemble_test_f1"] for r in rows)
+                         for k in ("at25", "at50", "at100")},
                       "best_dev": ci95(r["at100"]["best_dev_f1"] for r in rows), "gain_vs_random": gain,
                       "versus_default": against_default,
                       "time_ratio": ratio})
@@ -732,7 +737,8 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
     lines = [
         "# Does the search earn its compute? Samplers, schedulers and ranking scores on a recorded pool", "",
         f"**Pool**: {pool.size} configurations drawn at random from `space=encoders`, each trained without pruning or "
-        f"early stopping for {pool.max_t} epochs on a larger demo corpus (`{' '.join(CORPUS[:2])}`): dev {len(pool.dev_true)} clips, test {len(pool.test_true)}; the "
+        f"early stopping for {pool.max_t} epochs on a larger demo corpus (`{' '.join(CORPUS[:2])}`): dev "
+        f"{len(pool.dev_true)} clips, test {len(pool.test_true)}; the "
         f"rarest dev class has {min(dev_counts.values()) if dev_counts else '?'} clips. Recorded in "
         f"{pool.data.get('record_seconds', 0) / 60:.0f} min on 2 cores (`python scripts/bench_hpo.py record`).",
         "",
@@ -743,28 +749,32 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
         f"{pool.f1.max(axis=1).min():.3f} to {pool.f1.max(axis=1).max():.3f}.", "",
         "## Ranking scores: which one holds on test", "",
         "Each score's best value over a trial's 40 evaluations, against the test macro-F1 of the checkpoint it points "
-        "to. Spearman's rank correlation over the whole pool and over its better half; and the test F1 of the trial the "
-        "score picks from 20 random trials of the pool (2,000 draws), the choice that matters in a search.", "",
-        "| score | rank corr., all [95% CI] | rank corr., better half | test F1 of the pick | mean checkpoint test F1 |",
+        "to. Spearman's rank correlation over the whole pool and over its better half; and the test F1 of the trial "
+        "the score picks from 20 random trials of the pool (2,000 draws), the choice that matters in a search.", "",
+        "| score | rank corr., all [95% CI] | rank corr., better half | test F1 of the pick | "
+        "mean checkpoint test F1 |",
         "|---|---|---|---|---|"]
     for name, row in study.items():
-        mark = " **(chosen)**" if name == score else (" (not causal: measured only)" if name.endswith("centred") else "")
+        mark = (" **(chosen)**" if name == score
+                else (" (not causal: measured only)" if name.endswith("centred") else ""))
         lines.append(f"| `{name}`{mark} | {row['rank_corr']:.3f} [{row['rank_corr_ci'][0]:.3f}, "
                      f"{row['rank_corr_ci'][1]:.3f}] | {row['rank_corr_top_half']:.3f} | "
                      f"{row['pick_test_f1']:.4f} | {row['checkpoint_test_f1']:.4f} |")
-    lines += ["", "Chosen: the score whose pick scores best on test. `val_f1_mean3` is the mean of an evaluation and its "
-              "neighbours as a trial can know it (the last two); `val_f1_mean3_centred` waits for the next evaluation.",
+    lines += ["", "Chosen: the score whose pick scores best on test. `val_f1_mean3` is the mean of an evaluation and "
+              "its neighbours as a trial can know it (the last two); `val_f1_mean3_centred` waits for the next "
+              "evaluation.",
               "", "## Schedulers: survival of the best trial on test", "",
               f"{args.draws} random pools of 24 recorded trials (paired across settings), two at a time, through Ray's "
-              "ASHAScheduler or emotune's NoiseASHA (`emotune.search_algorithms.make_scheduler`). Survival: the pool's best trial on "
-              "test reaches the last evaluation. Test regret: that trial's test F1 minus the test F1 of the trial the "
-              f"score selects. Goal: survival >= {GOAL_SURVIVAL:.0%} on <= {GOAL_SHARE:.0%} of the epochs, with at most "
-              "half of plain ASHA's regret at the same epoch share.", "",
+              "ASHAScheduler or emotune's NoiseASHA (`emotune.search_algorithms.make_scheduler`). Survival: the pool's "
+              "best trial on test reaches the last evaluation. Test regret: that trial's test F1 minus the test F1 of "
+              f"the trial the score selects. Goal: survival >= {GOAL_SURVIVAL:.0%} on <= {GOAL_SHARE:.0%} of the "
+              "epochs, with at most half of plain ASHA's regret at the same epoch share.", "",
               "| setting (metric, grace/reduction factor) | best-on-test survives | epochs | test regret |",
               "|---|---|---|---|"]
     for name in sorted(schedulers, key=lambda k: (-schedulers[k]["survival"], schedulers[k]["epoch_share"])):
         r = schedulers[name]
-        marks = [m for m, hit in (("the default", name == scheduler_key), ("the survival goal's choice", name == noise_key),
+        marks = [m for m, hit in (("the default", name == scheduler_key),
+                                  ("the survival goal's choice", name == noise_key),
                                   ("shipped before", name == SHIPPED_ASHA)) if hit]
         mark = f" **({', '.join(marks)})**" if marks else ""
         lines.append(f"| {name}{mark} | {r['survival']:.0%} | {r['epoch_share']:.0%} | {r['regret']:.4f} |")
@@ -776,16 +786,16 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
     regret_ratio, nearest_plain = regret_ratio_of(mine)
     noisy_ratio, noisy_nearest = regret_ratio_of(noisy)
     lines += ["", f"The survival goal's choice: **{noise_key}** ({noise_why}). Against plain ASHA nearest in epoch "
-              f"share ({noisy_nearest}, {schedulers[noisy_nearest]['epoch_share']:.0%} of the epochs), its test regret is "
-              f"{noisy_ratio:.2f} x ({noisy['regret']:.4f} against {schedulers[noisy_nearest]['regret']:.4f}). Whether "
-              "keeping the best trial alive helps a whole search is measured below, end to end.",
+              f"share ({noisy_nearest}, {schedulers[noisy_nearest]['epoch_share']:.0%} of the epochs), its test regret "
+              f"is {noisy_ratio:.2f} x ({noisy['regret']:.4f} against {schedulers[noisy_nearest]['regret']:.4f}). "
+              "Whether keeping the best trial alive helps a whole search is measured below, end to end.",
               "", "## The default: sampler and scheduler chosen end to end, on separate seeds", "",
               f"Every sampler with three schedulers (the survival goal's choice, plain ASHA as shipped, none) ran "
               f"{args.selection_seeds} replayed searches on seeds 1000+ (GP: {args.gp_seeds}, with plain ASHA only, as "
               "each of its proposals takes a second or more). The rule: the best combination with a model-free sampler "
               "(random, qmc) by the selected trial's test F1 at the full budget, unless one with a model-based sampler "
-              "(tpe, gp) beats it with a paired 95% CI above 0 on the seeds both ran. The tables further down use other "
-              "seeds.", "",
+              "(tpe, gp) beats it with a paired 95% CI above 0 on the seeds both ran. The tables further down use "
+              "other seeds.", "",
               "| sampler + scheduler | test F1 of the selected trial | k = 3 ensemble |", "|---|---|---|"]
     for method in combos:
         rows = chosen[method.name]
@@ -793,19 +803,21 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
         lines.append(f"| {method.name}{mark} | {fmt(ci95(r['at100']['selected_test_f1'] for r in rows))} | "
                      f"{fmt(ci95(r['at100']['ensemble_test_f1'] for r in rows))} |")
     lines += ["", f"Chosen: {sampler_why}.", "", "## Searches replayed: every method, paired over seeds", "",
-              f"Each method ran {args.seeds} searches (seeds 0-{args.seeds - 1}; GP {args.gp_seeds}) of {budget:.0f} s of "
-              f"recorded training time on two slots (the time of {args.budget_trials:g} full trials), through the real "
-              "searcher and scheduler classes; a proposal trains as the nearest recorded configuration. Test F1 of the "
-              "trial the method's ranking selects, and of the hard-vote ensemble of its 3 best, at 25%, 50% and 100% of "
-              "the budget; mean [95% CI].", "",
-              "| method | trials | epochs | selected, 25% | selected, 50% | selected, 100% | k=3, 25% | k=3, 50% | k=3, 100% |",
+              f"Each method ran {args.seeds} searches (seeds 0-{args.seeds - 1}; GP {args.gp_seeds}) of {budget:.0f} s "
+              f"of recorded training time on two slots (the time of {args.budget_trials:g} full trials), through the "
+              "real searcher and scheduler classes; a proposal trains as the nearest recorded configuration. Test F1 "
+              "of the trial the method's ranking selects, and of the hard-vote ensemble of its 3 best, at 25%, 50% "
+              "and 100% of the budget; mean [95% CI].", "",
+              "| method | trials | epochs | selected, 25% | selected, 50% | selected, 100% | "
+              "k=3, 25% | k=3, 50% | k=3, 100% |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['name']} | {row['trials']:.1f} | {row['epoch_share']:.0%} | "
                      + " | ".join(f"{row[f'selected_{k}'][0]:.4f}" for k in ("at25", "at50", "at100")) + " | "
                      + " | ".join(f"{row[f'ensemble_{k}'][0]:.4f}" for k in ("at25", "at50", "at100")) + " |")
-    lines += ["", "| method | what it is | selected test F1 minus random's (paired) | minus the new default's (paired) | "
-              "time to random's best dev F1 / random's | best dev F1 |", "|---|---|---|---|---|---|"]
+    lines += ["", "| method | what it is | selected test F1 minus random's (paired) | "
+              "minus the new default's (paired) | time to random's best dev F1 / random's | best dev F1 |",
+              "|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['name']} | {row['note']} | {fmt(row['gain_vs_random'])} | {fmt(row['versus_default'])} | "
                      f"{fmt(row['time_ratio'])} | {row['best_dev'][0]:.4f} |")
@@ -918,7 +930,8 @@ def main() -> int:
     elif args.command == "scores":
         pool = Pool.load(args.partial)
         for name, row in score_study(pool).items():
-            print(f"{name:24s}", "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            print(f"{name:24s}", "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items()))
     return 0
 
 

@@ -493,7 +493,8 @@ def run_predict(args, corpus, folders: dict) -> dict:
                 runs.append({"clips": n, "mode": label, "chunk_size": chunk, "audio_seconds": sum(durations[:n]),
                              "peak_rss_gb": report["maxrss_kb"] * 1024 / GB, "estimated_peak_gb": estimate,
                              "child_self_maxrss_gb": inner["self_maxrss_kb"] * 1024 / GB,
-                             "benchmark_process_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+                             "benchmark_process_peak_gb":
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
                              "wall_seconds": wall, "predict_seconds": inner["predict_seconds"],
                              "load_seconds": inner["load_seconds"],
                              "command": " ".join(["python scripts/bench_scale.py", *sys.argv[1:]])})
@@ -618,14 +619,18 @@ def render(data: dict) -> list[str]:
     if plan:
         default, full = plan["hub_default"], plan["all_layers"]
         lines += ["## Cache of the paper's 4 x 4 encoder search (MEACorpus size: 5,129 clips, 13.16 h)", "",
-                  f"`{default['command']}` (and the same with `features.speech_layers=all features.storage=float16`):", "",
-                  "| encoder | hub default: layers, storage | cache | all layers float16 | cache |", "|---|---|---|---|---|"]
+                  f"`{default['command']}` (and the same with `features.speech_layers=all features.storage=float16`):",
+                  "",
+                  "| encoder | hub default: layers, storage | cache | all layers float16 | cache |",
+                  "|---|---|---|---|---|"]
         for a, b in zip(default["encoders"], full["encoders"]):
             lines.append(f"| {a['modality']} {a['name']} | {a['layers']} {a['storage']} | "
-                         f"{a['total_bytes'] / GB:,.1f} GB | {b['layers']} {b['storage']} | {b['total_bytes'] / GB:,.1f} GB |")
+                         f"{a['total_bytes'] / GB:,.1f} GB | {b['layers']} {b['storage']} | "
+                         f"{b['total_bytes'] / GB:,.1f} GB |")
         lines += [f"| **total** | | **{default['total_gb']:,.1f} GB** | | **{full['total_gb']:,.1f} GB** |", "",
-                  f"The hub defaults (every 3rd speech layer, int8) need {full['total_gb'] / default['total_gb']:.1f}x less "
-                  "cache than all layers in float16 (text is stored as its last layer in float16 either way).", ""]
+                  f"The hub defaults (every 3rd speech layer, int8) need {full['total_gb'] / default['total_gb']:.1f}x "
+                  "less cache than all layers in float16 (text is stored as its last layer in float16 either way).",
+                  ""]
     if speed:
         s, t = speed["speech"], speed["text"]
         lines += [f"## Encoding speed on this CPU ({speed['threads']} torch threads, after one warm-up input)", "",
@@ -635,9 +640,10 @@ def render(data: dict) -> list[str]:
                   f"of audio, {s['frames']:,} frames | {s['seconds']:.1f} s | {s['seconds_per_clip']:.2f} s | "
                   f"{s['seconds_per_audio_second']:.3f} s | {s['effective_tflops']:.3f} |",
                   f"| {t['encoder']} | {t['parameters'] / 1e6:.1f} M ({t['parameters_without_embeddings'] / 1e6:.0f} M "
-                  f"without embeddings) | {t['transcripts']} transcripts, {t['tokens']:,} tokens | {t['seconds']:.1f} s | "
-                  f"{t['seconds_per_transcript'] * 1e3:.0f} ms | - | {t['effective_tflops']:.3f} "
-                  f"({t['effective_tflops_without_embeddings']:.3f} without embeddings) |", "",
+                  f"without embeddings) | {t['transcripts']} transcripts, {t['tokens']:,} tokens | "
+                  f"{t['seconds']:.1f} s | {t['seconds_per_transcript'] * 1e3:.0f} ms | - | "
+                  f"{t['effective_tflops']:.3f} ({t['effective_tflops_without_embeddings']:.3f} without embeddings) |",
+                  "",
                   "Effective TFLOP/s = 2 x parameters x frames (or tokens) / seconds, the formula `emotune plan` uses "
                   "for its time estimate with `features.plan_tflops` (default 10, a GPU figure)."]
         if plan:
@@ -665,13 +671,14 @@ def render(data: dict) -> list[str]:
                   f"against float16 on the kept layers: relative error {e['relative_error']:.4f} over all clips "
                   f"(worst clip {e['worst_clip']:.4f}; {e['float16_nonfinite_values']} non-finite float16 values).", ""]
     if pred:
-        crop = (f"clips cropped to their first {pred['crop_seconds']:g} s ({'; '.join(pred['crop_reasons']) or 'as asked'})"
+        crop = (f"clips cropped to their first {pred['crop_seconds']:g} s "
+                f"({'; '.join(pred['crop_reasons']) or 'as asked'})"
                 if pred["crop_seconds"] else "whole clips")
         lines += ["## Peak memory of `emotune predict` (one member on the XLS-R replica: all 24 layers, float16)", "",
                   f"Each run is its own child process, started by a small fresh meter process that reads "
                   f"`getrusage(RUSAGE_CHILDREN).ru_maxrss` once it has exited (it has no other child, so the figure is "
-                  f"that run's own peak; spawned straight from the benchmark process, a child would report at least the "
-                  f"benchmark's own peak, which Linux carries across fork and exec). Demo "
+                  f"that run's own peak; spawned straight from the benchmark process, a child would report at least "
+                  f"the benchmark's own peak, which Linux carries across fork and exec). Demo "
                   f"clips, {crop}; encoder at {pred['seconds_per_audio_second']:.3f} s per second of audio "
                   f"({pred['threads']} threads).", "",
                   "| clips | audio | chunk_size | peak RSS | estimated | predict time |", "|---|---|---|---|---|---|"]
@@ -689,7 +696,8 @@ def render(data: dict) -> list[str]:
         small, large = min(pred["counts"]), max(pred["counts"])
         by = {(r["clips"], r["mode"]): r for r in pred["runs"]}
         enc = pred["encoder"]
-        per_clip = by[(small, "chunked")]["audio_seconds"] / small * enc["frame_rate"] * enc["layers"] * enc["width"] * 4
+        per_clip = (by[(small, "chunked")]["audio_seconds"] / small
+                    * enc["frame_rate"] * enc["layers"] * enc["width"] * 4)
         extra = by[(large, "chunked")]["peak_rss_gb"] - by[(small, "chunked")]["peak_rss_gb"]
         size = by[(large, "chunked")]["chunk_size"]
         fuller = 2 * max(0, min(size, large) - min(size, small)) * per_clip / GB
@@ -726,12 +734,12 @@ def render(data: dict) -> list[str]:
                   f"{f1['kept_layer_share_mean']:.3f} ± {f1['kept_layer_share_sd']:.3f} (uniform "
                   f"{f1['uniform_share']:.3f}) |", "",
                   f"Difference = every_3 int8 minus all layers float16, same seed. The all-layers models' learned "
-                  f"layer mix (softmax of `adapters.speech.layer_mix.logits`) puts {f1['kept_layer_share_mean']:.3f} of "
-                  f"its weight on the kept layers {', '.join(map(str, f1['kept_layers']))}. int8 against float16 on this "
-                  f"preset's features ({e['clips']} dev clips): relative error {e['relative_error']:.4f}. Its 24 random "
-                  f"layers are near-copies of each other: after per-frame standardisation the last layer differs from "
-                  f"the first by {f1['first_last_layer_distance']:.3f} (relative), so a layer subset changes little of "
-                  "what the model sees, and paired runs follow almost the same path.", "",
+                  f"layer mix (softmax of `adapters.speech.layer_mix.logits`) puts {f1['kept_layer_share_mean']:.3f} "
+                  f"of its weight on the kept layers {', '.join(map(str, f1['kept_layers']))}. int8 against float16 on "
+                  f"this preset's features ({e['clips']} dev clips): relative error {e['relative_error']:.4f}. Its 24 "
+                  f"random layers are near-copies of each other: after per-frame standardisation the last layer "
+                  f"differs from the first by {f1['first_last_layer_distance']:.3f} (relative), so a layer subset "
+                  "changes little of what the model sees, and paired runs follow almost the same path.", "",
                   f"What this can show: with the same seed, the hub default changes dev macro-F1 by "
                   f"{f1['delta_mean']:+.3f} (sd {f1['delta_sd']:.3f} over {f1['seeds']} paired seeds): {resolved}. "
                   f"Unpaired, the F1 itself varies across seeds by sd {unpaired['all_float16']:.3f} (all layers) and "

@@ -53,9 +53,10 @@ def main() -> int:
              "other (eval, checkpoints, MLflow) |", "|---|---|---|---|---|---|---|"]
     for concurrent, m in measured.items():
         mean = {k: float(np.mean([p[k] for p in m["per_trial"]])) for k in ("total", "setup", "train", "other")}
-        lines.append(f"| {concurrent} | {m['trials_per_hour']:.0f} | {m['fit_seconds']:.0f} s | {mean['total']:.1f} s | "
-                     f"{mean['setup']:.1f} s ({mean['setup'] / mean['total']:.0%}) | {mean['train']:.1f} s "
-                     f"({mean['train'] / mean['total']:.0%}) | {mean['other']:.1f} s ({mean['other'] / mean['total']:.0%}) |")
+        lines.append(f"| {concurrent} | {m['trials_per_hour']:.0f} | {m['fit_seconds']:.0f} s | "
+                     f"{mean['total']:.1f} s | {mean['setup']:.1f} s ({mean['setup'] / mean['total']:.0%}) | "
+                     f"{mean['train']:.1f} s ({mean['train'] / mean['total']:.0%}) | {mean['other']:.1f} s "
+                     f"({mean['other'] / mean['total']:.0%}) |")
     speedup = measured[2]["trials_per_hour"] / measured[1]["trials_per_hour"]
     lines += ["", f"Two concurrent trials give {speedup:.2f}x the throughput of one. The gap between the trial "
               "phase and the sum of trial times is Ray's scheduling and actor start-up.",

@@ -49,7 +49,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     try:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except FileNotFoundError:
-        raise AudioError("audio file not found", file=path, fix="Check the id and the audio folder.", kind="missing audio") from None
+        raise AudioError("audio file not found", file=path, fix="Check the id and the audio folder.",
+                         kind="missing audio") from None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(
             f"cannot be decoded as audio ({exc})",

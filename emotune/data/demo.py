@@ -232,8 +232,8 @@ def render_clip(spec: ClipSpec, audio_dir: str, seed: int) -> float:
     from emotune.data.augment import synthetic_noise
 
     rng = np.random.default_rng([seed, spec.index])
-    speech, sr = espeak.say(spec.text, seed=int(rng.integers(2**31)), voice=spec.voice, rate=spec.rate, pitch=spec.pitch,
-                            pitch_range=spec.pitch_range)
+    speech, sr = espeak.say(spec.text, seed=int(rng.integers(2**31)), voice=spec.voice, rate=spec.rate,
+                            pitch=spec.pitch, pitch_range=spec.pitch_range)
     if speech.size == 0:
         raise EmotuneError(f"espeak-ng produced no audio for: {spec.text!r}")
     speech = speech / (np.abs(speech).max() + 1e-9) * 0.25 * 10 ** (spec.gain_db / 20)

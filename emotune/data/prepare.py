@@ -42,7 +42,8 @@ class PreparedCorpus:
         return "\n".join([
             f"corpus {self.settings['root']}  (test split: {test_note})",
             format_summary(self.splits, self.labels, self.audio),
-            f"normalisation (train split, {self.norm.n_files} files): mean {self.norm.mean:.5f}, std {self.norm.std:.5f}",
+            f"normalisation (train split, {self.norm.n_files} files): mean {self.norm.mean:.5f}, "
+            f"std {self.norm.std:.5f}",
             self.report.summary(),
         ])
 

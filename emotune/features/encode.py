@@ -143,7 +143,8 @@ class HFTextEncoder(FrozenEncoder):
             idx = order[start : start + self.batch_size]
             tokens = self.tokenizer([inputs[i] for i in idx], padding=True, truncation=True,
                                     max_length=self.recipe.max_tokens, return_tensors="pt")
-            tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            tokens = {k: v.to(self.device) for k, v in tokens.items()
+                      if k in ("input_ids", "attention_mask", "token_type_ids")}
             hidden = self.model(**tokens, output_hidden_states=True).hidden_states
             stacked = torch.stack([hidden[1 + layer] for layer in self.layers], dim=1).float().cpu()
             lengths = tokens["attention_mask"].sum(dim=1).cpu()

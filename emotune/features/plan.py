@@ -74,15 +74,18 @@ class ClipSplits:
         if clips < 1 or hours <= 0:
             raise EmotuneError(f"--clips must be at least 1 and --hours positive, got {clips} and {hours}")
         if not 0 <= test_share < 1 or not 0 <= dev_fraction < 1:
-            raise EmotuneError(f"the test share and data.dev_fraction must be in [0, 1), got {test_share}, {dev_fraction}")
+            raise EmotuneError("the test share and data.dev_fraction must be in [0, 1), "
+                               f"got {test_share}, {dev_fraction}")
         seconds = hours * 3600 / clips
         one = Clip(int(round(seconds * SAMPLE_RATE)), "x" * int(round(seconds * CHARS_PER_SECOND)))
         train = clips * (1 - test_share) * (1 - dev_fraction)
         dev = clips * (1 - test_share) * dev_fraction
         test = clips * test_share
-        return cls([one], [one], [one], (f"a described corpus: {clips:,} clips, {hours:.2f} h, {seconds:.2f} s each (train "
-                              f"{train:,.0f}, dev {dev:,.0f}, test {test:,.0f}: test {test_share:.0%} as in EmoSPeech "
-                              f"2024 (--test-share), dev {dev_fraction:.0%} of the rest (data.dev_fraction))"), shares=(train, dev, test))
+        return cls([one], [one], [one],
+                   (f"a described corpus: {clips:,} clips, {hours:.2f} h, {seconds:.2f} s each (train "
+                    f"{train:,.0f}, dev {dev:,.0f}, test {test:,.0f}: test {test_share:.0%} as in EmoSPeech "
+                    f"2024 (--test-share), dev {dev_fraction:.0%} of the rest (data.dev_fraction))"),
+                   shares=(train, dev, test))
 
     def counts(self) -> tuple[float, float, float]:
         if self.shares:
@@ -142,7 +145,8 @@ class CachePlan:
         if self.cap_gb is not None and missing > float(self.cap_gb) * 1e9:
             return f"the missing cache ({human(missing)}) exceeds features.max_cache_gb={self.cap_gb:g}"
         if missing > 0.95 * self.free_bytes:
-            return f"the missing cache ({human(missing)}) does not fit the {human(self.free_bytes)} free in {self.cache_dir}"
+            return (f"the missing cache ({human(missing)}) does not fit the {human(self.free_bytes)} free in "
+                    f"{self.cache_dir}")
         return None
 
     def table(self) -> str:
@@ -150,7 +154,8 @@ class CachePlan:
                  "in cache", "to encode", "time")]
         for e in self.encoders:
             rows.append((e.modality, e.name, e.source, e.layers, str(e.width),
-                         f"{e.params_m:,.0f}M" if e.params_m >= 1 else ("-" if not e.params_m else f"{e.params_m:.2f}M"),
+                         f"{e.params_m:,.0f}M" if e.params_m >= 1
+                         else ("-" if not e.params_m else f"{e.params_m:.2f}M"),
                          e.storage + (" z" if e.waveform_norm == "utterance" else ""), f"{e.passes:,.0f}",
                          human(e.total_bytes), "?" if e.cached_bytes is None else human(e.cached_bytes),
                          human(e.missing_bytes), duration(e.seconds)))
@@ -272,8 +277,9 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, p
                  store: FeatureStore) -> EncoderPlan:
     recipe, params, keys_known = plan_recipe(name, modality, splits, features, paths)
     if recipe is None:
-        return EncoderPlan(modality, name, resolve_encoder(name, modality).source, "?", 0, 0, "?", "?", 0, 0, 0, None, 0,
-                           0, note="not on this machine and not in the catalog: its shape is unknown until downloaded")
+        return EncoderPlan(modality, name, resolve_encoder(name, modality).source, "?", 0, 0, "?", "?", 0, 0, 0, None,
+                           0, 0, note="not on this machine and not in the catalog: its shape is unknown "
+                                      "until downloaded")
     variants = int(features["variants"]) if modality == "speech" else 0
     n_train, n_dev, n_test = splits.counts()
     cached = missing = steps_missing = steps_all = total = 0.0

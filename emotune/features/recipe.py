@@ -89,7 +89,8 @@ class EncoderRecipe:
     """
 
     spec: EncoderSpec
-    files: EncoderFiles | None  # where any node finds the weights (hub id and commit, or a shared folder); None: classic
+    files: EncoderFiles | None  # where any node finds the weights (hub id and commit, or a shared folder);
+                                # None: classic
     identity: str               # changes whenever the outputs could change (content hash of the folder)
     n_layers: int               # hidden-state layers available to choose from
     width: int
@@ -170,7 +171,8 @@ def check_storage(storage: str) -> str:
 
 
 def make_recipe(spec: EncoderSpec, folder: Path | None, layers=None, batch_size: int = 8, max_tokens: int = 256,
-                waveform_norm: str = "auto", storage: str = "float16", files: EncoderFiles | None = None) -> EncoderRecipe:
+                waveform_norm: str = "auto", storage: str = "float16",
+                files: EncoderFiles | None = None) -> EncoderRecipe:
     """The recipe of ``spec`` whose files are in ``folder`` here: shapes come from its config.json, not its weights.
 
     ``files`` says where other nodes find them (:func:`~emotune.features.locate.resolve_files`); by default the
@@ -178,7 +180,8 @@ def make_recipe(spec: EncoderSpec, folder: Path | None, layers=None, batch_size:
     """
     layers = layers if layers is not None else ("all" if spec.modality == "speech" else "last")
     norm = resolve_waveform_norm(waveform_norm, spec, folder)
-    common = {"spec": spec, "waveform_norm": norm, "storage": check_storage(storage), "batch_size": max(1, int(batch_size))}
+    common = {"spec": spec, "waveform_norm": norm, "storage": check_storage(storage),
+              "batch_size": max(1, int(batch_size))}
     if spec.kind == "classic":
         width = 80 if spec.source == "fbank" else 40
         return EncoderRecipe(files=None, identity=f"{spec.source}-v1-w{width}", n_layers=1, width=width,

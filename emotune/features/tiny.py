@@ -282,7 +282,8 @@ def _train_tokenizer(family: str, texts: list[str]) -> Any:
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         # RobertaProcessing takes (sep, cls) positionally as (token, id) tuples.
         tok.post_processor = processors.RobertaProcessing(
-            ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), trim_offsets=True, add_prefix_space=False
+            ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
+            trim_offsets=True, add_prefix_space=False
         )
     return tok
 
@@ -353,7 +354,8 @@ def _build_text(family: str, config_kwargs: dict[str, Any], seed: int, texts: li
     # The config's pad/bos/eos ids assume the specials occupy ids 0..4 in this order.
     for expected_id, token in enumerate(specials):
         if tok.token_to_id(token) != expected_id:
-            raise EmotuneError(f"Internal error: tokenizer gave {token} id {tok.token_to_id(token)}, not {expected_id}.")
+            raise EmotuneError(f"Internal error: tokenizer gave {token} id {tok.token_to_id(token)}, "
+                               f"not {expected_id}.")
     _wrap_tokenizer(family, tok).save_pretrained(out)
 
     config_cls, model_cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
