@@ -136,7 +136,10 @@ def test_ui_stops_every_process_it_started_on_each_signal(smoke_search, tmp_path
     assert "viewStateShareKey=" in output  # it printed the address of the search's runs
     assert all(not _processes_in_session(s) for s in sessions)  # not one of the server's processes is left
     with socket.socket() as again:
-        again.bind(("127.0.0.1", port))  # the port is free
+        # the port is free: no process listens there (SO_REUSEADDR lets the bind pass over the closed connections
+        # that linger in TIME_WAIT, not over a listener, so the check still fails if a server is left)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
 
 
 def _parent_of(pid: int) -> int:

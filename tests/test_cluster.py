@@ -79,7 +79,8 @@ def team(tmp_path_factory):
     driver_home = root / "driver-home"
     hub_cache_with_made_up_encoder(driver_home / "hf", root / "build")
     # none of what an earlier ray.init left in this process (RAY_AUTH_MODE=token among it) reaches the driver
-    driver_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PYTHONBREAKPOINT"))}
+    driver_env = {k: v for k, v in os.environ.items()
+                  if not k.startswith(("RAY_", "MLFLOW_TRACKING", "PYTHONBREAKPOINT"))}
     driver_env |= {"HOME": str(driver_home), "HF_HOME": str(driver_home / "hf"), "HF_HUB_OFFLINE": "1",
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                   driver_env.get("PYTHONPATH", "")])}

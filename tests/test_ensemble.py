@@ -26,7 +26,8 @@ def one_hot(labels, n=3, confidence=0.8):
 
 
 def test_hard_vote_majority_and_tie_break_by_the_best_member():
-    best, second, third, fourth = one_hot([0, 1, 2, 2]), one_hot([1, 1, 0, 1]), one_hot([1, 2, 1, 0]), one_hot([2, 2, 0, 0])
+    best, second = one_hot([0, 1, 2, 2]), one_hot([1, 1, 0, 1])
+    third, fourth = one_hot([1, 2, 1, 0]), one_hot([2, 2, 0, 0])
     # three members: item 0 votes 0,1,1 -> 1; item 1 votes 1,1,2 -> 1; items 2 and 3 are three-way ties,
     # which the best member (listed first) decides: 2 and 2
     assert hard_vote([best, second, third]).tolist() == [1, 1, 2, 2]
@@ -128,7 +129,8 @@ def test_select_top_writes_run_plot_submission_and_a_folder_predict_can_load(smo
     assert run.data.tags["emotune.kind"] == "ensemble"
     assert run.data.tags["mlflow.parentRunId"] == search["parent_run_id"]
     assert "ensemble_macro_f1" in run.data.metrics and "member1_macro_f1" in run.data.metrics
-    assert {"confusion_matrix.png", "submission.csv", "ensemble.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "submission.csv", "ensemble.json"} <= logged
 
     # predict loads the folder and predicts the test clips again, identically (weights and offsets too); for the
     # hard vote in a fresh process, so that nothing but the folder carries the ensemble

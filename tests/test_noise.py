@@ -58,7 +58,8 @@ def test_the_trial_reports_the_standard_error_of_the_predictions_it_keeps(separa
     from emotune.trial import TrialContext, run_trial
 
     corpus, runs = separable
-    cfg = trial_config(corpus, runs, "trial.max_epochs=3", "trial.lr=2e-5") | {"tracking": None}  # no MLflow run: not what is tested
+    # no MLflow run: not what is tested
+    cfg = trial_config(corpus, runs, "trial.max_epochs=3", "trial.lr=2e-5") | {"tracking": None}
     summary = run_trial(cfg, TrialContext(workdir=tmp_path / "trial", reporter=lambda *_: None, progress=False))
     ids, probs, labels = evaluation.read_predictions(tmp_path / "trial" / "best" / "dev_predictions.csv")
     truth = {row[0]: row[1] for row in (line.split(",") for line in
@@ -148,7 +149,8 @@ def test_trials_the_scheduler_cut_reach_optuna_as_pruned_with_their_intermediate
     study = searcher._ot_study
     trial = {i: study.trials[searcher._ot_trials[i].number] for i in ids}
     state = optuna.trial.TrialState
-    assert trial["cut"].state == state.PRUNED and trial["cut"].intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.35})
+    assert trial["cut"].state == state.PRUNED
+    assert trial["cut"].intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.35})
     assert trial["finished"].state == state.COMPLETE and trial["finished"].value == 0.9
     assert trial["early"].state == state.COMPLETE and trial["early"].value == 0.5  # its own rule ended it
     assert trial["failed"].state == state.FAIL

@@ -58,7 +58,8 @@ def test_mp3_clips_get_the_predictions_of_their_wav_originals(soft_ensemble, sep
     with (corpus / "test.csv").open(newline="") as f:
         originals = [row for row in csv.DictReader(f) if row["id"].endswith("08.wav")]  # one clip of each class
     assert len(originals) == 6
-    wav_csv = write_csv(tmp_path / "wav.csv", ["id", "transcription"], [[r["id"], r["transcription"]] for r in originals])
+    wav_csv = write_csv(tmp_path / "wav.csv", ["id", "transcription"],
+                        [[r["id"], r["transcription"]] for r in originals])
     inputs = {".wav": read_inputs(str(wav_csv), str(corpus / "audio"), None, None)[0]}
     for ext, subtype in ((".mp3", "MPEG_LAYER_III"), (".flac", "PCM_16")):
         (tmp_path / ext).mkdir()

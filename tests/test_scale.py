@@ -54,7 +54,8 @@ def test_paper_plan_equals_the_benchmark_figures(tmp_path):
     assert f"Total cache for this search: {plan['total_gb']:,.1f} GB" in result.stdout
     assert scale["paper_search_cache_gb_all_layers"] > 5 * scale["paper_search_cache_gb"]
     # the measured figures are the benchmark's to print and judge (benchmarks/scale.md); here they must exist
-    assert all(isinstance(scale[k], float) for k in ("predict_peak_rss_ratio_500_vs_50", "default_storage_dev_f1_delta"))
+    assert all(isinstance(scale[k], float)
+               for k in ("predict_peak_rss_ratio_500_vs_50", "default_storage_dev_f1_delta"))
 
 
 def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, tmp_path):
@@ -81,7 +82,8 @@ def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, 
     index = prepare_features(corpus, {"speech": "tiny-wav2vec2"}, int8, ["speech"], cfg["paths"], progress=False)
     written["int8"] = sum(Path(tmp_path / "cache", k[:2], f"{k}.safetensors").stat().st_size
                           for row in index.speech.values() for k in row)
-    planned = {e.name: e.total_bytes for e in plans["float16"].encoders} | {"int8": plans["int8"].encoders[0].total_bytes}
+    planned = ({e.name: e.total_bytes for e in plans["float16"].encoders}
+               | {"int8": plans["int8"].encoders[0].total_bytes})
     for name, size in written.items():
         assert abs(planned[name] - size) <= 0.10 * size, (name, planned[name], size)
     assert written["int8"] < 0.35 * written["tiny-wav2vec2"]  # one layer of two, a byte (and a scale per frame) each
@@ -98,7 +100,8 @@ def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not
 
     corpus, shared = separable
     runs, cache = tmp_path / "runs", tmp_path / "cache"
-    cfg = load_config(search_args(corpus, runs, cache, "features.max_cache_gb=0.000001", "search.name=capped"), "search")
+    cfg = load_config(search_args(corpus, runs, cache, "features.max_cache_gb=0.000001", "search.name=capped"),
+                      "search")
     with pytest.raises(EmotuneError, match=r"exceeds features.max_cache_gb=1e-06.*features.speech_layers=every_3"):
         run_search(cfg)
     assert not cache.exists()  # no cache file
@@ -227,8 +230,8 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
     try:
         cfg = load_config(search_args(corpus, tmp_path / "runs", tmp_path / "cache", "search.num_samples=2",
-                                      "search.max_concurrent=2", "trial.max_epochs=1", f"search.resources.gpu={trial_gpu}",
-                                      "encoders.speech=tiny-wav2vec2"), "search")
+                                      "search.max_concurrent=2", "trial.max_epochs=1",
+                                      f"search.resources.gpu={trial_gpu}", "encoders.speech=tiny-wav2vec2"), "search")
         summary = run_search(cfg)
     finally:
         ray.shutdown()

@@ -66,7 +66,8 @@ def test_resumed_trial_continues_exactly(separable, tmp_path):
     rules = ("trial.aug_prob=0.5", "trial.lr=0.0001", "trial.patience=2", "trial.lr_decay=0.5", "trial.early_stop=4")
     straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=7", *rules),
                          TrialContext(workdir=tmp_path / "straight", **QUIET))
-    run_trial(trial_config(corpus, runs, "trial.max_epochs=3", *rules), TrialContext(workdir=tmp_path / "part", **QUIET))
+    run_trial(trial_config(corpus, runs, "trial.max_epochs=3", *rules),
+              TrialContext(workdir=tmp_path / "part", **QUIET))
     resumed = run_trial(trial_config(corpus, runs, "trial.max_epochs=7", *rules),
                         TrialContext(resume_dir=tmp_path / "part" / "checkpoint", workdir=tmp_path / "resumed",
                                      **QUIET))
@@ -94,7 +95,8 @@ def test_a_trial_given_the_cache_index_never_loads_an_encoder(separable, tmp_pat
     preset = encoder_recipe("tiny-bert", "text", prepared, base["features"], base["paths"]).files.folder
     folder = shutil.copytree(preset, tmp_path / "my-text-encoder")  # a local folder, as a user would pass
     cfg = trial_config(corpus, runs, f"encoders.text={folder}", "trial.max_epochs=2")
-    index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"], progress=False)
+    index = prepare_features(prepared, cfg["encoders"], cfg["features"], ["speech", "text"], cfg["paths"],
+                             progress=False)
     shutil.rmtree(folder)  # from here on the text encoder cannot be loaded
     summary = run_trial(cfg, TrialContext(workdir=tmp_path / "with-index", index=index, **QUIET))
     assert summary["epochs_trained"] == 2 and 0.0 <= summary["best_val_f1"] <= 1.0
@@ -206,7 +208,8 @@ def test_lr_decay_early_stop_and_ema_follow_the_dev_scores(separable, tmp_path, 
     assert [m["evaluation"] for m, _ in reports] == list(range(1, len(rows) + 1))
     assert [c is not None for _, c in reports] == [m["evaluation"] % evals_per_epoch == 0 for m, _ in reports]
     if evals_per_epoch > 1:
-        with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=99 is out of range: an epoch of the training split \(\d+ clips\) has \d+ batches"):
+        with pytest.raises(EmotuneError, match=r"trial.evals_per_epoch=99 is out of range: an epoch of the training "
+                                               r"split \(\d+ clips\) has \d+ batches"):
             run_trial(trial_config(corpus, runs, "trial.evals_per_epoch=99"), TrialContext(**QUIET))
 
 
