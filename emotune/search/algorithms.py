@@ -111,10 +111,16 @@ class NoiseASHA(ASHAScheduler):
 
 def asha_clock(cfg: dict) -> tuple[int, int, int]:
     """ASHA's time unit is the dev evaluation: (evaluations per epoch, grace period and max_t in evaluations)."""
-    search, trial = cfg["search"], cfg["trial"]
-    per_epoch = int(trial["evals_per_epoch"])
-    max_t = int(trial["max_epochs"]) * per_epoch
-    return per_epoch, min(int(search["grace_period"]), max_t), max_t
+    search, trial = _settings(cfg)
+    max_t = trial.max_epochs * trial.evals_per_epoch
+    return trial.evals_per_epoch, min(search.grace_period, max_t), max_t
+
+
+def _settings(cfg: dict):
+    """The typed search.* and trial.* settings (checked once more: a scheduler is cheap, a wrong type is not)."""
+    from emotune.config import SearchSettings, TrialSettings, typed
+
+    return typed(SearchSettings, cfg["search"], "search"), typed(TrialSettings, cfg["trial"], "trial")
 
 
 def make_scheduler(cfg: dict):
@@ -123,15 +129,15 @@ def make_scheduler(cfg: dict):
     checkpoint left it. With search.scheduler=none, a FIFO scheduler: every trial runs to its end."""
     from ray.tune.schedulers import FIFOScheduler
 
-    search = cfg["search"]
-    if search["scheduler"] == "none":
+    search, _ = _settings(cfg)
+    if search.scheduler == "none":
         return FIFOScheduler()
     _, grace, max_t = asha_clock(cfg)
-    metric = search["metric"]
+    metric = search.metric
     kwargs = {"time_attr": "evaluation", "metric": metric, "mode": asha_mode(metric), "max_t": max_t,
-              "grace_period": grace, "reduction_factor": float(search["reduction_factor"])}
-    if search["scheduler"] == "noise_asha":
-        return NoiseASHA(noise_z=float(search["noise_z"]), se_attr=_se_of(metric), **kwargs)
+              "grace_period": grace, "reduction_factor": search.reduction_factor}
+    if search.scheduler == "noise_asha":
+        return NoiseASHA(noise_z=search.noise_z, se_attr=_se_of(metric), **kwargs)
     return ASHAScheduler(**kwargs)
 
 
@@ -155,7 +161,7 @@ def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
     ``trial.evals_per_epoch`` is above 1."""
     search = cfg["search"]
     per_epoch, grace, max_t = asha_clock(cfg)
-    factor = float(search["reduction_factor"])
+    factor = _settings(cfg)[0].reduction_factor
     unit = "epoch" if per_epoch == 1 else "evaluation"
     if search["scheduler"] == "none":
         return [f"No scheduler (search.scheduler=none): every trial runs its {max_t} {unit}s, unless its own early "
