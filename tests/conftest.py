@@ -13,6 +13,18 @@ import soundfile as sf
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fixtures that run a whole search, start a Ray cluster or a tracking server: a test that uses one (directly or
+# through another fixture) is slow, and `scripts/test.sh --quick` (pytest -m "not slow") leaves it out. Tests that
+# start a search, a Ray instance or a server themselves, or send signals, carry @pytest.mark.slow.
+SLOW_FIXTURES = {"smoke_search", "soft_ensemble", "tied_store", "team", "two_node_cluster", "server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 LABELS = ("neutral", "disgust", "anger", "sadness", "joy", "fear")
 
 

@@ -196,3 +196,28 @@ def test_the_preflight_names_the_node_that_cannot_see_the_corpus(team, tmp_path)
     print(table)
     assert "1 of 3 Ray nodes" in table
     assert re.search(rf"{blind[:8]}.*?the corpus clip\s+{re.escape(str(team['corpus']))}", table, re.S), table
+
+
+def test_a_node_that_cannot_see_the_corpus_cache_storage_or_server_gets_a_row_and_a_fix_each(tmp_path):
+    """What each node runs in the preflight, run here: every missing thing is named with its fix (no cluster)."""
+    import socket as sockets
+
+    from emotune.search.preflight import MARKERS, Probe, Problem, check_node, problems_table
+
+    cache, storage = tmp_path / "cache", tmp_path / "storage"
+    (storage / MARKERS).mkdir(parents=True)
+    (storage / MARKERS / "tok").write_text("tok")  # the driver's storage, seen; the cache was never marked
+    with sockets.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        closed = probe_port.getsockname()[1]  # nothing listens there once the socket closes
+    host, found = check_node(Probe(token="tok", clips=[str(tmp_path / "corpus" / "a.wav")],
+                                   corpus_root=str(tmp_path / "corpus"), cache_dir=str(cache),
+                                   storage=str(storage), tracking_uri=f"http://127.0.0.1:{closed}"))
+    whats = [what for what, _ in found]
+    assert len(found) == 3, found
+    assert f"the corpus clip {tmp_path / 'corpus' / 'a.wav'}" in whats[0] and "data.root" in found[0][1]
+    assert whats[1].startswith(f"the feature cache {cache}: not the driver's folder here")
+    assert whats[2].startswith(f"the tracking server http://127.0.0.1:{closed}") and "emotune server" in found[2][1]
+    table = problems_table([Problem(host, what, fix) for what, fix in found], 2)
+    assert table.startswith("Preflight: 1 of 2 Ray nodes cannot see what the search needs; nothing was started.")
+    assert all(f"fix: {fix[:20]}" in table.replace("\n", " ") for _, fix in found)

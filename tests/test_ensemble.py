@@ -368,6 +368,7 @@ def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tm
     assert [c.run_id for c in ranked] == [r.info.run_id for r in trials]
 
 
+@pytest.mark.slow
 def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path):
     from conftest import search_args
     from mlflow import MlflowClient

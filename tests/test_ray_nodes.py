@@ -12,8 +12,9 @@ from emotune.tracking.ui import _is_zombie, _session_members
 
 from ray_nodes import RayNodes
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="hiding a folder needs root and unshare (mount namespaces)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                 reason="hiding a folder needs root and unshare (mount namespaces)"),
+              pytest.mark.slow]  # starts Ray nodes
 
 
 def _alive(sid: int) -> list[int]:

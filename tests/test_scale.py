@@ -218,6 +218,7 @@ def test_hub_encoders_bring_the_papers_learning_rates():
     assert paper["trial"]["patience"] == 5 and paper["trial"]["max_epochs"] == 93
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpus, gpus, trial_gpu", [(2, 2, 1.0), (4, 1, 0.5)])
 def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, cpus, gpus, trial_gpu):
     import ray
@@ -249,6 +250,7 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
     assert not torch.cuda.is_initialized()
 
 
+@pytest.mark.slow
 def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not_a_wait():
     import ray
 
@@ -265,6 +267,7 @@ def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_more_than_fit(tmp_path):
     """Two CPUs but memory for one XLS-R-sized worker: Ray starts one, and the other waits (the fill hands work to
     started workers only)."""
@@ -285,6 +288,7 @@ def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_mor
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
     from emotune.config import load_config
     from emotune.search.driver import run_search
@@ -328,3 +332,12 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_a_cache_worker_asks_for_its_encoders_weights_and_a_margin():
+    """The memory a cache worker asks Ray for: float32 weights, a quarter more, and 512 MiB for the process."""
+    from emotune.features.distributed import worker_memory
+
+    mib = 1024 ** 2
+    assert worker_memory(0) == 512 * mib
+    assert worker_memory(560) == int(560e6 * 4 * 1.25) + 512 * mib  # XLM-R large: 2.8 GB + 512 MiB

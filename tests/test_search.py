@@ -197,6 +197,7 @@ def _wait_for_saved(experiment: Path, process, terminated: int) -> None:
     pytest.fail(f"Tune's saved state never recorded {terminated} finished trials")
 
 
+@pytest.mark.slow
 def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
     # trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
     # under way at each interruption is a state the test sets, not a race against the machine's speed
@@ -253,6 +254,7 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
     assert {k: done_after.get(k) for k in done_before} == done_before
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_running_search_as_ctrl_c_does_and_it_resumes(separable, tmp_path):
     from ray import tune
 
@@ -280,6 +282,7 @@ def test_sigterm_stops_a_running_search_as_ctrl_c_does_and_it_resumes(separable,
     assert_one_tree(client, parents, children, 2)  # every trial once, none proposed twice
 
 
+@pytest.mark.slow
 def test_the_same_search_started_twice_runs_once_and_a_time_budget_ends_it_with_a_summary(separable, tmp_path):
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
@@ -315,6 +318,7 @@ def test_the_same_search_started_twice_runs_once_and_a_time_budget_ends_it_with_
     assert f"{len(cut)} cut by ASHA, {len(early)} ended by their own early stopping" in output
 
 
+@pytest.mark.slow
 def test_a_bigger_search_after_the_demo_runs_as_the_refusal_says(separable, tmp_path):
     """The README's order: scripts/demo.sh, then the same with more trials. Resuming needs the same settings, so the
     second is refused before any work, with a command that, typed as shown, runs the bigger search."""
@@ -343,6 +347,7 @@ def test_a_bigger_search_after_the_demo_runs_as_the_refusal_says(separable, tmp_
     assert "Search 'smoke-2' done" in again.stdout and ": 3 trials, " in again.stdout
 
 
+@pytest.mark.slow
 def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     from faults import driver_script
 
@@ -363,6 +368,7 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     assert f"traceback: {errors[0]}" in output
 
 
+@pytest.mark.slow
 def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys):
     from faults import fail_after_first_report
 
@@ -495,3 +501,20 @@ def test_a_spaces_folder_of_your_own_adds_spaces_and_overrides_shipped_ones(tmp_
         load_config(["space=tiny_lr"], "search")
     with pytest.raises(EmotuneError, match=r"paths.spaces_dir=.*nowhere/space is not a folder.*space/NAME.yaml"):
         load_config([f"paths.spaces_dir={tmp_path / 'nowhere'}", "space=smoke"], "search")
+
+
+def test_a_time_budget_stops_proposing_once_its_seconds_are_spent():
+    """search.time_budget_s wraps the real sampler: proposals until the budget, which starts at the first one."""
+    from ray.tune.search import Searcher
+
+    from emotune.search.budget import TimeBudget
+    from emotune.search.driver import make_searcher
+
+    searcher = make_searcher(load_config(["space=smoke", "search.time_budget_s=0.5"], "search"))
+    assert isinstance(searcher, TimeBudget)
+    time.sleep(0.7)  # the clock starts at the first proposal, not when the searcher is made (the cache fill)
+    first = searcher.suggest("a")
+    assert isinstance(first, dict) and first
+    searcher.on_trial_complete("a", {"best_val_score": 0.5, "evaluation": 1, "training_iteration": 1})
+    time.sleep(0.6)
+    assert searcher.suggest("b") is Searcher.FINISHED

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import search_args
 from test_search import _wait_for, mlflow_runs
 
@@ -25,6 +26,7 @@ def _trial_runs(runs, include_deleted: bool = False):
             if r.data.tags.get("emotune.kind") == "trial"]
 
 
+@pytest.mark.slow
 def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separable, tmp_path):
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
@@ -69,6 +71,7 @@ def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separa
     assert find_search(load_config(args, "search")["tracking"], "shared").info.run_id == replaced["parent_run_id"]
 
 
+@pytest.mark.slow
 def test_two_drivers_of_one_name_on_two_ray_folders_against_one_store_run_once(separable, tmp_path):
     from faults import driver_script
 

@@ -72,6 +72,7 @@ def test_survival_chances_follow_rays_percentile():
     assert none.evaluations == 50 and none.share == 1.0 and none.finish == 5
 
 
+@pytest.mark.slow
 def test_a_planned_smoke_search_takes_about_its_planned_time(separable, tmp_path):
     """`emotune plan` then the search it planned, each as a user runs them; the search prints its plan at the start
     and the planned and actual times side by side at the end."""

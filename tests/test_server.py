@@ -182,6 +182,7 @@ def test_auth_without_an_admin_password_is_refused(tmp_path):
     assert "MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr and "--auth-config" in result.stderr
 
 
+@pytest.mark.slow
 def test_auth_refuses_strangers_and_lets_the_admin_log(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
