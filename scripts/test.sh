@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Set-up command 2: create the environment if missing, then run the whole test suite.
-#   scripts/test.sh            all tests
-#   scripts/test.sh -k corpus  extra arguments go to pytest
+# Set-up command 2: create the environment if missing, lint, then run the test suite.
+#   scripts/test.sh              the linter (ruff check), then every test: what CI runs
+#   scripts/test.sh --quick      the linter, then the tests not marked slow (no whole searches, clusters, servers
+#                                or signals): a few minutes, for between two edits
+#   scripts/test.sh -k corpus    extra arguments go to pytest (also after --quick)
 source "$(dirname "$0")/_env.sh"
 cd "$ROOT"
+quick=()
+if [ "${1:-}" = "--quick" ]; then
+    shift
+    quick=(-m "not slow")
+fi
+ruff check . || { echo "ruff found the problems above: fix them (ruff check --fix . fixes some by itself)." >&2; exit 1; }
 set +e
-python -m pytest "$@"
+python -m pytest "${quick[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
