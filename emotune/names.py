@@ -10,7 +10,7 @@ SAMPLE_RATE = 16_000  # Hz: every clip is decoded to this rate, the rate all sup
 # what a trial reports that ASHA may judge (best_val_score: the ranking score, trial.select_by): F1s and
 # scores are maximised, the dev cross-entropy val_loss is minimised
 ASHA_METRICS = ("best_val_score", "val_f1", "val_f1_ema", "best_val_f1", "val_loss")
-ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.ensemble combines members in these ways
+ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.selection.ensemble combines members in these ways
 
 
 def asha_mode(metric: str) -> str:

@@ -47,7 +47,7 @@ def _search_config(metric: str, max_t: int, grace: int, factor: float) -> dict:
 
 
 def scheduler_for(metric: str, max_t: int, grace: int, factor: float):
-    """A fresh scheduler as a search with these settings gets it (emotune.search_algorithms.make_scheduler)."""
+    """A fresh scheduler as a search with these settings gets it (emotune.search.algorithms.make_scheduler)."""
     from emotune.search.algorithms import make_scheduler
 
     return make_scheduler(_search_config(metric, max_t, grace, factor))

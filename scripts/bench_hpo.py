@@ -8,10 +8,10 @@
    Written to ``runs/hpo-pool.jsonl`` as it goes (a stopped recording continues where it was), then to
    ``benchmarks/hpo-pool.json.gz``.
 2. Replay (``replay``): every method runs many seeded searches in process through Ray's real searcher and
-   scheduler classes (``emotune.search.make_searcher`` / ``emotune.search_algorithms.make_scheduler``, so what ships
-   is what is measured) and Optuna's real samplers. A proposal is mapped to the nearest recorded configuration
-   (numeric settings normalised to [0, 1], log-scaled ones on their log, categorical ones exact); two slots run at a
-   time, and time advances by the recorded seconds of each evaluation.
+   scheduler classes (``emotune.search.driver.make_searcher`` / ``emotune.search.algorithms.make_scheduler``, so
+   what ships is what is measured) and Optuna's real samplers. A proposal is mapped to the nearest recorded
+   configuration (numeric settings normalised to [0, 1], log-scaled ones on their log, categorical ones exact); two
+   slots run at a time, and time advances by the recorded seconds of each evaluation.
 3. Report: benchmarks/hpo.md, benchmarks/hpo.json and benchmarks/hpo.png.
 
     python scripts/bench_hpo.py record               # about 60 min on 2 cores
@@ -765,7 +765,7 @@ def write_report(pool, study, score, schedulers, scheduler_key, noise_key, noise
               "evaluation.",
               "", "## Schedulers: survival of the best trial on test", "",
               f"{args.draws} random pools of 24 recorded trials (paired across settings), two at a time, through Ray's "
-              "ASHAScheduler or emotune's NoiseASHA (`emotune.search_algorithms.make_scheduler`). Survival: the pool's "
+              "ASHAScheduler or emotune's NoiseASHA (`emotune.search.algorithms.make_scheduler`). Survival: the pool's "
               "best trial on test reaches the last evaluation. Test regret: that trial's test F1 minus the test F1 of "
               f"the trial the score selects. Goal: survival >= {GOAL_SURVIVAL:.0%} on <= {GOAL_SHARE:.0%} of the "
               "epochs, with at most half of plain ASHA's regret at the same epoch share.", "",

@@ -104,7 +104,7 @@ def driver_script(path: Path, train_expression: str) -> list[str]:
     """A ``python -m emotune.search`` of its own at ``path`` whose trials run ``train_expression`` (an expression
     over this module, e.g. ``held_at(2, '/tmp/gate')``); returns the command that runs it."""
     path.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                    "from faults import *\nfrom emotune.search import main\n"
+                    "from faults import *\nfrom emotune.search.driver import main\n"
                     f"sys.exit(main(sys.argv[1:], train={train_expression}))\n")
     return [sys.executable, str(path)]
 

@@ -198,9 +198,13 @@ def _wait_for_saved(experiment: Path, process, terminated: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_duplicates(separable, tmp_path):
-    # trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
-    # under way at each interruption is a state the test sets, not a race against the machine's speed
+def test_a_search_stopped_by_ctrl_c_sigterm_then_sigkill_resumes_each_time_without_duplicates(separable, tmp_path):
+    """Ctrl-C, then SIGTERM, then SIGKILL, each in the middle of a trial, and the same command resumes every time.
+
+    Trials are held at the test's gate after their second of 4 epochs: which trials have finished and which one is
+    under way at each interruption is a state the test sets, not a race against the machine's speed."""
+    from ray import tune
+
     args, runs, gate = _gated_search(separable, tmp_path, 2, "search.num_samples=6", "trial.max_epochs=4",
                                      "search.grace_period=4")
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -210,40 +214,56 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, env=env, cwd=tmp_path)
 
+    def assert_stopped_cleanly(driver, out: str, err: str) -> None:
+        assert driver.returncode == 130, (out + err)[-3000:]
+        assert "search interrupted; run the same command again to resume it." in err
+        assert "Traceback" not in out + err and "SIGTERM received" not in out + err
+        assert not (runs / "ray" / "smoke.lock").exists()  # released on the way out
+        _, parents, children = mlflow_runs(runs)
+        assert [p.info.status for p in parents] == ["KILLED"]
+        assert all(c.info.status != "RUNNING" for c in children)  # no trial run left looking alive
+        assert tune.Tuner.can_restore(str(experiment))  # Tune saved its state
+
     # Ctrl-C (SIGINT to the terminal's whole process group) once trial 0 has finished and trial 1 is under way
     (gate / "hold-1").touch()
     first = start()
     _wait_for(gate / "held-1", first)
     os.killpg(first.pid, signal.SIGINT)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 130, err[-3000:]
-    assert "search interrupted; run the same command again to resume it." in err and "Traceback" not in err
-    assert not (runs / "ray" / "smoke.lock").exists()  # released on the way out
-    _, parents, children = mlflow_runs(runs)
-    assert [p.info.status for p in parents] == ["KILLED"]
-    assert all(c.info.status != "RUNNING" for c in children)  # no trial run left looking alive
+    assert_stopped_cleanly(first, *first.communicate(timeout=120))
     assert len(_finished_curves(runs)) == 1
 
-    # the same command resumes; this time the driver is killed outright while trial 3 is under way
+    # the same command resumes; SIGTERM, as kill, systemd, docker stop and SLURM send it (to the driver alone),
+    # stops it as Ctrl-C does while trial 2 is under way
     (gate / "hold-1").unlink()
-    (gate / "hold-3").touch()
+    (gate / "hold-2").touch()
     second = start()
-    _wait_for(gate / "held-3", second)
-    _wait_for_saved(experiment, second, terminated=3)
-    os.killpg(second.pid, signal.SIGKILL)
-    second.communicate(timeout=30)
+    _wait_for(gate / "held-2", second)
+    os.kill(second.pid, signal.SIGTERM)
+    out, err = second.communicate(timeout=120)
+    assert "resuming from" in out
+    assert_stopped_cleanly(second, out, err)
+    assert len(_finished_curves(runs)) == 2  # trials 0 and 1 (resumed)
+
+    # resumed again; this time the driver is killed outright while trial 3 is under way
+    (gate / "hold-2").unlink()
+    (gate / "hold-3").touch()
+    third = start()
+    _wait_for(gate / "held-3", third)
+    _wait_for_saved(experiment, third, terminated=3)
+    os.killpg(third.pid, signal.SIGKILL)
+    third.communicate(timeout=30)
     lock = json.loads((runs / "ray" / "smoke.lock").read_text())
-    assert lock["pid"] == second.pid  # the killed driver could not release its lock
+    assert lock["pid"] == third.pid  # the killed driver could not release its lock
     done_before = _finished_curves(runs)
-    assert len(done_before) == 3, done_before  # trials 0, 1 (resumed) and 2; trial 3 was under way
+    assert len(done_before) == 3, done_before  # trials 0, 1 and 2 (resumed); trial 3 was under way
 
     (gate / "hold-3").unlink()
     resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    assert f"taking over the lock of a driver that is gone (pid {second.pid}" in resumed.stdout
+    assert f"taking over the lock of a driver that is gone (pid {third.pid}" in resumed.stdout
     assert f"taking over its lock in the MLflow store sqlite:///{runs / 'mlflow.db'} from a driver that is gone " \
-           f"(pid {second.pid}" in resumed.stdout
+           f"(pid {third.pid}" in resumed.stdout
     assert not (runs / "ray" / "smoke.lock").exists()  # released at the end
     ids = _ray_trial_ids(experiment)
     assert len(ids) == len(set(ids)) == 6  # every trial exactly once in Ray's results
@@ -252,34 +272,6 @@ def test_a_search_stopped_by_ctrl_c_then_killed_with_sigkill_resumes_without_dup
     # the trials finished before the kill were not re-run: the same MLflow runs with the same curves
     done_after = _finished_curves(runs)
     assert {k: done_after.get(k) for k in done_before} == done_before
-
-
-@pytest.mark.slow
-def test_sigterm_stops_a_running_search_as_ctrl_c_does_and_it_resumes(separable, tmp_path):
-    from ray import tune
-
-    args, runs, gate = _gated_search(separable, tmp_path, 1, "search.num_samples=2", "trial.max_epochs=2",
-                                     "search.grace_period=2")
-    (gate / "hold-1").touch()  # trial 0 finishes, trial 1 is under way when the driver gets SIGTERM
-    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True, cwd=tmp_path)
-    _wait_for(gate / "held-1", driver)
-    os.kill(driver.pid, signal.SIGTERM)  # as kill, systemd, docker stop and SLURM send it: to the driver alone
-    out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, (out + err)[-3000:]
-    assert "search interrupted; run the same command again to resume it." in err
-    assert "Traceback" not in out + err and "SIGTERM received" not in out + err
-    _, parents, children = mlflow_runs(runs)
-    assert [p.info.status for p in parents] == ["KILLED"]
-    assert all(c.info.status != "RUNNING" for c in children)
-    assert tune.Tuner.can_restore(str(runs / "ray" / "smoke"))  # Tune saved its state
-
-    (gate / "hold-1").unlink()
-    resumed = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    client, parents, children = mlflow_runs(runs)
-    assert_one_tree(client, parents, children, 2)  # every trial once, none proposed twice
 
 
 @pytest.mark.slow

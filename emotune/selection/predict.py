@@ -36,7 +36,7 @@ class Member:
 
 
 class Ensemble:
-    """A loaded ensemble folder (see ``emotune.ensemble``)."""
+    """A loaded ensemble folder (see ``emotune.selection.ensemble``)."""
 
     def __init__(self, folder: str | Path, models_dir: str | Path | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()

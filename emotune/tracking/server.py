@@ -6,7 +6,7 @@
 
 It is MLflow's own server with ``--serve-artifacts``: clients send runs and artifacts over HTTP, and the server
 alone writes its store (SQLite by default, or any SQLAlchemy URI) and its artifact folder. It runs in a session
-of its own, stopped whole by Ctrl-C, SIGTERM or SIGHUP, as ``emotune ui`` is (``emotune.ui.run_until_signal``).
+of its own, stopped whole by Ctrl-C, SIGTERM or SIGHUP, as ``emotune ui`` is (``emotune.tracking.ui.run_until_signal``).
 """
 
 from __future__ import annotations
