@@ -230,36 +230,12 @@ class Bookkeeping:
     per_trial: float                 # a trial's MLflow run: start, parameters, config, history, dev reports, end
 
 
-def _empty_store(folder: str) -> Path:
-    """A new MLflow SQLite store in ``folder``: a copy of an empty one kept per MLflow version in the user's cache,
-    since creating MLflow's tables takes seconds (a search pays that once, not per trial)."""
-    import logging
-    import shutil
-
-    import mlflow
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune"
-    template = cache / f"empty-mlflow-{mlflow.__version__}.db"
-    if not template.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        draft = Path(tempfile.mkdtemp(prefix=".empty-store-", dir=cache))
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its "Creating tables" lines
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(f"sqlite:///{draft / 'mlflow.db'}").search_experiments()  # creates the tables
-        os.replace(draft / "mlflow.db", template)  # whole or absent, whoever else is making it
-        shutil.rmtree(draft, ignore_errors=True)
-    path = Path(folder) / "mlflow.db"
-    shutil.copyfile(template, path)
-    return path
-
-
 def measure_bookkeeping(shape: Shape, n_classes: int, n_dev: int, n_test: int, tracking: dict) -> Bookkeeping:
     """Run a trial's bookkeeping once with ``shape``'s model, against an MLflow SQLite store in a temporary folder
     (``tracking``: the search's settings, for the experiment's name; its store is not touched)."""
     from emotune import evaluation, noise
     from emotune.model.checkpoint import ModelCard, save_model
-    from emotune.tracking.store import TrackedRun, ensure_experiment
+    from emotune.tracking.store import TrackedRun, copy_empty_store, ensure_experiment
     from emotune.trial import TrainerState, save_checkpoint
 
     rng = np.random.default_rng(0)
@@ -282,7 +258,8 @@ def measure_bookkeeping(shape: Shape, n_classes: int, n_dev: int, n_test: int, t
     dev_probs = rng.dirichlet(np.ones(n_classes), size=n_dev)
     test_probs = rng.dirichlet(np.ones(n_classes), size=max(1, n_test))
     with tempfile.TemporaryDirectory(prefix="emotune-probe-") as tmp:
-        store = {**tracking, "uri": f"sqlite:///{_empty_store(tmp)}", "artifacts": f"{tmp}/mlartifacts"}
+        store = {**tracking, "uri": f"sqlite:///{copy_empty_store(Path(tmp) / 'mlflow.db')}",
+                 "artifacts": f"{tmp}/mlartifacts"}
         ensure_experiment(store)
         best = Path(tmp) / "trial" / "best"
 

@@ -87,12 +87,39 @@ def client(uri: str):
     with open(f"{database}.init-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            if not database.exists():
+                copy_empty_store(database)
             mlflow_client = MlflowClient(tracking_uri=uri)
-            retry(mlflow_client.search_experiments, max_results=1)  # creates and migrates the store
+            retry(mlflow_client.search_experiments, max_results=1)  # migrates a store made by an older MLflow
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     _READY.add(uri)
     return mlflow_client
+
+
+def copy_empty_store(database: Path) -> Path:
+    """A new MLflow SQLite store at ``database``: a copy of an empty one kept per MLflow version in the user's
+    cache (``~/.cache/emotune``), since creating MLflow's tables takes seconds: a fresh runs folder, and every
+    store a test or a plan makes, pays that once per machine, not once per store."""
+    import logging
+    import shutil
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune"
+    template = cache / f"empty-mlflow-{mlflow.__version__}.db"
+    if not template.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        draft = Path(tempfile.mkdtemp(prefix=".empty-store-", dir=cache))
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its "Creating tables" lines
+        MlflowClient(f"sqlite:///{draft / 'mlflow.db'}").search_experiments()  # creates the tables
+        os.replace(draft / "mlflow.db", template)  # whole or absent, whoever else is making it
+        shutil.rmtree(draft, ignore_errors=True)
+    partial = database.with_name(f".{database.name}.{os.getpid()}")
+    shutil.copyfile(template, partial)
+    os.replace(partial, database)  # a reader never meets half a store
+    return database
 
 
 def ensure_experiment(tracking: dict) -> str:
