@@ -341,3 +341,27 @@ def test_a_cache_worker_asks_for_its_encoders_weights_and_a_margin():
     mib = 1024 ** 2
     assert worker_memory(0) == 512 * mib
     assert worker_memory(560) == int(560e6 * 4 * 1.25) + 512 * mib  # XLM-R large: 2.8 GB + 512 MiB
+
+
+def test_a_kept_parameter_count_is_the_count_of_the_built_model(tmp_path, monkeypatch):
+    """Parameter counts are kept by config and transformers version; a kept count must be the real one, and an
+    edited config is counted anew."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from emotune.features.plan import count_parameters
+    from emotune.features.tiny import build_tiny_encoder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = build_tiny_encoder("tiny-wav2vec2", tmp_path / "enc")
+    with torch.device("meta"):
+        built = sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(folder)).parameters())
+    assert count_parameters(folder) == built  # counted, then kept
+    kept = json.loads((tmp_path / "cache" / "emotune" / "parameter-counts.json").read_text())
+    assert list(kept.values()) == [built]
+    assert count_parameters(folder) == built  # read back
+    config = json.loads((Path(folder) / "config.json").read_text())
+    (Path(folder) / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    assert count_parameters(folder) < built  # another config: counted again, not read back

@@ -11,6 +11,8 @@ stops before any work when the missing part cannot fit (``features.max_cache_gb`
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,14 +206,49 @@ def duration(seconds: float) -> str:
 
 
 def count_parameters(folder: str | Path) -> int:
-    """Parameters of a Hugging Face folder's bare encoder, built on the meta device (no weights are read)."""
+    """Parameters of a Hugging Face folder's bare encoder, built on the meta device (no weights are read).
+
+    Counts are kept by the config's bytes and the transformers version in ``~/.cache/emotune``: building the model
+    (and importing its transformers module) takes seconds that every search and plan would otherwise pay again."""
+    import hashlib
+    from importlib.metadata import version
+
+    config_bytes = (Path(folder) / "config.json").read_bytes()
+    key = f"{version('transformers')}:{hashlib.sha256(config_bytes).hexdigest()}"
+    known = _read_counts()
+    if key in known:
+        return int(known[key])
     import torch
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    count = sum(p.numel() for p in model.parameters())
+    _write_counts(known | {key: count})
+    return count
+
+
+def _counts_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune" / "parameter-counts.json"
+
+
+def _read_counts() -> dict:
+    try:
+        return json.loads(_counts_file().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: count again
+        return {}
+
+
+def _write_counts(counts: dict) -> None:
+    path = _counts_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(counts, indent=0, sort_keys=True))
+        os.replace(partial, path)  # whole or not at all; a count lost to a concurrent writer is counted again
+    except OSError:
+        pass  # a read-only home: the count is simply made again next time
 
 
 def _offline_recipe(name: str, modality: str, features: dict) -> EncoderRecipe | None:
