@@ -25,6 +25,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def join_shared_ray() -> None:
+    """Start the pytest run's own local Ray, unless one is up in this process.
+
+    ``run_search`` joins a Ray already running in its process and leaves it running, so the searches a test runs in
+    process share this one: each skips Ray's start and stop, and its trials run in workers that have already
+    imported torch and emotune. Searches run as commands start their own Ray, as a user's do."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+
+
+def leave_shared_ray() -> None:
+    """Stop the shared Ray, for a test that starts a Ray of its own (other resources, or a cluster to join)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def shared_ray():
+    join_shared_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_left_behind():
+    yield
+    leave_shared_ray()
+
+
 LABELS = ("neutral", "disgust", "anger", "sadness", "joy", "fear")
 
 
@@ -146,6 +177,7 @@ def smoke_search(separable, tmp_path_factory) -> tuple[Path, dict]:
     runs = tmp_path_factory.mktemp("smoke") / "runs"
     # one trial at a time: ASHA then judges each trial against all earlier ones, the same way every run
     cfg = load_config(smoke_search_args(separable, runs), "search")
+    join_shared_ray()
     return runs, run_search(cfg, train=crash_once_at(2, runs.parent / "crashed-once"))
 
 

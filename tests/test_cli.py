@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,19 +120,23 @@ def test_ui_stops_every_process_it_started_on_each_signal(smoke_search, tmp_path
         port = probe.getsockname()[1]
     ui = subprocess.Popen([sys.executable, "-m", "emotune", "ui", f"paths.runs_dir={runs}", "--port", str(port)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    deadline, status = time.time() + 120, None
-    while time.time() < deadline and status is None and ui.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                status = response.status
-        except OSError:
-            time.sleep(0.5)
-    assert status == 200
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(ui.stdout), daemon=True)
+    reader.start()
+    # the UI is up for its user once it has printed the address of the search's runs, which it does once the
+    # server answers: the signal comes after that line, not merely after the server's first answer
+    deadline = time.time() + 120
+    while time.time() < deadline and ui.poll() is None and not any("viewStateShareKey=" in line for line in lines):
+        time.sleep(0.2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert response.status == 200
     servers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(int(p.name)) == ui.pid]
     sessions = {_session_of(pid) for pid in servers}
     assert servers and sessions and all(_processes_in_session(s) for s in sessions)
     ui.send_signal(stop)
-    output, _ = ui.communicate(timeout=60)
+    ui.wait(timeout=60)
+    reader.join(timeout=10)
+    output = "".join(lines)
     assert ui.returncode == 0, output[-2000:]
     assert "viewStateShareKey=" in output  # it printed the address of the search's runs
     assert all(not _processes_in_session(s) for s in sessions)  # not one of the server's processes is left

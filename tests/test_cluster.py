@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_separable_corpus
+from conftest import leave_shared_ray, make_separable_corpus
 
 from ray_nodes import RayNodes, free_port
 
@@ -74,6 +74,7 @@ class Server:
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     """A tracking server and a two-node Ray cluster; the driver's environment; the shared folders."""
+    leave_shared_ray()  # the driver of a cluster search joins the cluster, not the run's own Ray
     root = tmp_path_factory.mktemp("cluster")
     corpus = make_separable_corpus(root / "corpus")
     driver_home = root / "driver-home"

@@ -23,8 +23,11 @@ def test_same_seed_same_bytes_other_seed_other_corpus(demo_corpus, tmp_path):
     again = build_demo_corpus(tmp_path / "again", n_clips=60, seed=7, workers=1, progress=False)
     assert digest(demo_corpus) == digest(tmp_path / "again")
     assert again["counts"]["train"]["fear"] >= 1
-    other = build_demo_corpus(tmp_path / "other", n_clips=60, seed=8, progress=False)
-    assert other["clips"][0]["text"] != again["clips"][0]["text"] or digest(tmp_path / "other") != digest(demo_corpus)
+    # another seed, another corpus: its plan (what build_demo_corpus synthesises) starts with another sentence, or,
+    # should the two plans start alike, its audio differs
+    if plan_corpus(60, seed=8)[0].text == again["clips"][0]["text"]:
+        build_demo_corpus(tmp_path / "other", n_clips=60, seed=8, progress=False)
+        assert digest(tmp_path / "other") != digest(demo_corpus)
 
 
 def test_layout_matches_the_challenge(demo_corpus):

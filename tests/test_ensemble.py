@@ -369,7 +369,7 @@ def test_trials_with_equal_dev_f1_rank_by_run_start_then_run_id(smoke_search, tm
 
 
 @pytest.mark.slow
-def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path):
+def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, tmp_path, shared_ray):
     from conftest import search_args
     from mlflow import MlflowClient
 

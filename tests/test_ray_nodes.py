@@ -7,6 +7,7 @@ import shutil
 import socket
 
 import pytest
+from conftest import leave_shared_ray
 
 from emotune.tracking.ui import _is_zombie, _session_members
 
@@ -37,6 +38,7 @@ def test_two_nodes_own_homes_and_a_hidden_folder(tmp_path):
         sessions = [node.process.pid for node in cluster.nodes.values()]
         port = cluster.port
 
+        leave_shared_ray()  # this process joins the cluster instead
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         try:
             @ray.remote(num_cpus=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import search_args, tone, trial_config
+from conftest import leave_shared_ray, search_args, tone, trial_config
 
 from emotune.errors import EmotuneError
 
@@ -94,7 +94,7 @@ def test_plan_estimate_is_within_ten_percent_of_what_the_fill_writes(separable, 
 
 
 def test_a_search_over_the_cap_stops_before_any_work_and_a_complete_cache_is_not_stopped(smoke_search, separable,
-                                                                                          tmp_path):
+                                                                                          tmp_path, shared_ray):
     from emotune.config import load_config
     from emotune.search.driver import run_search
 
@@ -228,6 +228,7 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
     from emotune.search.driver import run_search
 
     corpus, _ = separable
+    leave_shared_ray()  # a Ray with these logical GPUs
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
     try:
         cfg = load_config(search_args(corpus, tmp_path / "runs", tmp_path / "cache", "search.num_samples=2",
@@ -257,6 +258,7 @@ def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not
     from emotune.errors import EmotuneError
     from emotune.features.distributed import worker_shape
 
+    leave_shared_ray()  # a Ray with one logical GPU
     ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     try:
         assert worker_shape({"device": "auto", "gpu_per_worker": 0.5}, 1) == (2, 0.5, "auto")
@@ -277,6 +279,7 @@ def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_mor
 
     memory = worker_memory(315.4)  # XLS-R 300M: 1.26 GB of float32 weights
     assert 1.9 * 2**30 < memory < 2.0 * 2**30
+    leave_shared_ray()  # a Ray with this memory
     ray.init(num_cpus=2, _memory=3 * 2**30, include_dashboard=False, logging_level="WARNING")
     try:
         pool = CacheWorkers({"device": "cpu", "gpu_per_worker": 1, "augment": {}}, 2, None, str(tmp_path), memory)
@@ -289,7 +292,7 @@ def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_mor
 
 
 @pytest.mark.slow
-def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path):
+def test_a_search_saved_before_the_new_keys_resumes(separable, tmp_path, shared_ray):
     from emotune.config import load_config
     from emotune.search.driver import run_search
 

@@ -89,7 +89,7 @@ def optuna_states(experiment: Path) -> dict[str, tuple[str, dict, float | None]]
             for trial_id, t in saved["_ot_trials"].items()}
 
 
-def test_optuna_hears_which_trials_asha_cut_and_a_resumed_search_keeps_it(smoke_search, separable):
+def test_optuna_hears_which_trials_asha_cut_and_a_resumed_search_keeps_it(smoke_search, separable, shared_ray):
     from conftest import smoke_search_args
 
     runs, summary = smoke_search
@@ -118,7 +118,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resuming_with_other_settings_is_refused(smoke_search, separable, capsys):
+def test_resuming_with_other_settings_is_refused(smoke_search, separable, capsys, shared_ray):
     runs, _ = smoke_search
     corpus, shared_runs = separable
     args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=6",
@@ -326,17 +326,17 @@ def test_a_bigger_search_after_the_demo_runs_as_the_refusal_says(separable, tmp_
         return subprocess.run(["scripts/demo.sh", *args, *extra], capture_output=True, text=True, env=env, cwd=root,
                               timeout=600)
 
-    first = demo("search.num_samples=2")
+    first = demo("search.num_samples=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    bigger = demo("search.num_samples=3")
+    bigger = demo("search.num_samples=2")
     assert bigger.returncode == 2 and "Traceback" not in bigger.stderr, bigger.stderr[-3000:]
-    assert "search.num_samples: 2 -> 3" in bigger.stderr
+    assert "search.num_samples: 1 -> 2" in bigger.stderr
     assert "to encode" not in bigger.stdout  # refused before the cache plan
     suggested = bigger.stderr.strip().splitlines()[-1].strip()
-    assert suggested == shlex.join(["scripts/demo.sh", *args, "search.num_samples=3", "search.name=smoke-2"])
+    assert suggested == shlex.join(["scripts/demo.sh", *args, "search.num_samples=2", "search.name=smoke-2"])
     again = subprocess.run(suggested, shell=True, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Search 'smoke-2' done" in again.stdout and ": 3 trials, " in again.stdout
+    assert "Search 'smoke-2' done" in again.stdout and ": 2 trials, " in again.stdout
 
 
 @pytest.mark.slow
@@ -361,7 +361,7 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys):
+def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys, shared_ray):
     from faults import fail_after_first_report
 
     corpus, shared_runs = separable
@@ -383,7 +383,10 @@ def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys
 def two_node_cluster():
     """A real two-node Ray cluster (one CPU each) on this machine, shut down afterwards."""
     import ray
+    from conftest import leave_shared_ray
     from ray.cluster_utils import Cluster
+
+    leave_shared_ray()
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)

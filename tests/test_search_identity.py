@@ -27,7 +27,7 @@ def _trial_runs(runs, include_deleted: bool = False):
 
 
 @pytest.mark.slow
-def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separable, tmp_path):
+def test_a_new_search_of_an_old_name_stops_and_replace_keeps_the_old_runs(separable, tmp_path, shared_ray):
     corpus, shared_runs = separable
     runs = tmp_path / "runs"
     args = search_args(corpus, runs, shared_runs / "cache" / "features", "search.name=shared", "search.num_samples=2",
