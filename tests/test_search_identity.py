@@ -9,7 +9,8 @@ import sys
 
 import pytest
 from conftest import search_args
-from test_search import _wait_for, mlflow_runs
+from test_search import mlflow_runs
+from test_search_commands import _wait_for
 
 from emotune.config import load_config
 from emotune.search.driver import run_search
