@@ -19,18 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SLOW_FIXTURES = {"smoke_search", "soft_ensemble", "tied_store", "team", "two_node_cluster", "server"}
 
 
-# The files that take a minute or more, longest first: run first, so that the two workers of scripts/test.sh (a file
-# each at a time) end together instead of one of them starting a long file last. Only the order changes.
-LONG_FILES = ("test_search_commands.py", "test_cli.py", "test_cluster.py", "test_scale.py", "test_search.py",
-              "test_search_identity.py", "test_search_plan.py")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file keeps its own order
 
 
 def join_shared_ray() -> None:
