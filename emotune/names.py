@@ -18,6 +18,12 @@ def asha_mode(metric: str) -> str:
     return "min" if metric == "val_loss" else "max"
 
 
+def user_cache_dir() -> Path:
+    """Where emotune keeps what a machine can reuse across runs (an empty MLflow store, encoders' parameter counts):
+    ``$XDG_CACHE_HOME/emotune``, by default ``~/.cache/emotune``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune"
+
+
 def file_identity(path: str | Path) -> str:
     """A key that changes whenever the file does (path, size, modification time), for memos of its content."""
     st = os.stat(path)

@@ -30,7 +30,7 @@ from emotune.features.recipe import (
     resolve_recipe,
     resolve_waveform_norm,
 )
-from emotune.names import SAMPLE_RATE
+from emotune.names import SAMPLE_RATE, user_cache_dir
 
 # The SSL front-end every catalog speech model shares (320x downsampling): frame counts before a download.
 SSL_CONV = ((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
@@ -230,7 +230,7 @@ def count_parameters(folder: str | Path) -> int:
 
 
 def _counts_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune" / "parameter-counts.json"
+    return user_cache_dir() / "parameter-counts.json"
 
 
 def _read_counts() -> dict:

@@ -21,6 +21,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from emotune.errors import EmotuneError  # noqa: E402
+from emotune.names import user_cache_dir  # noqa: E402
 
 TAG_KIND = "emotune.kind"  # trial | search | ensemble
 TAG_RUN_KEY = "emotune.run_key"  # stable identity (e.g. the Ray trial id) that lets a resumed trial reuse its run
@@ -107,7 +108,7 @@ def copy_empty_store(database: Path) -> Path:
     import mlflow
     from mlflow import MlflowClient
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotune"
+    cache = user_cache_dir()
     template = cache / f"empty-mlflow-{mlflow.__version__}.db"
     if not template.is_file():
         cache.mkdir(parents=True, exist_ok=True)
