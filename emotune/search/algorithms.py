@@ -159,18 +159,18 @@ def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
     """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
     second line warns when it makes one cut or none. Rungs are in dev evaluations, which are epochs unless
     ``trial.evals_per_epoch`` is above 1."""
-    search = cfg["search"]
+    search, _ = _settings(cfg)
     per_epoch, grace, max_t = asha_clock(cfg)
-    factor = _settings(cfg)[0].reduction_factor
+    factor = search.reduction_factor
     unit = "epoch" if per_epoch == 1 else "evaluation"
-    if search["scheduler"] == "none":
+    if search.scheduler == "none":
         return [f"No scheduler (search.scheduler=none): every trial runs its {max_t} {unit}s, unless its own early "
                 "stopping ends it."]
-    judged = (f"it judges {search['metric']}, {asha_mode(search['metric'])}imised, and keeps the best 1/{factor:g} "
+    judged = (f"it judges {search.metric}, {asha_mode(search.metric)}imised, and keeps the best 1/{factor:g} "
               "at each rung")
-    if search["scheduler"] == "noise_asha":
-        judged += (f"; a trial below the cutoff is cut only if it is below by more than {float(search['noise_z']):g} "
-                   f"bootstrap standard errors ({_se_of(search['metric'])}), so none is cut within noise")
+    if search.scheduler == "noise_asha":
+        judged += (f"; a trial below the cutoff is cut only if it is below by more than {search.noise_z:g} "
+                   f"bootstrap standard errors ({_se_of(search.metric)}), so none is cut within noise")
     if per_epoch == 1:
         lines = [f"ASHA rungs at epochs {', '.join(map(str, rungs))}; max {max_t} ({judged})"]
     else:
