@@ -161,17 +161,14 @@ def test_a_trial_that_always_fails_is_never_the_best(separable, tmp_path, capsys
 @pytest.fixture
 def two_node_cluster():
     """A real two-node Ray cluster (one CPU each) on this machine, shut down afterwards."""
-    import ray
     from conftest import leave_shared_ray
     from ray.cluster_utils import Cluster
 
     leave_shared_ray()
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     yield cluster
-    if ray.is_initialized():
-        ray.shutdown()
+    leave_shared_ray()  # a driver of this process still joined to the cluster goes before it
     cluster.shutdown()
 
 
