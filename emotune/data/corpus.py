@@ -372,7 +372,8 @@ def scan_audio(
         infos[u.id] = result
     if cache_path and todo:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
+        # a name of this process's own: two searches started together on one runs folder scan at the same time
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_path)
     return kept, infos
