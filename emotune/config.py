@@ -170,6 +170,8 @@ class TrialSettings:
     seed: int
     cpus: int
     device: str
+    folds: int
+    resplit: bool
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ class FeatureSettings:
     cache: bool
     dir: str
     variants: int
+    folds: int
     speech_layers: Any
     text_layers: Any
     max_text_tokens: int
@@ -266,6 +269,8 @@ _RANGES = (
     ("search.ties_confidence", lambda v: 0.5 < v < 1, "between 0.5 and 1",
      "the share of paired resamples in which the best must beat a trial for it not to be tied with the best"),
     ("trial.evals_per_epoch", lambda v: v >= 1, "at least 1", "dev evaluations per epoch"),
+    ("trial.folds", lambda v: v >= 1, "at least 1",
+     "1 trains on the train split and scores on dev; K cuts the labelled clips into K folds"),
     ("features.cpu_workers", lambda v: v is None or v >= 1, "at least 1, or null",
      "the most cache-filling workers without GPUs: each holds a full encoder in memory"),
     ("features.gpu_per_worker", lambda v: v > 0, "above 0",

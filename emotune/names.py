@@ -9,6 +9,9 @@ MODALITIES = ("speech", "text")  # in the order the model concatenates them in t
 SAMPLE_RATE = 16_000  # Hz: every clip is decoded to this rate, the rate all supported speech encoders expect
 # what a trial reports that ASHA may judge (best_val_score: the ranking score, trial.select_by): F1s and
 # scores are maximised, the dev cross-entropy val_loss is minimised
+# The search's one objective: what ranks trials (the summary, select-top, ties), what the sampler learns and what the
+# progress table sorts by; ASHA judges it too unless search.metric names another curve (a documented choice)
+OBJECTIVE = "best_val_score"
 ASHA_METRICS = ("best_val_score", "val_f1", "val_f1_ema", "best_val_f1", "val_loss")
 ENSEMBLE_METHODS = ("hard", "soft", "greedy")  # emotune.selection.ensemble combines members in these ways
 

@@ -32,6 +32,7 @@ import torch
 from emotune import evaluation, noise
 from emotune.data.corpus import Utterance
 from emotune.errors import EmotuneError
+from emotune.estimate import EVALUATIONS_FILE, encode_classes
 from emotune.model.checkpoint import ModelCard, save_model
 
 Reporter = Callable[[dict, str], None]
@@ -71,6 +72,8 @@ class TrainerState:
     since_decay: int = 0
     lr: float = 0.0
     history: list = field(default_factory=list)
+    predicted: list = field(default_factory=list)  # per evaluation, the predicted class of every scored clip
+    # (emotune.estimate.encode_classes): what the search's bias-corrected estimate repeats its choice on
     rng: dict = field(default_factory=dict)
     run_id: str | None = None
     train_seconds: float = 0.0
@@ -245,18 +248,23 @@ class Trainer:
         started = time.perf_counter()
         self.corpus = prepare_corpus(cfg["data"], cfg["paths"]["runs_dir"], progress=context.progress)
         self.labels = self.corpus.labels
-        self.dev_true = [self.labels.index(u.label) for u in self.corpus.dev]
+        self.folds = self._folds()
+        # the clips scored at every evaluation: dev with one split, every labelled clip (out of fold) with K folds
+        self.scored = [self.folds.clips[i] for i in self.folds.scored]
+        self.dev_true = [self.labels.index(u.label) for u in self.scored]
         self.dev_resamples = noise.stratified_resamples(self.dev_true)  # drawn once: every evaluation alike
         if self.settings.select_by not in noise.SCORES:
             raise EmotuneError(f"trial.select_by must be one of {', '.join(noise.SCORES)}, got "
                                f"'{self.settings.select_by}'")
         self.source, self.described = self._features()
         self.feature_seconds = time.perf_counter() - started
-        self.model = self._model()
+        self.model, self.heads = self._model()
+        # one optimiser for all heads: a head's parameters get gradients only from its own loss, and AdamW skips
+        # parameters without one, so K heads in lockstep train as K separate runs would
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.settings.lr,
                                            weight_decay=self.settings.weight_decay)
-        weights = class_weights(self.corpus.train, self.labels, self.settings.class_weights)
-        self.loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.loss_fns = [self._loss_fn(rows) for rows in self.folds.train]
+        self.loss_fn = self.loss_fns[0]  # weighs val_loss as the first head's training loss is weighed
         self.lengths = {uid: info.n_samples for uid, info in self.corpus.audio.items()}
         self.evals_per_epoch = self._evals_per_epoch()
         self.state = TrainerState(lr=self.settings.lr)
@@ -292,21 +300,44 @@ class Trainer:
                               aug_prob, crop)
         return source, {m: describe(e) | {"storage": "float32"} for m, e in encoders.items()}  # never stored
 
-    def _model(self) -> torch.nn.Module:
+    def _folds(self):
+        """The trial's splits (:mod:`emotune.data.folds`): the train/dev split, or K folds of the labelled clips."""
+        from emotune.data.folds import resplit_seed, trial_folds
+
+        data, k = self.cfg["data"], self.settings.folds
+        seed = int(data.get("fold_seed", data["split_seed"]))
+        if self.settings.resplit and k > 1:
+            seed = resplit_seed(seed, {key: self.cfg.get(key) for key in ("encoders", "model", "trial")})
+        return trial_folds(self.corpus.train, self.corpus.dev, k, seed, by_group=bool(data.get("group_column")))
+
+    def _clips(self, rows) -> list[Utterance]:
+        return [self.folds.clips[i] for i in rows]
+
+    def _loss_fn(self, train_rows) -> torch.nn.CrossEntropyLoss:
+        weights = class_weights(self._clips(train_rows), self.labels, self.settings.class_weights)
+        return torch.nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+
+    def _model(self) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        """The model (one head, or a :class:`~emotune.model.bag.FoldBag` of K) and its heads."""
         from emotune.model import build_model, modalities_of
+        from emotune.model.bag import FoldBag
 
         modalities = modalities_of(self.cfg["model"])
         self.dims = {m: (self.described[m]["layers"], self.described[m]["width"]) for m in modalities}
         self.norms = {m: self.described[m]["norm"] for m in modalities}
-        model = build_model(self.cfg["model"], self.dims, len(self.labels), self.norms)
-        for m in modalities:
-            adapter = model.adapters[m]
-            if getattr(adapter, "needs_statistics", False):  # global standardisation from the training side only
-                adapter.set_statistics(*feature_statistics(self.source, self.corpus.train, m))
-        return model.to(self.device)
+        heads = []
+        for train_rows in self.folds.train:
+            head = build_model(self.cfg["model"], self.dims, len(self.labels), self.norms)
+            for m in modalities:
+                adapter = head.adapters[m]
+                if getattr(adapter, "needs_statistics", False):  # global standardisation from its training side
+                    adapter.set_statistics(*feature_statistics(self.source, self._clips(train_rows), m))
+            heads.append(head.to(self.device))
+        return (heads[0] if len(heads) == 1 else FoldBag(heads).to(self.device)), heads
 
     def _evals_per_epoch(self) -> int:
-        check_evals_per_epoch(self.settings.evals_per_epoch, len(self.corpus.train), self.settings.batch_size)
+        n_train = min(len(rows) for rows in self.folds.train)
+        check_evals_per_epoch(self.settings.evals_per_epoch, n_train, self.settings.batch_size)
         return self.settings.evals_per_epoch
 
     def _resume(self) -> None:
@@ -361,7 +392,7 @@ class Trainer:
         return early_stop is not None and self.state.since_best >= int(early_stop)
 
     def _loop(self) -> dict:
-        if not self.corpus.dev:
+        if not self.scored:
             raise EmotuneError("the dev split is empty: raise data.dev_fraction so that model selection has data")
         max_epochs = self.settings.max_epochs
         if self.state.epoch >= max_epochs or (self.state.epoch > 0 and self._stopped_early()):
@@ -384,6 +415,7 @@ class Trainer:
             self.state.rng = self.rng.bit_generator.state
             save_checkpoint(self.workdir / "checkpoint", self.model, self.optimizer, self.state,
                             self.workdir / "best" / "model.safetensors")
+            self._save_evaluations()
             stopped_early = self._stopped_early()
             metrics["early_stopped"] = float(stopped_early)  # tells the search this trial's own rule ended it
             last = stopped_early or self.state.epoch >= max_epochs
@@ -396,19 +428,22 @@ class Trainer:
     def _epoch(self):
         """Train one epoch, evaluating on dev ``evals_per_epoch`` times, at even shares of its batches.
 
-        Yields, per evaluation, its metrics, the dev probabilities and whether dev macro-F1 improved. The epoch's
-        own bookkeeping (patience, lr decay, early stopping count epochs) is done before its last evaluation is
-        yielded, whose ``epoch`` is then the whole number of epochs trained.
+        Yields, per evaluation, its metrics, the dev probabilities (held-out: out of fold with K folds, in the
+        order of ``self.scored``) and whether dev macro-F1 improved. The epoch's own bookkeeping (patience, lr
+        decay, early stopping count epochs) is done before its last evaluation is yielded, whose ``epoch`` is then
+        the whole number of epochs trained. K heads step in lockstep, each through its own training folds.
         """
-        train, batch_size, evals = self.corpus.train, self.settings.batch_size, self.evals_per_epoch
-        order = self.rng.permutation(len(train))
-        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        batch_size, evals = self.settings.batch_size, self.evals_per_epoch
+        plans = []
+        for rows in self.folds.train:
+            order = rows[self.rng.permutation(len(rows))]
+            plans.append([order[start : start + batch_size] for start in range(0, len(order), batch_size)])
+        steps = max(len(plan) for plan in plans)
         improved_in_epoch = False
-        for share, indices in enumerate(np.array_split(np.arange(len(batches)), evals), start=1):
+        for share, indices in enumerate(np.array_split(np.arange(steps), evals), start=1):
             started = time.perf_counter()
-            losses = self._train_batches([batches[i] for i in indices])
-            dev_probs = predict(self.model, self.source, self.corpus.dev, self.lengths,
-                                self.settings.eval_batch_size, self.device)
+            losses = self._train_steps(plans, indices)
+            dev_probs = self.predict_heldout()
             dev_pred = dev_probs.argmax(1)
             f1 = evaluation.macro_f1(self.dev_true, dev_pred, len(self.labels))
             f1_se = noise.macro_f1_se(self.dev_true, dev_pred, len(self.labels), rows=self.dev_resamples)
@@ -423,6 +458,7 @@ class Trainer:
                        "val_loss": self._dev_loss(dev_probs), "train_loss": float(np.mean(losses)),
                        "lr": self.state.lr, "epoch_seconds": time.perf_counter() - started}  # since the last report
             self.state.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
+            self.state.predicted.append(encode_classes(dev_pred))
             yield metrics, dev_probs, improved
 
     def _dev_loss(self, dev_probs: np.ndarray) -> float:
@@ -437,19 +473,32 @@ class Trainer:
         return float(torch.nn.functional.nll_loss(log_probs, torch.tensor(self.dev_true),
                                                   weight=None if weight is None else weight.cpu().double()))
 
-    def _train_batches(self, batches: list[np.ndarray]) -> list[float]:
-        """One optimiser step per batch of training-clip indices; their losses."""
+    def _train_steps(self, plans: list[list[np.ndarray]], steps: np.ndarray) -> list[float]:
+        """One optimiser step per step index: each head that has a batch at that step trains on it (``plans``:
+        per head, its batches of clip indices); the heads' losses."""
         self.model.train()
-        train = self.corpus.train
         losses = []
-        for indices in batches:
-            batch = _to(self.source.batch([train[i] for i in indices], True, self.rng), self.device)
-            loss = self.loss_fn(self.model(batch), batch["labels"])
+        for step in steps:
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total = None
+            for head, loss_fn, plan in zip(self.heads, self.loss_fns, plans):
+                if step >= len(plan):  # folds differ by a clip or two: a head may have one batch fewer
+                    continue
+                batch = _to(self.source.batch(self._clips(plan[step]), True, self.rng), self.device)
+                loss = loss_fn(head(batch), batch["labels"])
+                total = loss if total is None else total + loss
+                losses.append(loss.item())
+            total.backward()
             self.optimizer.step()
-            losses.append(loss.item())
         return losses
+
+    def predict_heldout(self) -> np.ndarray:
+        """Class probabilities of ``self.scored``: each clip predicted by the head that never trained on it."""
+        probs = np.zeros((len(self.folds.clips), len(self.labels)))
+        for head, rows in zip(self.heads, self.folds.heldout):
+            probs[rows] = predict(head, self.source, self._clips(rows), self.lengths, self.settings.eval_batch_size,
+                                  self.device)
+        return probs[self.folds.scored]
 
     def _score_improved(self, metrics: dict) -> bool:
         """Add the ranking score to ``metrics`` (``val_score``, ``best_val_score`` and its standard error
@@ -506,6 +555,19 @@ class Trainer:
 
     # --- what the trial leaves ----------------------------------------------------------------------------------
 
+    def _save_evaluations(self) -> None:
+        """Write (and log) ``evaluations.json``: every evaluation's predicted classes on the scored clips, so that
+        the search and select-top can repeat the choice of checkpoint and trial on resamples of those clips
+        (:mod:`emotune.estimate`). Written at every epoch's end: a trial ASHA stops leaves it too."""
+        path = self.workdir / EVALUATIONS_FILE
+        data = {"ids": [u.id for u in self.scored], "classes": list(self.labels), "folds": self.folds.count,
+                "select_by": self.settings.select_by, "ema_alpha": self.settings.ema_alpha,
+                "val_f1_se": [row.get("val_f1_se", 0.0) for row in self.state.history],
+                "predicted": self.state.predicted}
+        path.write_text(json.dumps(data))
+        if self.run is not None:
+            self.run.log_artifacts([path])
+
     def _save_best(self, dev_probs: np.ndarray) -> None:
         """Write (and log) what the selector and ``predict`` need from the best model so far."""
         cfg, corpus, labels, best = self.cfg, self.corpus, self.labels, self.workdir / "best"
@@ -514,10 +576,11 @@ class Trainer:
                          features={k: cfg["features"].get(k) for k in ("speech_layers", "text_layers",
                                                                          "max_text_tokens")},
                          best_epoch=self.state.score_epoch, best_val_f1=self.state.score_f1,
-                         trial_seed=self.settings.seed)
+                         trial_seed=self.settings.seed, folds=self.folds.count, fold_seed=self.folds.seed)
         files = save_model(self.model, card, best)
-        files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in corpus.dev], dev_probs,
-                                                  labels, [u.label for u in corpus.dev]))
+        # with K folds, "dev" predictions are out of fold, for every labelled clip
+        files.append(evaluation.write_predictions(best / "dev_predictions.csv", [u.id for u in self.scored],
+                                                  dev_probs, labels, [u.label for u in self.scored]))
         if corpus.test:
             test_probs = predict(self.model, self.source, corpus.test, self.lengths,
                                  self.settings.eval_batch_size, self.device)
@@ -550,7 +613,8 @@ def params_of(cfg: dict, corpus, dims, norms) -> dict:
         "trial": cfg["trial"],
         "features": {k: cfg["features"].get(k) for k in ("cache", "variants", "speech_layers", "text_layers")},
         "data": {"root": cfg["data"]["root"], "dev_fraction": cfg["data"]["dev_fraction"],
-                 "split_seed": cfg["data"]["split_seed"], "n_train": len(corpus.train), "n_dev": len(corpus.dev),
+                 "split_seed": cfg["data"]["split_seed"], "fold_seed": cfg["data"].get("fold_seed"),
+                 "n_train": len(corpus.train), "n_dev": len(corpus.dev),
                  "n_test": len(corpus.test)},
         "dims": {m: f"{d[0]}x{d[1]}" for m, d in dims.items()},
         "norms": norms,

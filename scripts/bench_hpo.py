@@ -886,6 +886,11 @@ def main() -> int:
     rec.add_argument("--epochs", type=int, default=40, help="epochs each (default 40, the default max_epochs)")
     rec.add_argument("--workers", type=int, default=2, help="configurations trained at a time (default 2)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the draws and of the trials (default 0)")
+    cv = sub.add_parser("record-cv", help=f"train the {5}-fold pool (hours on 2 cores; resumable)")
+    cv.add_argument("--configs", type=int, default=100, help="configurations (default 100)")
+    cv.add_argument("--epochs", type=int, default=40, help="epochs each (default 40, the default max_epochs)")
+    cv.add_argument("--workers", type=int, default=2, help="configurations trained at a time (default 2)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the draws, the folds and the trials (default 0)")
     look = sub.add_parser("scores", help="the ranking scores against test on the pool")
     look.add_argument("--partial", action="store_true", help="use the recording under way (runs/hpo-pool.jsonl)")
     run = sub.add_parser("replay", help="replay the methods' searches on the pool and write the report")
@@ -927,6 +932,10 @@ def main() -> int:
         run_methods(pool, chosen, list(range(args.seeds)), budget)
     if args.command == "record":
         record(args)
+    if args.command == "record-cv":
+        import bench_cv
+
+        bench_cv.record(args, pool_config, draw_configurations)
     elif args.command == "scores":
         pool = Pool.load(args.partial)
         for name, row in score_study(pool).items():

@@ -89,9 +89,12 @@ def plan_jobs(corpus: PreparedCorpus, recipe: EncoderRecipe, features: dict, sto
         return {uid: [job] for uid, job in text_jobs(recipe.key, corpus.train + corpus.dev + corpus.test).items()}
     hashes = AudioHashes(store.root / "audio_hashes.json")
     augment = dict(features["augment"])
-    jobs = speech_jobs(recipe.key, corpus.train, corpus.audio, corpus.norm, hashes, int(features["variants"]),
-                       augment)
-    jobs |= speech_jobs(recipe.key, corpus.dev + corpus.test, corpus.audio, corpus.norm, hashes, 0, augment)
+    # with K folds every labelled clip is trained on (in K-1 folds), so dev clips need augmented copies too
+    labelled = int(features.get("folds") or 1) > 1
+    trained, untrained = ((corpus.train + corpus.dev, corpus.test) if labelled
+                          else (corpus.train, corpus.dev + corpus.test))
+    jobs = speech_jobs(recipe.key, trained, corpus.audio, corpus.norm, hashes, int(features["variants"]), augment)
+    jobs |= speech_jobs(recipe.key, untrained, corpus.audio, corpus.norm, hashes, 0, augment)
     if save_hashes:
         hashes.save()
     return jobs

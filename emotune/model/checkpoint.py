@@ -7,7 +7,8 @@ from (best epoch, dev macro-F1, trial seed). A trial writes it, ``select-top`` c
 ``predict`` loads it.
 
 Cards carry a format number. Cards written before it existed (format 1) load with the settings of that time:
-encoders fed the corpus-wide waveform normalisation, features stored as float16.
+encoders fed the corpus-wide waveform normalisation, features stored as float16. Format 3 added ``folds``: a
+card without it describes one head.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from emotune.errors import EmotuneError
 
-CARD_FORMAT = 2
+CARD_FORMAT = 3
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
 
@@ -44,6 +45,8 @@ class ModelCard:
     best_epoch: int | float = 0  # fractional when the best dev evaluation came within an epoch
     best_val_f1: float = float("nan")
     trial_seed: int | None = None
+    folds: int = 1  # K > 1: the weights are K heads (a FoldBag), each trained on K-1 folds; it predicts their mean
+    fold_seed: int | None = None  # the seed those folds were drawn with
     format: int = CARD_FORMAT
 
     def to_dict(self) -> dict:
@@ -96,10 +99,12 @@ class ModelCard:
         return cls.from_dict(data, str(path))
 
     def build_model(self) -> torch.nn.Module:
-        """The untrained model this card describes."""
+        """The untrained model this card describes (a bag of ``folds`` heads when there are several)."""
         from emotune.model import build_model
+        from emotune.model.bag import FoldBag
 
-        return build_model(self.model, self.dims, len(self.labels), self.norms)
+        heads = [build_model(self.model, self.dims, len(self.labels), self.norms) for _ in range(max(1, self.folds))]
+        return heads[0] if len(heads) == 1 else FoldBag(heads)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> Path:

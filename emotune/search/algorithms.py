@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
 
-from emotune.names import asha_mode
+from emotune.names import OBJECTIVE, asha_mode
 
 SAMPLERS = ("tpe", "random", "qmc", "gp")
 SCHEDULERS = ("asha", "noise_asha", "none")
@@ -177,6 +177,10 @@ def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
         epochs = ", ".join(f"{r / per_epoch:g}" for r in rungs)
         lines = [f"ASHA rungs at evaluations {', '.join(map(str, rungs))} (epochs {epochs}, at {per_epoch} "
                  f"evaluations per epoch); max {max_t} ({judged})"]
+    if search.metric != OBJECTIVE:
+        lines.append(f"ASHA judges {search.metric} (search.metric) while the trials are ranked, and the sampler "
+                     f"learns, by the objective {OBJECTIVE} (the best of trial.select_by): a deliberate choice; "
+                     f"search.metric={OBJECTIVE} makes them one.")
     cuts = [r for r in rungs if r < max_t]  # a rung at max_t stops nothing that would go on
     fix = "lower search.grace_period or search.reduction_factor, or raise trial.max_epochs"
     if not cuts:

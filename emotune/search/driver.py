@@ -31,7 +31,7 @@ from pathlib import Path
 
 from emotune.config import SearchSettings, typed
 from emotune.errors import EmotuneError, run_command
-from emotune.names import ASHA_METRICS
+from emotune.names import ASHA_METRICS, OBJECTIVE
 from emotune.search.identity import identity_of, parent_run
 from emotune.search.lock import DriverLock, StoreLock
 from emotune.search.report import progress_table, summarise, trial_table
@@ -247,8 +247,8 @@ def search_trainable(sampled: dict, base: dict, launch, cached: dict | None = No
 
 def make_searcher(cfg: dict):
     """Optuna's sampler (search.sampler) over the search space, its known-good points first, seeded by
-    search.sampler_seed; it learns each trial's ranking score (best_val_score), and trials the scheduler cut reach
-    it as pruned (:class:`~emotune.search.algorithms.PruningAwareOptunaSearch`)."""
+    search.sampler_seed; it learns each trial's ranking score (the objective, best_val_score), and trials the
+    scheduler cut reach it as pruned (:class:`~emotune.search.algorithms.PruningAwareOptunaSearch`)."""
     from ray.tune.search import ConcurrencyLimiter
 
     from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
@@ -258,7 +258,7 @@ def make_searcher(cfg: dict):
     sampler = make_sampler(search.sampler, search.sampler_seed, search.n_startup_trials)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        searcher = PruningAwareOptunaSearch(space=DefineByRun(cfg["space"], cfg), metric="best_val_score", mode="max",
+        searcher = PruningAwareOptunaSearch(space=DefineByRun(cfg["space"], cfg), metric=OBJECTIVE, mode="max",
                                             sampler=sampler, last_step=asha_clock(cfg)[2],
                                             points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
     # OptunaSearch alone starts more random trials than asked when many run in parallel (ray #52535)

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from emotune.config import SearchSettings, TrialSettings, typed
+from emotune.names import OBJECTIVE
 
 
 def progress_table(cfg: dict):
@@ -28,14 +29,15 @@ def progress_table(cfg: dict):
     # conditional parameters are left out: Tune's table fails on trials that lack a column's key
     params = {key: key.split(".")[-1] for key, spec in cfg["space"]["params"].items() if not spec.get("when")}
     return CLIReporter(metric_columns={"epoch": "epoch", "val_loss": "loss", "val_f1": "val_f1", "val_f1_ema": "ema",
-                                       "best_val_f1": "best"},
+                                       OBJECTIVE: "score"},
                        parameter_columns=params, max_report_frequency=20, max_progress_rows=30,
-                       metric="best_val_f1", mode="max", sort_by_metric=True, print_intermediate_tables=True)
+                       metric=OBJECTIVE, mode="max", sort_by_metric=True, print_intermediate_tables=True)
 
 
 def ranking_score(row: dict) -> float | None:
-    """What ranks a trial: its ``best_val_score``, or its ``best_val_f1`` if it reported none (older searches)."""
-    return row["best_val_score"] if row.get("best_val_score") is not None else row.get("best_val_f1")
+    """What ranks a trial: the objective (``best_val_score``), or its ``best_val_f1`` if it reported none (older
+    searches)."""
+    return row[OBJECTIVE] if row.get(OBJECTIVE) is not None else row.get("best_val_f1")
 
 
 def trial_table(results) -> list[dict]:
@@ -134,11 +136,55 @@ def ties_with_best(finished: Sequence[dict], trials_dir: Path, dev_ids: Sequence
 
 def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -> Ties:
     """:func:`ties_with_best` on the dev split of ``corpus``, the search's prepared corpus."""
+    from emotune.data.folds import scored_clips
+
     labels = list(corpus.labels)
-    dev_ids = [u.id for u in corpus.dev]
-    dev_true = [labels.index(u.label) for u in corpus.dev]
+    scored = scored_clips(corpus, typed(TrialSettings, cfg["trial"], "trial").folds)
+    dev_ids = [u.id for u in scored]
+    dev_true = [labels.index(u.label) for u in scored]
     confidence = typed(SearchSettings, cfg["search"], "search").ties_confidence
     return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
+
+
+# --- the pick's expected score on unseen clips -----------------------------------------------------------------
+
+def _evaluations_of(cfg: dict, row: dict, trials_dir: Path) -> dict | None:
+    """A trial's ``evaluations.json``: from its folder, else from its MLflow run (a trial on another node)."""
+    import json
+    import tempfile
+
+    from emotune.estimate import EVALUATIONS_FILE
+
+    local = trials_dir / str(row["trial_id"]) / EVALUATIONS_FILE
+    try:
+        if local.is_file():
+            return json.loads(local.read_text())
+        if row.get("mlflow_run_id") and cfg.get("tracking"):
+            from emotune.tracking.store import client
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = client(cfg["tracking"]["uri"]).download_artifacts(row["mlflow_run_id"], EVALUATIONS_FILE, tmp)
+                return json.loads(Path(path).read_text())
+    except (OSError, ValueError, Exception):  # MLflow raises its own exception types for a missing artifact
+        return None
+    return None
+
+
+def search_estimate(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path):
+    """The bias-corrected estimate (:mod:`emotune.estimate`) of the search's pick, or a sentence saying why not."""
+    from emotune.estimate import bias_corrected, curves_of
+
+    if not finished:
+        return "no trial finished"
+    found = [(row, _evaluations_of(cfg, row, trials_dir)) for row in finished]
+    if found[0][1] is None:
+        return f"the best trial's evaluations.json was found neither in {trials_dir} nor in its MLflow run"
+    evaluations = [data for _, data in found if data is not None]
+    truth = {u.id: u.label for u in corpus.train + corpus.dev}
+    try:
+        return bias_corrected(curves_of(evaluations, truth, corpus.labels))
+    except (ValueError, KeyError, IndexError) as exc:
+        return f"the trials' evaluations do not match the corpus ({exc})"
 
 
 def _trials(n: int) -> str:
@@ -239,6 +285,7 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
               and r["epochs"] < trial.max_epochs)
     trials_dir = Path(cfg["paths"]["runs_dir"]) / "trials" / experiment_dir.name  # as the trials name it
     ties = search_ties(cfg, corpus, finished, trials_dir)
+    estimate = search_estimate(cfg, corpus, finished, trials_dir)
     for row in rows:  # a failed trial is not tied; one not compared is left blank
         row["tied"] = False if row["status"] == "ERROR" else ties.mark(str(row["trial_id"]))
     out_dir = experiment_dir / "summary"
@@ -251,14 +298,16 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     parent.log_metrics({"best_val_f1": best["best_val_f1"] if best else None, "trials": len(rows),
                         "trials_cut_by_asha": cut, "trials_early_stopped": early, "trials_failed": len(errors),
                         "trials_tied_with_best": len(ties.tied) - 1 if best and not ties.problem else None,
-                        "search_seconds": seconds, **planned_metrics(timing)})
+                        "search_seconds": seconds, **planned_metrics(timing),
+                        **(estimate.metrics() if not isinstance(estimate, str) else {})})
     parent.log_artifacts(files, "summary")
     parent.finish("FINISHED" if not errors else "FAILED")
 
     summary = {"name": search.name, "trials": len(rows), "cut_by_asha": cut, "early_stopped": early,
                "failed": len(errors),
                "seconds": seconds, "parent_run_id": parent.run_id, "best": best, "tied": ties.tied,
-               "experiment_dir": str(experiment_dir), "cache": reports}
+               "experiment_dir": str(experiment_dir), "cache": reports,
+               "estimate": None if isinstance(estimate, str) else estimate.metrics() | {"raw_f1": estimate.raw}}
     print()
     print(f"Search '{search.name}' done in {seconds / 60:.1f} min: {len(rows)} trials, {cut} cut by ASHA, "
           f"{early} ended by their own early stopping, {len(errors)} failed.")
@@ -270,10 +319,16 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     _print_failures(errors)
     if best:
         _print_best(cfg, best)
+        print(f"  {estimate.text(_scored_what(trial))}" if not isinstance(estimate, str)
+              else f"  Expected score on unseen clips not computed: {estimate}.")
         print("\n".join(ties_text(ties, finished, trials_dir)))
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
     _print_next_commands(cfg)
     return summary
+
+
+def _scored_what(trial: TrialSettings) -> str:
+    return "dev" if trial.folds == 1 else f"out-of-fold ({trial.folds} folds)"
 
 
 def _write_trials_csv(rows: list[dict], out_dir: Path) -> Path:
@@ -308,8 +363,9 @@ def _print_best(cfg: dict, best: dict) -> None:
     score = best.get("best_val_score")
     by = "" if score is None or score == best["best_val_f1"] else (
         f" (score {score:.4f} by {typed(TrialSettings, cfg['trial'], 'trial').select_by})")
-    print(f"Best trial {best['trial_id']}: dev macro-F1 {best['best_val_f1']:.4f}{by} after {best['epochs']} "
-          "epochs")
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    print(f"Best trial {best['trial_id']}: {_scored_what(trial)} macro-F1 {best['best_val_f1']:.4f}{by} after "
+          f"{best['epochs']} epochs")
     for key, value in params.items():
         print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
     print(f"  MLflow run {best['mlflow_run_id']}; checkpoint and predictions: {artifacts}")

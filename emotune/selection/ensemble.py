@@ -47,7 +47,9 @@ from typing import Sequence
 import numpy as np
 
 from emotune import evaluation
+from emotune.data.folds import scored_clips
 from emotune.errors import EmotuneError
+from emotune.estimate import EVALUATIONS_FILE
 from emotune.model.checkpoint import CARD_FILE, WEIGHTS_FILE, ModelCard
 from emotune.names import ENSEMBLE_METHODS
 
@@ -219,6 +221,36 @@ def _aligned(folder: Path, split: str, ids: Sequence[str]) -> np.ndarray:
     return probs[[row[i] for i in ids]]
 
 
+def ensemble_estimate(tracking: dict, candidates: list[Candidate], request: EnsembleRequest, scored_utts,
+                      select_ids: list[str], labels: list[str]):
+    """The bias-corrected estimate (:mod:`emotune.estimate`) of choosing this ensemble on ``select_ids``: the
+    ranking of every finished trial and each one's checkpoint repeated on resamples of those clips. Returns the
+    estimate, or a sentence saying why there is none."""
+    from emotune.estimate import bias_corrected, curves_of
+
+    if request.method == "greedy" or request.k == TIED:
+        return f"the estimate repeats a top-k choice; --method {request.method} --k {request.k} chooses otherwise"
+    if request.method == "soft" and request.k != 1:
+        return "the estimate repeats a hard vote of the top k; --method soft averages probabilities"
+    evaluations = [_download_json(tracking, c.run_id, EVALUATIONS_FILE) for c in candidates]
+    if evaluations[0] is None:
+        return f"the best trial's run has no {EVALUATIONS_FILE} (a search from before emotune wrote it)"
+    found = [e for e in evaluations if e is not None]
+    truth = {u.id: u.label for u in scored_utts}
+    try:
+        return bias_corrected(curves_of(found, truth, labels, select_ids), k=int(request.k))
+    except (ValueError, KeyError, IndexError) as exc:
+        return f"the trials' evaluations do not match the corpus ({exc})"
+
+
+def _download_json(tracking: dict, run_id: str, path: str) -> dict | None:
+    """A JSON artifact of a run, or None when the run has none."""
+    try:
+        return json.loads(_download_text(tracking, run_id, path))
+    except Exception:  # MLflow raises its own types for a missing artifact
+        return None
+
+
 TIED = "tied"  # --k tied: the best-ranked trial and the trials statistically tied with it
 TIED_FLOOR = 3  # fewest members of --k tied: a majority vote of two is the better member alone
 TIED_CEILING = 7  # most members of --k tied: more members of a tied crowd cost prediction time and add little
@@ -266,10 +298,9 @@ class EvaluationPlan:
     description: str
 
 
-def evaluation_plan(corpus, dev_true: list[int], labels: list[str], seed: int) -> EvaluationPlan:
-    """Labelled test: choose on all of dev, score on test. Otherwise dev is halved (seeded): choose on one half,
-    score on the other."""
-    dev_ids = [u.id for u in corpus.dev]
+def evaluation_plan(corpus, dev_ids: list[str], dev_true: list[int], labels: list[str], seed: int) -> EvaluationPlan:
+    """Labelled test: choose on all the scored clips (``dev_ids``: dev, or every labelled clip out of fold), score
+    on test. Otherwise the scored clips are halved (seeded): choose on one half, score on the other."""
     if corpus.test_labelled:
         eval_ids = [u.id for u in corpus.test]
         return EvaluationPlan(np.arange(len(dev_ids)), eval_ids, _truth(eval_ids, corpus.test, labels), "test",
@@ -436,9 +467,10 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
     corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     labels = list(corpus.labels)
-    dev_ids = [u.id for u in corpus.dev]
-    dev_true = _truth(dev_ids, corpus.dev, labels)
-    plan = evaluation_plan(corpus, dev_true, labels, int(search_cfg["seed"]))
+    scored_utts = scored_clips(corpus, int(search_cfg.get("trial", {}).get("folds", 1)))  # dev, or out of fold
+    dev_ids = [u.id for u in scored_utts]
+    dev_true = _truth(dev_ids, scored_utts, labels)
+    plan = evaluation_plan(corpus, dev_ids, dev_true, labels, int(search_cfg["seed"]))
     if out.exists():
         shutil.rmtree(out)
 
@@ -466,13 +498,18 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
         print(chosen.note)
 
     ensemble = Chosen(method, chosen.members, chosen.weights, chosen.offsets, labels)
+    estimate = ensemble_estimate(tracking, candidates, request, scored_utts, [dev_ids[i] for i in plan.select_idx],
+                                 labels)
     scored = ensemble.score(plan)
     files = [_save(out, ensemble, corpus, parent, request)]
     files += _write_evaluation(out, plan, ensemble, scored)
     files += _write_predictions(out, corpus, ensemble)
     shutil.rmtree(out / ".candidates", ignore_errors=True)
-    run_id = _log(tracking, parent, request, plan, ensemble, scored, files)
-    summary = {"search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
+    run_id = _log(tracking, parent, request, plan, ensemble, scored, files,
+                  estimate.metrics() if not isinstance(estimate, str) else {})
+    summary = {"estimate": estimate if isinstance(estimate, str) else
+               estimate.metrics() | {"raw_f1": estimate.raw, "text": estimate.text("selection macro-F1")},
+               "search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
                "members": scored.members, "ranking": ranking, "out_dir": str(out), "run_id": run_id,
                "greedy_curve": chosen.curve, "tied": [c.run_id for c in chosen.tied],
                "ties_confidence": confidence}
@@ -581,7 +618,7 @@ def _write_predictions(out: Path, corpus, ensemble: Chosen) -> list:
 
 
 def _log(tracking: dict, parent, request: EnsembleRequest, plan: EvaluationPlan, ensemble: Chosen, scored: Scored,
-         files: list) -> str:
+         files: list, estimate: dict) -> str:
     """The ensemble's MLflow run, a child of the search's; returns its id."""
     from emotune.tracking.store import TrackedRun
 
@@ -595,7 +632,7 @@ def _log(tracking: dict, parent, request: EnsembleRequest, plan: EvaluationPlan,
                     "members": ",".join(f"{m.run_id}x{int(w)}" for m, w in zip(ensemble.members, ensemble.weights))})
     run.log_metrics({f"ensemble_{key}": v for key, v in scored.result.items()} |
                     {f"member{i + 1}_macro_f1": s["eval_macro_f1"] for i, s in enumerate(scored.members)} |
-                    {"best_member_macro_f1": max(s["eval_macro_f1"] for s in scored.members)})
+                    {"best_member_macro_f1": max(s["eval_macro_f1"] for s in scored.members)} | estimate)
     run.log_artifacts(files)
     run.finish()
     return run.run_id
@@ -611,6 +648,11 @@ def _print_summary(summary: dict, report: dict, labels) -> None:
               "(for comparison only)")
     else:
         print(f"  ensemble macro-F1 {summary['macro_f1']:.4f}")
+    estimate = summary["estimate"]
+    if isinstance(estimate, str):
+        print(f"  expected score on unseen clips not computed: {estimate}")
+    else:
+        print(f"  {estimate['text']}")
     for s in summary["members"]:
         print(f"  member {s['name']:<28} weight {s['weight']:.0f}  dev {s['dev_f1']:.4f}  "
               f"evaluation {s['eval_macro_f1']:.4f}{'  (stopped by ASHA)' if s['stopped_by_asha'] else ''}")
