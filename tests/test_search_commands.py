@@ -234,3 +234,35 @@ def test_a_crashing_trial_shows_its_traceback_id_and_log(separable, tmp_path):
     assert "Traceback (most recent call last)" in output and "deliberate crash to exercise retries" in output
     assert f"trial {trial_id} failed: RuntimeError: crash_once_at(1)" in output
     assert f"traceback: {errors[0]}" in output
+
+
+@pytest.mark.slow
+def test_a_k_fold_search_interrupted_resumes_and_prints_its_estimate(separable, tmp_path):
+    """trial.folds=3: Ctrl-C while the second trial is under way, then the same command finishes the search; the
+    resumed trial's evaluations carry on, and the summary prints the bias-corrected estimate."""
+    args, runs, gate = _gated_search(separable, tmp_path, 2, "search.num_samples=3", "trial.max_epochs=4",
+                                     "search.grace_period=4", "trial.folds=3")
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    (gate / "hold-1").touch()
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env=env, cwd=tmp_path)
+    _wait_for(gate / "held-1", first)
+    os.killpg(first.pid, signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, (out + err)[-3000:]
+    (gate / "hold-1").unlink()
+    resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    experiment = runs / "ray" / "smoke"
+    ids = _ray_trial_ids(experiment)
+    assert len(ids) == len(set(ids)) == 3
+    assert "out-of-fold (3 folds) macro-F1" in resumed.stdout
+    assert "expected on unseen clips" in resumed.stdout and "(the best of 3 trials: optimistic)" in resumed.stdout
+    labelled = len((separable[0] / "train.csv").read_text().splitlines()) - 1
+    for trial_id in ids:  # every evaluation of every trial, the resumed one too, scored every labelled clip
+        evaluations = json.loads((runs / "trials" / "smoke" / trial_id / "evaluations.json").read_text())
+        assert len(evaluations["predicted"]) == 4 and len(evaluations["ids"]) == labelled
+        assert all(len(p) == labelled for p in evaluations["predicted"])
+    client, parents, _ = mlflow_runs(runs)
+    assert {"expected_f1", "expected_f1_low", "expected_f1_high"} <= set(parents[0].data.metrics)

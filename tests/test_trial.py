@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -58,12 +60,15 @@ def test_same_seed_same_result(separable, tmp_path):
     assert history(other, "train_loss") != history(first, "train_loss")
 
 
-def test_resumed_trial_continues_exactly(separable, tmp_path):
-    """Stopped after epoch 3 and resumed, a trial repeats the uninterrupted one, lr decays and EMA included."""
+@pytest.mark.parametrize("folds", [1, 3])
+def test_resumed_trial_continues_exactly(separable, tmp_path, folds):
+    """Stopped after epoch 3 and resumed, a trial repeats the uninterrupted one, lr decays and EMA included; a
+    K-fold trial's heads and its per-evaluation predictions too."""
     corpus, runs = separable
     # a slow lr keeps dev F1 and its EMA moving, and patience=2 leaves the decay counter at 1 at the resume point
     # (with patience=1 it is back to 0 after every epoch, and losing it on resume would go unseen)
-    rules = ("trial.aug_prob=0.5", "trial.lr=0.0001", "trial.patience=2", "trial.lr_decay=0.5", "trial.early_stop=4")
+    rules = ("trial.aug_prob=0.5", "trial.lr=0.0001", "trial.patience=2", "trial.lr_decay=0.5", "trial.early_stop=4",
+             f"trial.folds={folds}")
     straight = run_trial(trial_config(corpus, runs, "trial.max_epochs=7", *rules),
                          TrialContext(workdir=tmp_path / "straight", **QUIET))
     run_trial(trial_config(corpus, runs, "trial.max_epochs=3", *rules),
@@ -74,6 +79,9 @@ def test_resumed_trial_continues_exactly(separable, tmp_path):
     assert resumed["epochs_trained"] == straight["epochs_trained"]
     for key in ("train_loss", "val_f1", "lr", "val_f1_ema", "best_val_f1"):
         assert history(resumed, key) == history(straight, key), key
+    evaluations = [json.loads((tmp_path / name / "evaluations.json").read_text()) for name in ("straight", "resumed")]
+    assert evaluations[0]["predicted"] == evaluations[1]["predicted"]
+    assert len(evaluations[1]["predicted"]) == len(straight["history"])
     # the test can tell: after the resume point the lr decayed, the EMA still moved and early stopping struck
     decays = [e for e, (a, b) in enumerate(zip(history(straight, "lr"), history(straight, "lr")[1:]), 2) if b < a]
     assert decays and max(decays) > 3
