@@ -219,6 +219,7 @@ class SearchSettings:
     n_startup_trials: int
     ties_confidence: float
     sampler_seed: int
+    reproducible: bool
     resources: dict
 
 

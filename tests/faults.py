@@ -111,3 +111,15 @@ def driver_script(path: Path, train_expression: str) -> list[str]:
 
 # Ray workers cannot import this test module: send its functions by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def jittered(most_seconds: float = 0.6):
+    """``emotune.trial.trainable``, except that every report is followed by a random pause of up to
+    ``most_seconds`` (unseeded): which trial reaches a rung first changes from run to run, as it changes with a
+    machine's load."""
+    import random
+
+    def pause(metrics: dict) -> None:
+        time.sleep(random.random() * most_seconds)
+
+    return _wrapped_report(pause)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -289,3 +290,30 @@ def test_a_time_budget_stops_proposing_once_its_seconds_are_spent():
     searcher.on_trial_complete("a", {"best_val_score": 0.5, "evaluation": 1, "training_iteration": 1})
     time.sleep(0.6)
     assert searcher.suggest("b") is Searcher.FINISHED
+
+
+@pytest.mark.slow
+def test_two_runs_of_a_reproducible_search_two_trials_at_a_time_give_identical_trial_tables(separable, tmp_path,
+                                                                                            shared_ray):
+    """search.reproducible=true: trials reach rungs in a different order in each run (random pauses after every
+    report), yet ASHA stops the same trials at the same evaluations and every trial ends with the same scores."""
+    from emotune.config import load_config
+    from emotune.search.driver import run_search
+
+    from faults import jittered
+
+    corpus, shared_runs = separable
+    tables = []
+    for run in ("first", "second"):
+        cfg = load_config(search_args(corpus, tmp_path / run, shared_runs / "cache" / "features",
+                                      "search.num_samples=6", "search.max_concurrent=2", "search.reproducible=true",
+                                      "trial.max_epochs=6", "search.grace_period=1", "search.reduction_factor=2",
+                                      ), "search")
+        run_search(cfg, train=jittered(0.8))
+        with (tmp_path / run / "ray" / "smoke" / "summary" / "trials.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        tables.append(sorted((json.dumps({k: v for k, v in r.items() if k.startswith("param:")}, sort_keys=True),
+                              r["epochs"], r["best_val_score"], r["status"]) for r in rows))
+    assert tables[0] == tables[1]
+    assert len(tables[0]) == 6
+    assert any(float(epochs) < 6 for _, epochs, _, _ in tables[0])  # ASHA did stop trials, the same ones both times

@@ -104,3 +104,62 @@ def test_a_planned_smoke_search_takes_about_its_planned_time(separable, tmp_path
     assert "Planned " in out and " took " in out and "actual/planned" in out
     ratio = measured / plan["total_seconds"]
     assert 0.5 <= ratio <= 2.0, (measured, plan["total_seconds"], out[-2000:])
+
+
+def test_ordered_asha_cuts_exactly_as_asha_does_one_trial_at_a_time_whatever_the_arrival_order():
+    """search.reproducible: trials interleaved at random, three at a time, a trial paused whenever it reaches a rung
+    before an earlier one; each trial still ends where Ray's ASHA ends it when trials run one after another."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from emotune.search.ordered import OrderedASHA
+
+    cfg = load_config(["search.grace_period=1", "search.reduction_factor=2", "trial.max_epochs=8",
+                       "search.metric=best_val_f1"], "search")
+    rng = np.random.default_rng(1)
+    values = rng.random((12, 8))
+    sequential = {}
+    reference = make_scheduler(cfg)
+    for i in range(12):
+        trial = SimpleNamespace(trial_id=f"t{i}")
+        reference.on_trial_add(None, trial)
+        for t in range(8):
+            result = {"evaluation": t + 1, "best_val_f1": float(values[i, t])}
+            if reference.on_trial_result(None, trial, result) == TrialScheduler.STOP or t == 7:
+                reference.on_trial_complete(None, trial, result)
+                sequential[i] = t + 1
+                break
+    assert len(set(sequential.values())) > 1  # ASHA did cut trials at several rungs
+
+    for seed in range(5):
+        order = np.random.default_rng(seed)
+        scheduler = OrderedASHA("best_val_f1", "max", [1, 2, 4], 2)
+        queue, running, paused, ended = list(range(12)), [], {}, {}
+        while queue or running or paused:
+            for i, rung in list(paused.items()):  # a paused trial resumes or ends once it is judged
+                decision = scheduler.decided.get((i, rung))
+                if decision == TrialScheduler.CONTINUE:
+                    running.append([i, rung])
+                    del paused[i]
+                elif decision == TrialScheduler.STOP:
+                    ended[i] = rung
+                    scheduler.on_trial_remove(None, SimpleNamespace(trial_id=f"t{i}"))
+                    del paused[i]
+            while queue and len(running) + len(paused) < 3:
+                i = queue.pop(0)
+                scheduler.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}"))
+                running.append([i, 0])
+            if not running:
+                continue
+            trial = running[int(order.integers(len(running)))]  # whichever trial happens to report next
+            trial[1] += 1
+            i, t = trial
+            result = {"evaluation": t, "best_val_f1": float(values[i, t - 1])}
+            decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=f"t{i}"), result)
+            if decision == TrialScheduler.PAUSE:
+                running.remove(trial)
+                paused[i] = t
+            elif decision == TrialScheduler.STOP or t == 8:
+                running.remove(trial)
+                ended[i] = t
+                scheduler.on_trial_complete(None, SimpleNamespace(trial_id=f"t{i}"), result)
+        assert ended == sequential, seed

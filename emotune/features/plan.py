@@ -125,6 +125,7 @@ class CachePlan:
     free_bytes: int
     cap_gb: float | None
     encoders: list[EncoderPlan] = field(default_factory=list)
+    folds: int = 1  # trial.folds: above 1, dev clips are trained on too and get augmented copies
 
     @property
     def total_bytes(self) -> float:
@@ -177,8 +178,10 @@ class CachePlan:
         cap = f"; cap features.max_cache_gb={self.cap_gb:g}" if self.cap_gb is not None else ""
         return "\n".join([
             f"Feature cache plan for {self.corpus}",
-            f"(speech: the clean clip plus {self.variants} augmented copies per training clip, one pass for dev and "
-            "test; text: one pass per transcript; 'z': clips z-normalised per utterance)",
+            f"(speech: the clean clip plus {self.variants} augmented copies per training clip, one pass for "
+            + ("dev and test" if self.folds == 1 else f"test: with trial.folds={self.folds} every labelled clip, dev "
+               "included, is a training clip") + "; text: one pass per transcript; 'z': clips z-normalised per "
+            "utterance)",
             *lines, *notes,
             f"Total cache for this search: {self.total_gb:,.1f} GB; to encode: {self.missing_bytes / 1e9:,.1f} GB; "
             f"free disk at {self.cache_dir}: {self.free_bytes / 1e9:,.1f} GB{cap}: "
@@ -340,10 +343,11 @@ def plan_encoder(name: str, modality: str, splits: ClipSplits, features: dict, p
                                 else TextJob("", c.text)) for c in clips]
             scale = count / max(1, len(clips)) if splits.shares else 1.0
             per_split.append((sum(s for s, _ in sized) * scale, sum(b for _, b in sized) * scale))
-        copies = (1 + variants, 1, 1)
+        dev_copies = 1 + variants if int(features.get("folds") or 1) > 1 else 1  # K folds train on dev clips too
+        copies = (1 + variants, dev_copies, 1)
         steps_all = sum(s * k for (s, _), k in zip(per_split, copies))
         total = sum(b * k for (_, b), k in zip(per_split, copies))
-        passes = n_train * (1 + variants) + n_dev + n_test
+        passes = n_train * (1 + variants) + n_dev * dev_copies + n_test
         missing, steps_missing = total, steps_all
     tflops = float(features["plan_tflops"])
     note = ""
@@ -359,7 +363,8 @@ def plan_cache(features: dict, paths: dict, splits: ClipSplits, encoders: dict[s
     """The plan for every encoder each modality may use (``encoders``: modality -> names)."""
     store = FeatureStore(features["dir"])
     plan = CachePlan(splits.description, int(features["variants"]), float(features["plan_tflops"]),
-                     str(store.root), free_bytes(store.root), features["max_cache_gb"])
+                     str(store.root), free_bytes(store.root), features["max_cache_gb"],
+                     folds=int(features.get("folds") or 1))
     if not features["cache"]:
         return plan  # live features: nothing is stored
     for modality, names in encoders.items():

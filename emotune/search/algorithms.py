@@ -136,9 +136,16 @@ def make_scheduler(cfg: dict):
     metric = search.metric
     kwargs = {"time_attr": "evaluation", "metric": metric, "mode": asha_mode(metric), "max_t": max_t,
               "grace_period": grace, "reduction_factor": search.reduction_factor}
-    if search.scheduler == "noise_asha":
-        return NoiseASHA(noise_z=search.noise_z, se_attr=_se_of(metric), **kwargs)
-    return ASHAScheduler(**kwargs)
+    scheduler = (NoiseASHA(noise_z=search.noise_z, se_attr=_se_of(metric), **kwargs)
+                 if search.scheduler == "noise_asha" else ASHAScheduler(**kwargs))
+    if search.reproducible:
+        from emotune.search.ordered import OrderedASHA
+
+        # a rung at max_t judges nothing that would go on: a trial there ends anyway, it need not wait
+        rungs = [r for r in asha_rungs(scheduler) if r < max_t]
+        return OrderedASHA(metric, asha_mode(metric), rungs, search.reduction_factor,
+                           search.noise_z if search.scheduler == "noise_asha" else 0.0, _se_of(metric))
+    return scheduler
 
 
 def _se_of(metric: str) -> str:
@@ -151,6 +158,8 @@ def asha_rungs(scheduler) -> list[int]:
     bracket)."""
     # a trial is judged at the first evaluation that reaches a rung's milestone, which is fractional when the
     # reduction factor is (grace 5, factor 1.5: 7.5, judged at 8)
+    if hasattr(scheduler, "waiting"):  # OrderedASHA (search.reproducible) keeps its own
+        return list(scheduler.rungs)
     brackets = getattr(scheduler, "_brackets", None)  # search.scheduler=none: a FIFO scheduler, no rungs
     return sorted(math.ceil(milestone) for milestone, _ in brackets[0]._rungs) if brackets else []
 
@@ -177,6 +186,14 @@ def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
         epochs = ", ".join(f"{r / per_epoch:g}" for r in rungs)
         lines = [f"ASHA rungs at evaluations {', '.join(map(str, rungs))} (epochs {epochs}, at {per_epoch} "
                  f"evaluations per epoch); max {max_t} ({judged})"]
+    if search.reproducible:
+        lines.append("Reproducible (search.reproducible=true): each trial is judged at a rung against the trials "
+                     "proposed before it only; one that arrives first waits, paused, for them.")
+        if search.sampler not in ("random", "qmc") or search.time_budget_s is not None:
+            lines.append(f"Warning: with search.sampler={search.sampler}"
+                         f"{'' if search.time_budget_s is None else ' and a time budget'} the trials proposed "
+                         "still depend on timing: use search.sampler=random or qmc and no search.time_budget_s for "
+                         "identical searches.")
     if search.metric != OBJECTIVE:
         lines.append(f"ASHA judges {search.metric} (search.metric) while the trials are ranked, and the sampler "
                      f"learns, by the objective {OBJECTIVE} (the best of trial.select_by): a deliberate choice; "

@@ -120,7 +120,10 @@ def check_evaluation_cadence(cfg: dict, corpus) -> None:
     trial = typed(TrialSettings, cfg["trial"], "trial")
     spec = cfg["space"]["params"].get("trial.batch_size") or {}  # a space's values: YAML numbers, maybe floats
     sizes = [trial.batch_size] + [int(v) for v in spec.get("choice", [])] + [int(v) for v in spec.get("int", [])[1:]]
-    check_evals_per_epoch(trial.evals_per_epoch, len(corpus.train), max(sizes))
+    from emotune.data.folds import training_clips
+
+    check_evals_per_epoch(trial.evals_per_epoch, training_clips(len(corpus.train), len(corpus.dev), trial.folds),
+                          max(sizes))
 
 
 def print_plan(cfg: dict, corpus, encoders: dict[str, list[str]]):

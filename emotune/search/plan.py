@@ -514,11 +514,15 @@ def _cache_reads(cfg: dict, cache_plan, machine: Machine) -> tuple[float, str, f
 def _shape_epochs(cfg: dict, splits, steps: list[tuple], bookkeeping, speed: float,
                   preloaded: bool) -> tuple[list[ShapeCost], dict[int, float]]:
     """Each measured shape's epoch: its training steps, the epoch's dev evaluations with their bookkeeping and
-    Tune's reports, its checkpoint, and the cache reads unless the cache is preloaded. Returns the shapes' costs
-    and their epoch seconds by ``id(shape)``."""
+    Tune's reports, its checkpoint, and the cache reads unless the cache is preloaded. With ``trial.folds=K`` an
+    epoch trains K heads on (K-1)/K of the labelled clips each and evaluates every labelled clip once. Returns the
+    shapes' costs and their epoch seconds by ``id(shape)``."""
+    from emotune.data.folds import trained_per_epoch
+
     trial = typed(TrialSettings, cfg["trial"], "trial")
     per_epoch = trial.evals_per_epoch
     n_train, n_dev, _ = splits.counts()
+    n_train, n_dev = trained_per_epoch(n_train, n_dev, trial.folds), (n_dev if trial.folds == 1 else n_train + n_dev)
     train_batches, dev_batches = math.ceil(n_train / trial.batch_size), math.ceil(n_dev / trial.eval_batch_size)
     shape_costs, epoch_by_shape = [], {}
     for family, weight, shape, times in steps:
@@ -607,8 +611,8 @@ def plan_fill(cfg: dict, splits, cache_plan, machine: Machine, device: str) -> t
         cpu = 0.0
         if e.modality == "speech":
             prep = prep or probe.time_waveform_prep(seconds, features)
-            n_train = splits.counts()[0]
-            variants = n_train * settings.variants
+            n_train, n_dev, _ = splits.counts()
+            variants = (n_train + (n_dev if settings.folds > 1 else 0)) * settings.variants
             cpu = (e.passes * prep[0] + variants * prep[1]) * share
         total += (encode + cpu) / workers
         hows.add(f"encoder FLOPs at {tflops:g} TFLOP/s and the CPU's normalising and augmenting, timed here; "
