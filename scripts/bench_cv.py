@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -128,3 +129,366 @@ def record(args, pool_config, draw_configurations) -> None:
 
 def base_overrides(args) -> list[str]:
     return [f"trial.max_epochs={args.epochs}", "trial.early_stop=null", f"seed={args.seed}", f"trial.folds={FOLDS}"]
+
+
+# --- the recorded K-fold pool as arms: single split, 3 of 5 folds, 5 folds ------------------------------------
+
+ARMS = {"single": [0], "k3": [0, 1, 2], "k5": [0, 1, 2, 3, 4]}  # the heads (folds) each objective uses
+ARM_NAMES = {"single": "single split (one fold held out)", "k3": "3 folds (3 of the 5 recorded)",
+             "k5": "5 folds"}
+
+
+def load_cv_pool(partial: bool) -> dict:
+    """The recording (finished, or under way with ``partial``) with its probabilities."""
+    import gzip
+
+    if not partial:
+        with gzip.open(POOL_FILE, "rt") as f:
+            data = json.load(f)
+    else:
+        from bench_hpo import pool_config
+
+        from emotune.data.folds import trial_folds
+        from emotune.data.prepare import prepare_corpus
+
+        entries = {}
+        for line in PARTIAL.read_text().splitlines():
+            entry = json.loads(line)
+            if (PROBS_DIR / f"config-{entry['index']:03d}.npz").is_file():
+                entries[entry["index"]] = entry
+        base = pool_config([f"trial.folds={FOLDS}"])
+        corpus = prepare_corpus(base["data"], base["paths"]["runs_dir"], progress=False)
+        folds = trial_folds(corpus.train, corpus.dev, FOLDS, int(base["data"]["fold_seed"]), by_group=False)
+        labels = corpus.labels
+        data = {"labels": labels, "folds": FOLDS, "space": base["space"]["params"],
+                "fold": _digits(folds.fold_of()[u.id] for u in folds.clips),
+                "oof_true": _digits(labels.index(u.label) for u in folds.clips),
+                "test_true": _digits(labels.index(u.label) for u in corpus.test),
+                "trials": [entries[i] for i in sorted(entries)]}
+    for trial in data["trials"]:
+        with np.load(PROBS_DIR / f"config-{trial['index']:03d}.npz") as probs:
+            trial["test_probs"] = probs["test"]  # (evaluations, heads, test clips, classes), in 1/255
+    return data
+
+
+def arm_pool(data: dict, arm: str):
+    """A :class:`bench_hpo.Pool` of one objective: its score at every evaluation on the clips its heads hold out,
+    the test F1 and predictions of its heads' mean, and its cost (its heads' share of the recorded seconds)."""
+    from bench_hpo import Pool
+
+    from emotune import evaluation, noise
+
+    heads = ARMS[arm]
+    fold = np.array([int(c) for c in data["fold"]])
+    scored = np.flatnonzero(np.isin(fold, heads))
+    y = np.array([int(c) for c in data["oof_true"]])[scored]
+    test_true = np.array([int(c) for c in data["test_true"]])
+    n_classes = len(data["labels"])
+    rows = noise.stratified_resamples(y)
+    pool = Pool.__new__(Pool)
+    trials = data["trials"]
+    pool.data, pool.configs = data, [t["config"] for t in trials]
+    pool.labels, pool.space = data["labels"], data["space"]
+    pool.dev_true, pool.test_true = y, test_true
+    oof = np.array([[np.frombuffer(r["oof_pred"].encode(), dtype=np.uint8)[scored] - 48 for r in t["rows"]]
+                    for t in trials], dtype=np.int8)
+    pool.oof = oof  # (configs, evaluations, scored clips)
+    pool.f1 = np.array([[evaluation.macro_f1(y, p, n_classes) for p in trial] for trial in oof])
+    pool.se = np.array([[noise.macro_f1_se(y, p, n_classes, rows=rows) for p in trial] for trial in oof])
+    pool.ema = np.empty_like(pool.f1)
+    pool.ema[:, 0] = pool.f1[:, 0]
+    for t in range(1, pool.f1.shape[1]):
+        pool.ema[:, t] = 0.5 * pool.f1[:, t] + 0.5 * pool.ema[:, t - 1]
+    pool.loss = np.array([[r["val_loss"] for r in t["rows"]] for t in trials])
+    test_pred = np.stack([t["test_probs"][:, heads].astype(np.float32).mean(axis=1).argmax(-1) for t in trials])
+    pool.test_pred = test_pred.astype(np.int8)  # (configs, evaluations, test clips)
+    pool.test_f1 = np.array([[evaluation.macro_f1(test_true, p, n_classes) for p in trial] for trial in test_pred])
+    pool.seconds = np.array([[r["seconds"] * len(heads) / FOLDS for r in t["rows"]] for t in trials])
+    pool.setup = np.array([t["setup_seconds"] for t in trials])
+    pool.size, pool.max_t = pool.f1.shape
+    pool._numeric = pool._normalised()
+    return pool
+
+
+# --- replayed searches on the arms ------------------------------------------------------------------------------
+
+ASHA = ["search.scheduler=asha", "search.metric=best_val_score", "search.grace_period=5",
+        "search.reduction_factor=2", "trial.select_by=val_f1"]
+NO_PRUNING = ["search.scheduler=none", "trial.select_by=val_f1"]
+SAMPLERS = ("random", "tpe", "tpe-independent", "tpe-startup20", "gp")
+BUDGETS = (10, 20, 30, 60)  # in full-length single-split trials on two slots; 30 is step 12's budget
+REPORTED_BUDGET = 30
+TODAY = ("single", "random", "asha")  # today's default: random + ASHA on one split
+SELECTION_SEEDS = range(1000, 1030)
+# The rule, fixed before the replays were looked at (written here first, then run):
+RULE = (f"on seeds {SELECTION_SEEDS.start} and up, never those reported below, the new default is the (objective, "
+        "sampler, scheduler) with random draws whose pick has the highest mean test F1 at the reported budget; a "
+        "model-based sampler (tpe, gp) replaces random draws only if it beats them, same objective and scheduler, "
+        "with a paired 95% interval above 0 on those seeds")
+
+
+def make_optuna_sampler(name: str, seed: int):
+    import optuna
+
+    from emotune.search.algorithms import make_sampler
+
+    if name == "tpe-independent":  # Optuna's plain TPE: each parameter alone, no liar for running trials
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    if name == "tpe-startup20":
+        return make_sampler("tpe", seed, 20)
+    return make_sampler(name, seed, 10)
+
+
+def cv_method(sampler: str, scheduler: str):
+    """A :class:`bench_hpo.Method` whose searcher is the product's (PruningAwareOptunaSearch behind a
+    ConcurrencyLimiter) with the Optuna ``sampler`` named here."""
+    from bench_hpo import Method
+
+    class SamplerMethod(Method):
+        def searcher(self, cfg: dict):
+            import warnings
+
+            from ray.tune.search import ConcurrencyLimiter
+
+            from emotune.names import OBJECTIVE
+            from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock
+            from emotune.search.space import DefineByRun, points_to_evaluate
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                searcher = PruningAwareOptunaSearch(
+                    space=DefineByRun(cfg["space"], cfg), metric=OBJECTIVE, mode="max",
+                    sampler=make_optuna_sampler(sampler, int(cfg["search"]["sampler_seed"])),
+                    last_step=asha_clock(cfg)[2], points_to_evaluate=points_to_evaluate(cfg["space"], cfg) or None)
+            return ConcurrencyLimiter(searcher, max_concurrent=int(cfg["search"]["max_concurrent"]))
+
+    overrides = [f"search.sampler={sampler.split('-')[0]}", *(ASHA if scheduler == "asha" else NO_PRUNING)]
+    return SamplerMethod(f"{sampler}+{scheduler}", overrides)
+
+
+def search_state(pool, scores, replay: dict, seconds: float, resamples: int = 200) -> dict | None:
+    """What a replayed search has ``seconds`` in: its pick's test F1, the k = 3 vote's, the regrets, the pick's
+    dev score and the bias-corrected estimates of the pick and the vote (on the arm's scored clips)."""
+    from emotune.estimate import Curves, bias_corrected, hard_votes
+    from emotune.evaluation import macro_f1
+
+    done: dict[int, tuple[int, int]] = {}
+    for time_, number, index, evaluation in replay["reports"]:
+        if time_ > seconds:
+            break
+        done[number] = (index, evaluation)
+    if len(done) < 3:
+        return None
+    ranked = sorted(done, key=lambda n: (-scores.best[done[n][0], done[n][1] - 1], n))
+    checkpoints = [(done[n][0], int(scores.checkpoint[done[n][0], done[n][1] - 1])) for n in ranked]
+    n_classes = len(pool.labels)
+    pick_test = float(pool.test_f1[checkpoints[0]])
+    vote = hard_votes(np.stack([pool.test_pred[i, t] for i, t in checkpoints[:3]]).astype(np.int64), n_classes)
+    curves = Curves([pool.oof[done[n][0], : done[n][1]].astype(np.int64) for n in ranked], pool.dev_true, n_classes)
+    pick, top3 = bias_corrected(curves, 1, resamples=resamples), bias_corrected(curves, 3, resamples=resamples)
+    pool_best = float(pool.test_f1[np.arange(pool.size), scores.checkpoint[:, -1]].max())
+    best_visited = max(float(pool.test_f1[c]) for c in checkpoints)
+    return {"trials": len(done), "pick_test": pick_test, "k3_test": macro_f1(pool.test_true, vote, n_classes),
+            "pick_dev": float(pool.f1[checkpoints[0]]), "search_regret": pool_best - best_visited,
+            "selection_regret": best_visited - pick_test,
+            "estimate": pick.expected, "estimate_low": pick.low, "estimate_high": pick.high,
+            "k3_estimate": top3.expected, "k3_low": top3.low, "k3_high": top3.high}
+
+
+def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], seeds: list[int]) -> dict:
+    """Every (arm, sampler, scheduler) replayed on ``seeds`` at the largest budget, read at each budget."""
+    from bench_hpo import Scores, replay_search
+
+    out: dict = {}
+    unit = None
+    for arm in arms:
+        pool = arm_pool(data, arm)
+        if unit is None:  # the budget's unit: a full-length single-split trial (one head's share of the seconds)
+            single = arm_pool(data, "single") if arm != "single" else pool
+            unit = float(np.mean(single.trial_seconds())) / 2  # on two slots
+        scores_of = {"val_f1": Scores(pool, "val_f1")}
+        for sampler, scheduler in methods:
+            method = cv_method(sampler, scheduler)
+            started, rows = time.perf_counter(), []
+            for seed in seeds:
+                replay = replay_search(pool, method, seed, max(BUDGETS) * unit, scores_of)
+                rows.append({str(b): search_state(pool, scores_of["val_f1"], replay, b * unit) for b in BUDGETS})
+            out[f"{arm}/{sampler}/{scheduler}"] = rows
+            at = [r[str(REPORTED_BUDGET)] for r in rows if r[str(REPORTED_BUDGET)]]
+            print(f"{arm:6s} {sampler:16s} {scheduler:5s} {len(seeds)} seeds in {time.perf_counter() - started:.0f} s:"
+                  f" pick test {np.mean([a['pick_test'] for a in at]):.4f},"
+                  f" k3 {np.mean([a['k3_test'] for a in at]):.4f}"
+                  f", dev {np.mean([a['pick_dev'] for a in at]):.4f}, estimate "
+                  f"{np.mean([a['estimate'] for a in at]):.4f}", flush=True)
+    return {"unit_seconds": unit, "results": out}
+
+
+# --- figures, the choice, the report -----------------------------------------------------------------------------
+
+def mean_ci(values) -> tuple[float, float, float]:
+    """Mean and its 95% interval (normal approximation over seeds)."""
+    values = np.asarray(values, dtype=float)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
+def paired(rows_a: list, rows_b: list, key: str, budget: int = REPORTED_BUDGET) -> tuple[float, float, float]:
+    """a minus b, seed by seed, at ``budget``: mean and 95% interval."""
+    pairs = [(a[str(budget)], b[str(budget)]) for a, b in zip(rows_a, rows_b) if a[str(budget)] and b[str(budget)]]
+    return mean_ci([a[key] - b[key] for a, b in pairs])
+
+
+def summary_of(rows: list, budget: int = REPORTED_BUDGET) -> dict:
+    at = [r[str(budget)] for r in rows if r[str(budget)]]
+
+    def covered(low, high):
+        return float(np.mean([a[low] <= a[test] <= a[high] for a in at]))
+
+    test = "pick_test"
+    out = {"pick_test": mean_ci([a["pick_test"] for a in at]), "k3_test": mean_ci([a["k3_test"] for a in at]),
+           "search_regret": float(np.mean([a["search_regret"] for a in at])),
+           "selection_regret": float(np.mean([a["selection_regret"] for a in at])),
+           "gap": float(np.mean([a["pick_dev"] - a["pick_test"] for a in at])),
+           "estimate_error": float(np.mean([a["estimate"] - a["pick_test"] for a in at])),
+           "estimate_coverage": covered("estimate_low", "estimate_high"),
+           "trials": float(np.mean([a["trials"] for a in at]))}
+    test = "k3_test"
+    out |= {"k3_estimate_error": float(np.mean([a["k3_estimate"] - a["k3_test"] for a in at])),
+            "k3_estimate_coverage": covered("k3_low", "k3_high")}
+    return out
+
+
+def choose_default(selection: dict) -> tuple[str, str]:
+    """:data:`RULE`, applied to the selection seeds' replays; returns the chosen key and why."""
+    means = {key: summary_of(rows)["pick_test"][0] for key, rows in selection.items()}
+    model_free = {k: v for k, v in means.items() if k.split("/")[1] == "random"}
+    best = max(model_free, key=model_free.get)
+    why = f"the best with random draws: pick test F1 {model_free[best]:.4f} on the selection seeds"
+    for key, value in sorted(means.items(), key=lambda item: -item[1]):
+        arm, sampler, scheduler = key.split("/")
+        baseline = f"{arm}/random/{scheduler}"
+        if sampler == "random" or baseline not in selection or value <= model_free[best]:
+            continue
+        diff, low, _ = paired(selection[key], selection[baseline], "pick_test")
+        if low > 0:
+            return key, f"{why}; {key} beats random draws by {diff:+.4f} (95% CI above 0) and scores {value:.4f}"
+    return best, why + "; no model-based sampler beat random draws with a 95% CI above 0"
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for key, rows in sorted(results.items()):
+        arm, sampler, scheduler = key.split("/")
+        if sampler not in ("random", "tpe"):
+            continue
+        means = [summary_of(rows, b)["pick_test"][0] for b in BUDGETS]
+        ax.plot(BUDGETS, means, marker="o", linestyle="-" if scheduler == "asha" else "--",
+                color={"single": "tab:red", "k3": "tab:blue", "k5": "tab:green"}[arm], alpha=1 if sampler == "random"
+                else 0.5, label=f"{ARM_NAMES[arm]}, {sampler}, {scheduler}")
+    ax.set_xlabel("budget (full-length single-split trials, two at a time)")
+    ax.set_ylabel("test macro-F1 of the search's pick")
+    ax.set_title("The pick's test F1 against compute, per objective (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _f(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def markdown(data: dict, reported: dict, chosen: str, why: str, record_note: str, seeds: int) -> str:
+    results = reported["results"]
+    today = results["/".join(TODAY)]
+    lines = ["<!-- cv:start (written by scripts/bench_hpo.py replay-cv) -->",
+             "## Step 16: cross-validated trials, the honest estimate, the sampler again", "",
+             f"**Pool**: {len(data['trials'])} configurations of `space=encoders`, each trained as one `trial.folds=5` "
+             f"trial for {len(data['trials'][0]['rows'])} evaluations without pruning ({record_note}). Every "
+             f"evaluation kept the out-of-fold class of each of the {len(data['fold'])} labelled clips and each head's "
+             f"test probabilities ({len(data['test_true'])} test clips). Objectives replayed from it: **single** (fold "
+             "0 held out, head 0 alone: a single split), **k3** (folds 0-2 scored, the mean of heads 0-2: three of "
+             "the five recorded folds, each head trained on 4/5 rather than 2/3) and **k5**. `trial.resplit` is not "
+             "replayable from one fold assignment and was not measured.", "",
+             f"**Compute**: a search's budget counts head-trainings: the unit is one full-length single-split trial "
+             f"(one head: {reported['unit_seconds'] * 2:.0f} s recorded) on two slots; a k5 trial costs five. Budget "
+             f"{REPORTED_BUDGET} units unless said. {seeds} seeds per arm, paired (seed s runs the same sampler seed "
+             "in every arm); 95% intervals over seeds.", "",
+             f"**The rule, fixed before the replays**: {RULE}.", "",
+             f"**Chosen**: `{chosen}` ({why}).", "",
+             "| objective / sampler / scheduler | trials | pick test F1 [95% CI] | vs today (paired) "
+             "| k=3 vote test F1 | search regret | selection regret | raw dev error | estimate error | coverage |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, rows in results.items():
+        s = summary_of(rows)
+        diff = paired(rows, today, "pick_test") if key != "/".join(TODAY) else None
+        mark = " **(today)**" if key == "/".join(TODAY) else " **(chosen)**" if key == chosen else ""
+        versus = "" if diff is None else f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]"
+        lines.append(f"| `{key}`{mark} | {s['trials']:.1f} | {_f(s['pick_test'][0])} [{_f(s['pick_test'][1])}, "
+                     f"{_f(s['pick_test'][2])}] | {versus} "
+                     f"| {_f(s['k3_test'][0])} | {_f(s['search_regret'])} | {_f(s['selection_regret'])} | "
+                     f"{s['gap']:+.4f} | {s['estimate_error']:+.4f} | {s['estimate_coverage']:.0%} |")
+    lines += ["", "Search regret: the pool's best trial on test (fully trained) minus the best trial the search "
+              "visited; selection regret: that minus the pick. Estimate error: the bias-corrected estimate minus the "
+              "pick's test F1; coverage: how often its 95% interval held the pick's test F1; raw dev error: the "
+              "pick's dev (or out-of-fold) score minus its test F1, what the summary used to print as the result.",
+              "", "The pick's test F1 against the budget:", "", "![pick test F1 against budget](hpo-cv.png)", "",
+              "<!-- cv:end -->"]
+    return "\n".join(lines) + "\n"
+
+
+def keys_for_json(results: dict, chosen: str) -> dict:
+    today, new = results["/".join(TODAY)], results[chosen]
+    arm, sampler, scheduler = chosen.split("/")
+    pick, k3 = paired(new, today, "pick_test"), paired(new, today, "k3_test")
+    model_based = [k for k in results if k.startswith(f"{arm}/") and k.endswith(f"/{scheduler}")
+                   and k.split("/")[1] != "random"]
+    random_rows = results[f"{arm}/random/{scheduler}"]
+    best_mb = max(model_based, key=lambda k: summary_of(results[k])["pick_test"][0]) if model_based else None
+    mb = paired(results[best_mb], random_rows, "pick_test") if best_mb else (float("nan"),) * 3
+    s_today, s_new = summary_of(today), summary_of(new)
+    return {"cv_pool_size": None, "cv_default": chosen, "cv_pick_gain_vs_single": pick[0],
+            "cv_pick_gain_ci_low": pick[1], "cv_k3_gain_vs_single": k3[0], "cv_k3_gain_ci_low": k3[1],
+            "selection_regret_single": s_today["selection_regret"],
+            "selection_regret_default": s_new["selection_regret"],
+            "estimate_mean_error": s_new["estimate_error"], "estimate_coverage": s_new["estimate_coverage"],
+            "raw_dev_mean_error": s_new["gap"], "model_based_sampler": best_mb,
+            "model_based_gain_vs_random": mb[0], "model_based_gain_ci_low": mb[1]}
+
+
+def replay_report(args) -> None:
+    """Choose the default on the selection seeds, replay the reported seeds, write the section of hpo.md, the keys
+    of hpo.json and hpo-cv.png."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    data = load_cv_pool(args.partial)
+    arms = list(ARMS)
+    methods = [(s, sch) for s in args.samplers for sch in ("asha", "none")]
+    print(f"pool: {len(data['trials'])} configurations; selection seeds first", flush=True)
+    selection = replay_arms(data, arms, methods, list(SELECTION_SEEDS)[: args.selection_seeds])["results"]
+    chosen, why = choose_default(selection)
+    print(f"chosen: {chosen} ({why})", flush=True)
+    reported = replay_arms(data, arms, methods, list(range(args.seeds)))
+    record_seconds = sum(t["wall_seconds"] for t in data["trials"])
+    note = (f"recorded in {record_seconds / 3600:.1f} h of worker time, two configurations at a time "
+            f"(`python scripts/bench_hpo.py record-cv`){'; a recording still under way' if args.partial else ''}")
+    section = markdown(data, reported, chosen, why, note, args.seeds)
+    md = BENCH_DIR / "hpo.md"
+    text = md.read_text()
+    start, end = text.find("<!-- cv:start"), text.find("<!-- cv:end -->")
+    text = (text[:start] + section + text[end + len("<!-- cv:end -->\n"):]) if start >= 0 else text + "\n" + section
+    md.write_text(text)
+    plot(reported["results"], BENCH_DIR / "hpo-cv.png")
+    hpo = json.loads((BENCH_DIR / "hpo.json").read_text())
+    hpo |= keys_for_json(reported["results"], chosen) | {"cv_pool_size": len(data["trials"]), "cv_seeds": args.seeds,
+                                                        "cv_partial_pool": bool(args.partial)}
+    (BENCH_DIR / "hpo.json").write_text(json.dumps(hpo, indent=2) + "\n")
+    print(f"written: {md}, {BENCH_DIR / 'hpo.json'}, {BENCH_DIR / 'hpo-cv.png'}")

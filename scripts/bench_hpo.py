@@ -891,6 +891,13 @@ def main() -> int:
     cv.add_argument("--epochs", type=int, default=40, help="epochs each (default 40, the default max_epochs)")
     cv.add_argument("--workers", type=int, default=2, help="configurations trained at a time (default 2)")
     cv.add_argument("--seed", type=int, default=0, help="seed of the draws, the folds and the trials (default 0)")
+    rcv = sub.add_parser("replay-cv", help="replay single-split and K-fold searches on the K-fold pool; writes the "
+                         "step-16 section of benchmarks/hpo.md and its keys in hpo.json")
+    rcv.add_argument("--partial", action="store_true", help="use the recording under way (runs/hpo-cv-pool.jsonl)")
+    rcv.add_argument("--seeds", type=int, default=50, help="reported searches per arm (default 50)")
+    rcv.add_argument("--selection-seeds", type=int, default=30, help="searches per arm that choose the default")
+    rcv.add_argument("--samplers", nargs="*", default=["random", "tpe", "tpe-independent", "tpe-startup20", "gp"],
+                     help="Optuna samplers to replay (default: random, tpe, tpe-independent, tpe-startup20, gp)")
     look = sub.add_parser("scores", help="the ranking scores against test on the pool")
     look.add_argument("--partial", action="store_true", help="use the recording under way (runs/hpo-pool.jsonl)")
     run = sub.add_parser("replay", help="replay the methods' searches on the pool and write the report")
@@ -932,6 +939,10 @@ def main() -> int:
         run_methods(pool, chosen, list(range(args.seeds)), budget)
     if args.command == "record":
         record(args)
+    if args.command == "replay-cv":
+        import bench_cv
+
+        bench_cv.replay_report(args)
     if args.command == "record-cv":
         import bench_cv
 
