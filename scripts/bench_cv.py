@@ -480,7 +480,9 @@ def replay_report(args) -> None:
     record_seconds = sum(t["wall_seconds"] for t in data["trials"])
     note = (f"recorded in {record_seconds / 3600:.1f} h of worker time, two configurations at a time "
             f"(`python scripts/bench_hpo.py record-cv`){'; a recording still under way' if args.partial else ''}")
+    study = checkpoint_study(data)
     section = markdown(data, reported, chosen, why, note, args.seeds)
+    section = section.replace("<!-- cv:end -->", "\n".join(checkpoint_markdown(study)) + "\n\n<!-- cv:end -->")
     md = BENCH_DIR / "hpo.md"
     text = md.read_text()
     start, end = text.find("<!-- cv:start"), text.find("<!-- cv:end -->")
@@ -492,3 +494,55 @@ def replay_report(args) -> None:
                                                         "cv_partial_pool": bool(args.partial)}
     (BENCH_DIR / "hpo.json").write_text(json.dumps(hpo, indent=2) + "\n")
     print(f"written: {md}, {BENCH_DIR / 'hpo.json'}, {BENCH_DIR / 'hpo-cv.png'}")
+
+
+# --- the checkpoint a trial keeps: which rule's score lands nearest its test F1 ------------------------------------
+
+def checkpoint_rules(pool, data: dict, heads: list[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per rule, each configuration's reported score and the evaluation (0-based) whose model it keeps, at the end
+    of a full-length trial: the best evaluation, the best smoothed value (mean of three, EMA), a fixed late epoch,
+    and (several folds) the best mean of the per-fold scores."""
+    from emotune import evaluation
+    from emotune.noise import score_values
+
+    f1, last = pool.f1, pool.max_t - 1
+    rules = {"best evaluation": (f1.max(1), f1.argmax(1))}
+    for name in ("val_f1_mean3", "val_f1_ema"):
+        values = np.array([score_values(f1[i], pool.se[i], pool.ema[i], name) for i in range(pool.size)])
+        rules[f"best {name}"] = (values.max(1), values.argmax(1))
+    late = int(round(0.75 * pool.max_t)) - 1
+    rules[f"fixed epoch {late + 1}"] = (f1[:, late], np.full(pool.size, late))
+    rules[f"last epoch ({pool.max_t})"] = (f1[:, last], np.full(pool.size, last))
+    if len(heads) > 1:
+        fold = np.array([int(c) for c in data["fold"]])
+        scored_fold = fold[np.isin(fold, heads)]
+        n_classes = len(pool.labels)
+        per_fold = np.array([[np.mean([evaluation.macro_f1(pool.dev_true[scored_fold == k], p[scored_fold == k],
+                                                           n_classes) for k in heads]) for p in trial]
+                             for trial in pool.oof])
+        where = per_fold.argmax(1)
+        rules["best mean over folds"] = (f1[np.arange(pool.size), where], where)
+    return rules
+
+
+def checkpoint_study(data: dict) -> dict:
+    """Each rule per objective: the mean of its reported score minus the kept model's test F1, and that test F1."""
+    out = {}
+    for arm, heads in ARMS.items():
+        pool = arm_pool(data, arm)
+        for rule, (score, where) in checkpoint_rules(pool, data, heads).items():
+            test = pool.test_f1[np.arange(pool.size), where]
+            out[f"{arm}/{rule}"] = {"optimism": mean_ci(score - test), "test_f1": mean_ci(test)}
+    return out
+
+
+def checkpoint_markdown(study: dict) -> list[str]:
+    lines = ["", "### The checkpoint a trial keeps", "",
+             "Every recorded configuration at the end of its 40 evaluations, per objective: the score each rule "
+             "reports minus the test F1 of the model it keeps (its optimism), and that test F1. The rule to keep: the "
+             "one whose reported score is nearest its test F1 without costing test F1.", "",
+             "| objective / rule | reported minus test [95% CI] | test F1 of the kept model |", "|---|---|---|"]
+    for key, row in study.items():
+        o, t = row["optimism"], row["test_f1"]
+        lines.append(f"| {key} | {o[0]:+.4f} [{o[1]:+.4f}, {o[2]:+.4f}] | {t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}] |")
+    return lines

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from emotune import evaluation
-from emotune.estimate import (Curves, bias_corrected, curves_of, decode_classes, encode_classes, hard_votes,
-                              weighted_macro_f1)
+from emotune.estimate import (
+    Curves,
+    bias_corrected,
+    curves_of,
+    decode_classes,
+    encode_classes,
+    hard_votes,
+    weighted_macro_f1,
+)
 from emotune.selection.ensemble import hard_vote
 
 N_CLASSES = 6

@@ -166,7 +166,7 @@ def test_predict_in_chunks_equals_all_at_once_and_old_cards_still_load(soft_ense
     shutil.copytree(soft_ensemble, old)
     for card_path in old.glob("members/*/model_card.json"):
         card = json.loads(card_path.read_text())
-        assert card.pop("format") == 2  # cards had no format number then
+        assert card.pop("format") == 3  # cards had no format number then
         for description in card["encoders"].values():
             for key in ("waveform_norm", "storage", "max_tokens"):
                 description.pop(key)
@@ -183,3 +183,35 @@ def test_predict_with_a_missing_member_is_a_clear_error(soft_ensemble, tmp_path,
     assert main(["predict", str(ensemble), "--audio", "x.wav", "--text", "hola"]) == 2
     message = capsys.readouterr().err
     assert "ensemble member members/02" in message and "model.safetensors missing" in message
+
+
+@pytest.mark.slow
+def test_predict_on_a_k_fold_member_gives_the_mean_of_its_heads(separable, tmp_path, shared_ray):
+    """A trial.folds=3 search, its best trial as a one-member soft ensemble: `predict` gives, per clip, the mean of
+    the three heads' probabilities, each head run alone through the same path."""
+    from conftest import search_args
+
+    from emotune.model.bag import FoldBag
+    from emotune.search.driver import run_search
+
+    corpus, shared_runs = separable
+    runs = tmp_path / "runs"
+    cfg = load_config(search_args(corpus, runs, shared_runs / "cache" / "features", "search.num_samples=2",
+                                  "trial.max_epochs=2", "trial.folds=3", "search.name=folds3"), "search")
+    run_search(cfg)
+    out = tmp_path / "ens"
+    summary = select_top(load_config([f"paths.runs_dir={runs}"]), EnsembleRequest(k=1, method="soft", out_dir=out))
+    assert summary["estimate"]["expected_f1_low"] <= summary["estimate"]["expected_f1_high"]
+    utterances, _ = read_inputs(str(corpus / "test.csv"), str(corpus / "audio"), None, None)
+    ensemble = Ensemble(out)
+    member = ensemble.members[0]
+    assert isinstance(member.model, FoldBag) and len(member.model.heads) == 3 and member.card.folds == 3
+    _, bag_scores = ensemble.predict(utterances)
+    bag = member.model
+    head_scores = []
+    for head in bag.heads:
+        member.model = head
+        head_scores.append(ensemble.predict(utterances)[1])
+    member.model = bag
+    np.testing.assert_allclose(bag_scores, np.mean(head_scores, axis=0), atol=1e-5)
+    assert not np.allclose(head_scores[0], head_scores[1], atol=1e-3)  # three different heads

@@ -119,7 +119,7 @@ def test_the_printed_rungs_are_the_evaluations_at_which_ray_judges(grace, factor
     last = cfg["trial"]["max_epochs"]
     for evaluation in range(1, last + 1):  # one report per evaluation, as trials send them; Tune ends it at the last
         before = sum(len(recorded) for _, recorded in scheduler._brackets[0]._rungs)
-        result = {"evaluation": evaluation, "best_val_f1": 0.5}
+        result = {"evaluation": evaluation, "best_val_f1": 0.5, "best_val_score": 0.5}
         (scheduler.on_trial_complete if evaluation == last else scheduler.on_trial_result)(None, trial, result)
         if sum(len(recorded) for _, recorded in scheduler._brackets[0]._rungs) > before:
             judged.append(evaluation)  # a rung recorded the trial: Ray judged it at this evaluation
@@ -150,5 +150,8 @@ def test_the_shipped_asha_defaults_are_the_ones_the_benchmark_chose():
 
     chosen = json.loads((Path(__file__).parents[1] / "benchmarks" / "asha.json").read_text())["defaults"]
     cfg = load_config([], "search")
-    assert chosen == {"metric": cfg["search"]["metric"], "grace_period": cfg["search"]["grace_period"],
+    metric = cfg["search"]["metric"]
+    if metric == "best_val_score" and cfg["trial"]["select_by"] == "val_f1":
+        metric = "best_val_f1"  # the objective: with select_by=val_f1 it is best_val_f1, value for value
+    assert chosen == {"metric": metric, "grace_period": cfg["search"]["grace_period"],
                       "reduction_factor": cfg["search"]["reduction_factor"], "max_epochs": cfg["trial"]["max_epochs"]}
