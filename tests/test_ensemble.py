@@ -399,7 +399,8 @@ def test_without_test_labels_the_ensemble_is_scored_on_held_out_dev(separable, t
     prepared = prepare_corpus(search_cfg["data"], runs, progress=False)
     labels = list(prepared.labels)
     dev_ids = [u.id for u in prepared.dev]
-    plan = evaluation_plan(prepared, [labels.index(u.label) for u in prepared.dev], labels, int(search_cfg["seed"]))
+    plan = evaluation_plan(prepared, dev_ids, [labels.index(u.label) for u in prepared.dev], labels,
+                           int(search_cfg["seed"]))
     selection, held_out = [dev_ids[i] for i in plan.select_idx], plan.eval_ids
     assert plan.eval_split == "dev" and len(selection) == len(held_out) == 6
     assert not set(selection) & set(held_out) and set(selection) | set(held_out) == set(dev_ids)

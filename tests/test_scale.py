@@ -229,7 +229,7 @@ def test_cache_workers_and_trials_get_the_gpus_ray_assigns(separable, tmp_path, 
 
     corpus, _ = separable
     leave_shared_ray()  # a Ray with these logical GPUs
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
     try:
         cfg = load_config(search_args(corpus, tmp_path / "runs", tmp_path / "cache", "search.num_samples=2",
                                       "search.max_concurrent=2", "trial.max_epochs=1",
@@ -259,7 +259,7 @@ def test_cache_workers_asking_for_more_gpus_than_the_cluster_has_is_an_error_not
     from emotune.features.distributed import worker_shape
 
     leave_shared_ray()  # a Ray with one logical GPU
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     try:
         assert worker_shape({"device": "auto", "gpu_per_worker": 0.5}, 1) == (2, 0.5, "auto")
         with pytest.raises(EmotuneError, match=r"features.gpu_per_worker=2 is more than the 1 GPU\(s\) the Ray "
@@ -280,7 +280,7 @@ def test_cache_workers_ask_ray_for_their_encoders_memory_so_a_node_starts_no_mor
     memory = worker_memory(315.4)  # XLS-R 300M: 1.26 GB of float32 weights
     assert 1.9 * 2**30 < memory < 2.0 * 2**30
     leave_shared_ray()  # a Ray with this memory
-    ray.init(num_cpus=2, _memory=3 * 2**30, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, _memory=3 * 2**30, include_dashboard=False, logging_level="WARNING")
     try:
         pool = CacheWorkers({"device": "cpu", "gpu_per_worker": 1, "augment": {}}, 2, None, str(tmp_path), memory)
         first, waiting = ray.wait(list(pool.starting), num_returns=1, timeout=30)

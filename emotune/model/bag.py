@@ -21,6 +21,11 @@ class FoldBag(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
+    @property
+    def modalities(self) -> tuple:
+        """The inputs the heads read (the same for every head)."""
+        return self.heads[0].modalities
+
     def forward(self, batch: dict) -> torch.Tensor:
         log_probs = torch.stack([torch.log_softmax(head(batch).float(), dim=-1) for head in self.heads])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.heads))

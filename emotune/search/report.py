@@ -71,6 +71,7 @@ class Ties:
     shares: dict[str, float] = field(default_factory=dict)  # trial id: share of resamples the best scores higher
     skipped: dict[str, str] = field(default_factory=dict)  # trial id: why it was not compared
     problem: str = ""  # why no trial could be compared at all ("" when the comparisons were made)
+    scored: str = "dev"  # the clips compared on: dev, or every labelled clip out of fold
 
     def mark(self, trial_id: str) -> bool | str:
         """The ``tied`` column of trials.csv: True or False, or empty when the trial was not compared."""
@@ -143,7 +144,9 @@ def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -
     dev_ids = [u.id for u in scored]
     dev_true = [labels.index(u.label) for u in scored]
     confidence = typed(SearchSettings, cfg["search"], "search").ties_confidence
-    return ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
+    ties = ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
+    ties.scored = _scored_what(typed(TrialSettings, cfg["trial"], "trial"))
+    return ties
 
 
 # --- the pick's expected score on unseen clips -----------------------------------------------------------------
@@ -193,7 +196,7 @@ def _trials(n: int) -> str:
 
 def ties_text(ties: Ties, finished: Sequence[dict], trials_dir: Path) -> list[str]:
     """The summary's lines about the trials tied with the best."""
-    method = f"paired bootstrap on dev, {ties.confidence:.0%}"
+    method = f"paired bootstrap on {ties.scored}, {ties.confidence:.0%}"
     if ties.problem:
         return [f"Ties with the best not computed ({method}): {ties.problem}."]
     f1 = {str(r["trial_id"]): r["best_val_f1"] for r in finished}
@@ -319,12 +322,19 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     _print_failures(errors)
     if best:
         _print_best(cfg, best)
-        print(f"  {estimate.text(_scored_what(trial))}" if not isinstance(estimate, str)
+        print(f"  {estimate.text(_scored_what(trial))}{_bag_note(trial)}" if not isinstance(estimate, str)
               else f"  Expected score on unseen clips not computed: {estimate}.")
         print("\n".join(ties_text(ties, finished, trials_dir)))
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
     _print_next_commands(cfg)
     return summary
+
+
+def _bag_note(trial: TrialSettings) -> str:
+    """With K folds the out-of-fold predictions are one head's each, while new clips get the mean of K heads."""
+    if trial.folds == 1:
+        return ""
+    return f"; for one head: the mean of the {trial.folds} heads that predicts new clips usually scores higher"
 
 
 def _scored_what(trial: TrialSettings) -> str:

@@ -467,7 +467,8 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
     corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     labels = list(corpus.labels)
-    scored_utts = scored_clips(corpus, int(search_cfg.get("trial", {}).get("folds", 1)))  # dev, or out of fold
+    folds = int(search_cfg.get("trial", {}).get("folds", 1))
+    scored_utts = scored_clips(corpus, folds)  # dev, or every labelled clip out of fold
     dev_ids = [u.id for u in scored_utts]
     dev_true = _truth(dev_ids, scored_utts, labels)
     plan = evaluation_plan(corpus, dev_ids, dev_true, labels, int(search_cfg["seed"]))
@@ -508,7 +509,8 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     run_id = _log(tracking, parent, request, plan, ensemble, scored, files,
                   estimate.metrics() if not isinstance(estimate, str) else {})
     summary = {"estimate": estimate if isinstance(estimate, str) else
-               estimate.metrics() | {"raw_f1": estimate.raw, "text": estimate.text("selection macro-F1")},
+               estimate.metrics() | {"raw_f1": estimate.raw, "text": estimate.text("selection macro-F1") + (
+                   "" if folds == 1 else f"; for one head each: members of {folds} heads usually score higher")},
                "search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
                "members": scored.members, "ranking": ranking, "out_dir": str(out), "run_id": run_id,
                "greedy_curve": chosen.curve, "tied": [c.run_id for c in chosen.tied],
