@@ -42,3 +42,25 @@ def write(name: str, data: dict, markdown: list[str]) -> None:
     (BENCH_DIR / f"{name}.md").write_text("\n".join(markdown) + "\n")
     print("\n".join(markdown))
     print(f"\nwritten: {BENCH_DIR / (name + '.json')} and {BENCH_DIR / (name + '.md')}")
+
+
+def record_pool(record_one, todo: list, partial: Path, workers: int, score_name: str) -> dict:
+    """``record_one`` over the jobs ``todo`` in ``workers`` spawned processes; each finished entry (a dict with
+    ``index``, ``rows`` and ``wall_seconds``) is appended to ``partial`` as one JSON line at once, so that a stopped
+    recording continues where it was. Returns the new entries by index."""
+    import multiprocessing
+    import time
+
+    done = {}
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool, partial.open("a") as out:
+        for count, entry in enumerate(pool.imap_unordered(record_one, todo), start=1):
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+            done[entry["index"]] = entry
+            elapsed = time.perf_counter() - started
+            print(f"{count}/{len(todo)} configuration {entry['index']}: best {score_name} "
+                  f"{max(r['val_f1'] for r in entry['rows']):.3f} ({entry['wall_seconds']:.0f} s; "
+                  f"{elapsed / 60:.1f} min so far, about {elapsed / count * (len(todo) - count) / 60:.0f} min to go)",
+                  flush=True)
+    return done

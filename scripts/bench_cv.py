@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import BENCH_DIR, RUNS_DIR
+from _bench import BENCH_DIR, RUNS_DIR, record_pool
 
 FOLDS = 5
 PARTIAL = RUNS_DIR / "hpo-cv-pool.jsonl"
@@ -79,7 +79,6 @@ def _record_one(job: tuple[int, dict, dict]) -> dict:
 def record(args, pool_config, draw_configurations) -> None:
     """Train the K-fold pool, ``args.workers`` configurations at a time, appending each as it finishes."""
     import gzip
-    import multiprocessing
 
     from emotune.data.folds import trial_folds
     from emotune.data.prepare import prepare_corpus
@@ -104,17 +103,7 @@ def record(args, pool_config, draw_configurations) -> None:
     todo = [(i, c, base) for i, c in enumerate(configurations) if i not in done]
     print(f"recording {len(todo)} {FOLDS}-fold configurations ({len(done)} already in {PARTIAL}); labelled "
           f"{len(folds.clips)} clips, test {len(corpus.test)}", flush=True)
-    started = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as workers, PARTIAL.open("a") as out:
-        for count, entry in enumerate(workers.imap_unordered(_record_one, todo), start=1):
-            out.write(json.dumps(entry) + "\n")
-            out.flush()
-            done[entry["index"]] = entry
-            elapsed = time.perf_counter() - started
-            print(f"{count}/{len(todo)} configuration {entry['index']}: best out-of-fold "
-                  f"{max(r['val_f1'] for r in entry['rows']):.3f} ({entry['wall_seconds']:.0f} s; "
-                  f"{elapsed / 60:.1f} min so far, about {elapsed / count * (len(todo) - count) / 60:.0f} min to go)",
-                  flush=True)
+    done |= record_pool(_record_one, todo, PARTIAL, args.workers, "out-of-fold")
     labels = corpus.labels
     pool = {"overrides": base_overrides(args), "labels": labels, "folds": FOLDS,
             "fold": _digits(folds.fold_of()[u.id] for u in folds.clips),

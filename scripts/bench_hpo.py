@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import BENCH_DIR, ROOT, RUNS_DIR
+from _bench import BENCH_DIR, ROOT, RUNS_DIR, record_pool
 
 POOL_FILE = BENCH_DIR / "hpo-pool.json.gz"
 PARTIAL = RUNS_DIR / "hpo-pool.jsonl"
@@ -108,7 +108,6 @@ def _record_one(job: tuple[int, dict, dict]) -> dict:
 
 def record(args) -> None:
     """Train the pool, two at a time, appending each finished configuration to runs/hpo-pool.jsonl."""
-    import multiprocessing
 
     from emotune.data.prepare import prepare_corpus
     from emotune.features.prepare import prepare_features
@@ -132,17 +131,7 @@ def record(args) -> None:
     print(f"recording {len(todo)} configurations ({len(done)} already in {PARTIAL}); dev {len(corpus.dev)} clips, "
           f"test {len(corpus.test)}", flush=True)
     started = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(args.workers) as workers, PARTIAL.open("a") as out:
-        for count, entry in enumerate(workers.imap_unordered(_record_one, todo), start=1):
-            out.write(json.dumps(entry) + "\n")
-            out.flush()
-            done[entry["index"]] = entry
-            elapsed = time.perf_counter() - started
-            print(f"{count}/{len(todo)} configuration {entry['index']}: best dev "
-                  f"{max(r['val_f1'] for r in entry['rows']):.3f}"
-                  f" ({entry['wall_seconds']:.0f} s; {elapsed / 60:.1f} min so far, about "
-                  f"{elapsed / count * (len(todo) - count) / 60:.0f} min to go)", flush=True)
+    done |= record_pool(_record_one, todo, PARTIAL, args.workers, "dev")
     labels = corpus.labels
     dev_counts = {label: sum(u.label == label for u in corpus.dev) for label in labels}
     pool = {"overrides": CORPUS + [f"trial.max_epochs={args.epochs}", "trial.early_stop=null", f"seed={args.seed}"],
