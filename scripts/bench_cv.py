@@ -255,9 +255,10 @@ def cv_method(sampler: str, scheduler: str):
     return SamplerMethod(f"{sampler}+{scheduler}", overrides)
 
 
-def search_state(pool, scores, replay: dict, seconds: float, resamples: int = 200) -> dict | None:
+def search_state(pool, scores, replay: dict, seconds: float, estimate: bool = True,
+                 resamples: int = 200) -> dict | None:
     """What a replayed search has ``seconds`` in: its pick's test F1, the k = 3 vote's, the regrets, the pick's
-    dev score and the bias-corrected estimates of the pick and the vote (on the arm's scored clips)."""
+    dev score and (``estimate``) the bias-corrected estimates of the pick and the vote on the arm's scored clips."""
     from emotune.estimate import Curves, bias_corrected, hard_votes
     from emotune.evaluation import macro_f1
 
@@ -273,19 +274,24 @@ def search_state(pool, scores, replay: dict, seconds: float, resamples: int = 20
     n_classes = len(pool.labels)
     pick_test = float(pool.test_f1[checkpoints[0]])
     vote = hard_votes(np.stack([pool.test_pred[i, t] for i, t in checkpoints[:3]]).astype(np.int64), n_classes)
-    curves = Curves([pool.oof[done[n][0], : done[n][1]].astype(np.int64) for n in ranked], pool.dev_true, n_classes)
-    pick, top3 = bias_corrected(curves, 1, resamples=resamples), bias_corrected(curves, 3, resamples=resamples)
     pool_best = float(pool.test_f1[np.arange(pool.size), scores.checkpoint[:, -1]].max())
     best_visited = max(float(pool.test_f1[c]) for c in checkpoints)
-    return {"trials": len(done), "pick_test": pick_test, "k3_test": macro_f1(pool.test_true, vote, n_classes),
-            "pick_dev": float(pool.f1[checkpoints[0]]), "search_regret": pool_best - best_visited,
-            "selection_regret": best_visited - pick_test,
-            "estimate": pick.expected, "estimate_low": pick.low, "estimate_high": pick.high,
-            "k3_estimate": top3.expected, "k3_low": top3.low, "k3_high": top3.high}
+    state = {"trials": len(done), "pick_test": pick_test, "k3_test": macro_f1(pool.test_true, vote, n_classes),
+             "pick_dev": float(pool.f1[checkpoints[0]]), "search_regret": pool_best - best_visited,
+             "selection_regret": best_visited - pick_test}
+    if estimate:
+        curves = Curves([pool.oof[done[n][0], : done[n][1]].astype(np.int64) for n in ranked], pool.dev_true,
+                        n_classes)
+        pick, top3 = bias_corrected(curves, 1, resamples=resamples), bias_corrected(curves, 3, resamples=resamples)
+        state |= {"estimate": pick.expected, "estimate_low": pick.low, "estimate_high": pick.high,
+                  "k3_estimate": top3.expected, "k3_low": top3.low, "k3_high": top3.high}
+    return state
 
 
-def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], seeds: list[int]) -> dict:
-    """Every (arm, sampler, scheduler) replayed on ``seeds`` at the largest budget, read at each budget."""
+def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], seeds: list[int],
+                slow_seeds: int | None = None) -> dict:
+    """Every (arm, sampler, scheduler) replayed on ``seeds`` at the largest budget, read at each budget; GP, whose
+    proposals take about a second each, on the first ``slow_seeds`` only."""
     from bench_hpo import Scores, replay_search
 
     out: dict = {}
@@ -299,12 +305,13 @@ def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], see
         for sampler, scheduler in methods:
             method = cv_method(sampler, scheduler)
             started, rows = time.perf_counter(), []
-            for seed in seeds:
+            for seed in seeds[:slow_seeds] if sampler == "gp" else seeds:
                 replay = replay_search(pool, method, seed, max(BUDGETS) * unit, scores_of)
-                rows.append({str(b): search_state(pool, scores_of["val_f1"], replay, b * unit) for b in BUDGETS})
+                rows.append({str(b): search_state(pool, scores_of["val_f1"], replay, b * unit,
+                                                  estimate=b == REPORTED_BUDGET) for b in BUDGETS})
             out[f"{arm}/{sampler}/{scheduler}"] = rows
             at = [r[str(REPORTED_BUDGET)] for r in rows if r[str(REPORTED_BUDGET)]]
-            print(f"{arm:6s} {sampler:16s} {scheduler:5s} {len(seeds)} seeds in {time.perf_counter() - started:.0f} s:"
+            print(f"{arm:6s} {sampler:16s} {scheduler:5s} {len(rows)} seeds in {time.perf_counter() - started:.0f} s:"
                   f" pick test {np.mean([a['pick_test'] for a in at]):.4f},"
                   f" k3 {np.mean([a['k3_test'] for a in at]):.4f}"
                   f", dev {np.mean([a['pick_dev'] for a in at]):.4f}, estimate "
@@ -460,12 +467,13 @@ def replay_report(args) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_cv_pool(args.partial)
     arms = list(ARMS)
-    methods = [(s, sch) for s in args.samplers for sch in ("asha", "none")]
+    methods = [(s, sch) for s in args.samplers for sch in ("asha", "none") if s != "gp" or sch == "asha"]
     print(f"pool: {len(data['trials'])} configurations; selection seeds first", flush=True)
-    selection = replay_arms(data, arms, methods, list(SELECTION_SEEDS)[: args.selection_seeds])["results"]
+    selection = replay_arms(data, arms, methods, list(SELECTION_SEEDS)[: args.selection_seeds],
+                            args.gp_seeds)["results"]
     chosen, why = choose_default(selection)
     print(f"chosen: {chosen} ({why})", flush=True)
-    reported = replay_arms(data, arms, methods, list(range(args.seeds)))
+    reported = replay_arms(data, arms, methods, list(range(args.seeds)), args.gp_seeds)
     record_seconds = sum(t["wall_seconds"] for t in data["trials"])
     note = (f"recorded in {record_seconds / 3600:.1f} h of worker time, two configurations at a time "
             f"(`python scripts/bench_hpo.py record-cv`){'; a recording still under way' if args.partial else ''}")

@@ -887,6 +887,8 @@ def main() -> int:
     rcv.add_argument("--selection-seeds", type=int, default=30, help="searches per arm that choose the default")
     rcv.add_argument("--samplers", nargs="*", default=["random", "tpe", "tpe-independent", "tpe-startup20", "gp"],
                      help="Optuna samplers to replay (default: random, tpe, tpe-independent, tpe-startup20, gp)")
+    rcv.add_argument("--gp-seeds", type=int, default=10, help="seeds for GP (with ASHA only), whose proposals take "
+                     "about a second each (default 10)")
     look = sub.add_parser("scores", help="the ranking scores against test on the pool")
     look.add_argument("--partial", action="store_true", help="use the recording under way (runs/hpo-pool.jsonl)")
     run = sub.add_parser("replay", help="replay the methods' searches on the pool and write the report")

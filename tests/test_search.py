@@ -309,7 +309,7 @@ def test_two_runs_of_a_reproducible_search_two_trials_at_a_time_give_identical_t
                                       "search.num_samples=6", "search.max_concurrent=2", "search.reproducible=true",
                                       "trial.max_epochs=6", "search.grace_period=1", "search.reduction_factor=2",
                                       ), "search")
-        run_search(cfg, train=jittered(0.8))
+        run_search(cfg, train=jittered(0.5))
         with (tmp_path / run / "ray" / "smoke" / "summary" / "trials.csv").open() as f:
             rows = list(csv.DictReader(f))
         tables.append(sorted((json.dumps({k: v for k, v in r.items() if k.startswith("param:")}, sort_keys=True),
