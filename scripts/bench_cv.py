@@ -335,22 +335,18 @@ def paired(rows_a: list, rows_b: list, key: str, budget: int = REPORTED_BUDGET) 
 
 
 def summary_of(rows: list, budget: int = REPORTED_BUDGET) -> dict:
+    """An arm's figures at ``budget`` over its seeds; the estimate's error and coverage where it was computed."""
     at = [r[str(budget)] for r in rows if r[str(budget)]]
-
-    def covered(low, high):
-        return float(np.mean([a[low] <= a[test] <= a[high] for a in at]))
-
-    test = "pick_test"
     out = {"pick_test": mean_ci([a["pick_test"] for a in at]), "k3_test": mean_ci([a["k3_test"] for a in at]),
            "search_regret": float(np.mean([a["search_regret"] for a in at])),
            "selection_regret": float(np.mean([a["selection_regret"] for a in at])),
            "gap": float(np.mean([a["pick_dev"] - a["pick_test"] for a in at])),
-           "estimate_error": float(np.mean([a["estimate"] - a["pick_test"] for a in at])),
-           "estimate_coverage": covered("estimate_low", "estimate_high"),
            "trials": float(np.mean([a["trials"] for a in at]))}
-    test = "k3_test"
-    out |= {"k3_estimate_error": float(np.mean([a["k3_estimate"] - a["k3_test"] for a in at])),
-            "k3_estimate_coverage": covered("k3_low", "k3_high")}
+    if at and "estimate" in at[0]:
+        for prefix, test, low, high, mean in (("", "pick_test", "estimate_low", "estimate_high", "estimate"),
+                                              ("k3_", "k3_test", "k3_low", "k3_high", "k3_estimate")):
+            out[f"{prefix}estimate_error"] = float(np.mean([a[mean] - a[test] for a in at]))
+            out[f"{prefix}estimate_coverage"] = float(np.mean([a[low] <= a[test] <= a[high] for a in at]))
     return out
 
 
