@@ -416,8 +416,9 @@ def markdown(data: dict, reported: dict, chosen: str, why: str, record_note: str
              f"**The rule, fixed before the replays**: {RULE}.", "",
              f"**Chosen**: `{chosen}` ({why}).", "",
              "| objective / sampler / scheduler | trials | pick test F1 [95% CI] | vs today (paired) "
-             "| k=3 vote test F1 | search regret | selection regret | raw dev error | estimate error | coverage |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| k=3 vote test F1 | search regret | selection regret | raw dev error | estimate error | coverage "
+             "| k=3 estimate error | k=3 coverage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in results.items():
         s = summary_of(rows)
         diff = paired(rows, today, "pick_test") if key != "/".join(TODAY) else None
@@ -426,7 +427,8 @@ def markdown(data: dict, reported: dict, chosen: str, why: str, record_note: str
         lines.append(f"| `{key}`{mark} | {s['trials']:.1f} | {_f(s['pick_test'][0])} [{_f(s['pick_test'][1])}, "
                      f"{_f(s['pick_test'][2])}] | {versus} "
                      f"| {_f(s['k3_test'][0])} | {_f(s['search_regret'])} | {_f(s['selection_regret'])} | "
-                     f"{s['gap']:+.4f} | {s['estimate_error']:+.4f} | {s['estimate_coverage']:.0%} |")
+                     f"{s['gap']:+.4f} | {s['estimate_error']:+.4f} | {s['estimate_coverage']:.0%} | "
+                     f"{s['k3_estimate_error']:+.4f} | {s['k3_estimate_coverage']:.0%} |")
     lines += ["", "Search regret: the pool's best trial on test (fully trained) minus the best trial the search "
               "visited; selection regret: that minus the pick. Estimate error: the bias-corrected estimate minus the "
               "pick's test F1; coverage: how often its 95% interval held the pick's test F1; raw dev error: the "
