@@ -11,6 +11,11 @@ between epochs) and ``evaluation`` (the count of dev evaluations, which is ASHA'
 run; whenever the ranking score improves, the best checkpoint (safetensors), the dev and test class probabilities
 with ids, a confusion-matrix PNG and a classification report are logged, so even a trial that ASHA stops early
 leaves everything the ensemble selector needs. Test data is only ever predicted, never scored or selected on.
+
+With ``trial.folds=K`` (:mod:`emotune.data.folds`) the trial trains K heads in lockstep, each on K-1 folds of the
+labelled clips, and every "dev" figure above is computed on the out-of-fold predictions of all labelled clips;
+the model it keeps is the bag of its K heads (:class:`emotune.model.bag.FoldBag`). Each evaluation's predicted
+classes go to ``evaluations.json``, from which :mod:`emotune.estimate` repeats the search's choice.
 """
 
 from __future__ import annotations
