@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -204,8 +205,63 @@ def test_auth_refuses_strangers_and_lets_the_admin_log(tmp_path, monkeypatch):
         assert MlflowClient(server.uri).get_run(run.run_id).data.metrics == {"val_f1": 0.25}
         # the users are kept in the runs folder, not wherever the server happened to start
         assert (tmp_path / "server" / "basic_auth.db").is_file() and not (tmp_path / "basic_auth.db").exists()
+        # the login database (password hashes) and its INI are the owner's alone
+        for name in ("basic_auth.db", "basic_auth.ini"):
+            assert stat.S_IMODE((tmp_path / "server" / name).stat().st_mode) == 0o600, name
 
         assert server.signal_and_wait(signal.SIGINT) == 0, server.output()[-2000:]
         assert all(not in_session(s) for s in server.sessions)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("password, said", [("short", "has 5 characters; MLflow requires 12"),
+                                             ("password1234", "a default MLflow once shipped")])
+def test_a_weak_admin_password_is_refused_before_mlflow_starts(tmp_path, password, said):
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+    result = emotune("server", "--auth", "--port", str(free_port()), f"paths.runs_dir={tmp_path}", cwd=tmp_path,
+                     env=env)
+    assert result.returncode == 2
+    assert said in result.stderr and "MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr
+    assert "Traceback" not in result.stderr and "in use" not in result.stderr
+    assert not (tmp_path / "server").exists()  # nothing was written or started
+    # an INI of one's own with MLflow's old default is refused the same way
+    ini = tmp_path / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///x.db\nadmin_username = admin\n"
+                   "admin_password = password1234\n")
+    env.pop("MLFLOW_AUTH_ADMIN_PASSWORD")
+    result = emotune("server", "--auth-config", str(ini), "--port", str(free_port()), f"paths.runs_dir={tmp_path}",
+                     cwd=tmp_path, env=env)
+    assert result.returncode == 2 and f"the admin_password of {ini}" in result.stderr
+
+
+def test_an_mlflow_below_the_floor_is_refused_naming_the_advisories():
+    from emotune.errors import EmotuneError
+    from emotune.tracking.server import check_mlflow_version
+
+    for old in ("2.16.0", "3.16.0", "3.8.0rc0"):
+        with pytest.raises(EmotuneError, match=r"MLflow 3\.16\.1 or newer.*GHSA-gq3w-7jj3-x7gr.*pip install -U"):
+            check_mlflow_version(old)
+    for fine in ("3.16.1", "3.17.2", "4.0.0"):
+        check_mlflow_version(fine)
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path):
+    result = emotune("server", "--port", str(free_port()), "--backend-store-uri", "bogus://nowhere",
+                     f"paths.runs_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "did not start: " in result.stderr and "bogus://nowhere" in result.stderr
+    assert "Traceback" not in result.stderr and "in use" not in result.stderr  # the port was free: no guess at it
+    assert len(result.stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.slow
+def test_a_server_on_another_loopback_address_answers_its_clients(tmp_path):
+    server = Server(tmp_path, "--host", "127.0.0.2")
+    try:
+        assert server.uri == f"http://127.0.0.2:{server.port}"
+        with urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    timeout=30) as response:
+            assert response.status == 200  # not 403 "Invalid Host header"
     finally:
         server.stop()

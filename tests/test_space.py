@@ -155,3 +155,23 @@ def test_the_shipped_asha_defaults_are_the_ones_the_benchmark_chose():
         metric = "best_val_f1"  # the objective: with select_by=val_f1 it is best_val_f1, value for value
     assert chosen == {"metric": metric, "grace_period": cfg["search"]["grace_period"],
                       "reduction_factor": cfg["search"]["reduction_factor"], "max_epochs": cfg["trial"]["max_epochs"]}
+
+
+def test_the_private_parts_of_ray_and_optuna_emotune_relies_on_are_still_there():
+    """emotune reaches into Ray's ASHA (NoiseASHA, the printed rungs) and Ray's OptunaSearch (cut trials told as
+    PRUNED); a release that renames them must fail here, by name, not deep inside a search."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.search.optuna import OptunaSearch
+
+    scheduler = ASHAScheduler(time_attr="evaluation", metric="m", mode="max", max_t=8, grace_period=1)
+    missing = [name for name, present in [
+        ("ASHAScheduler._brackets", hasattr(scheduler, "_brackets")),
+        ("ASHAScheduler._trial_info", hasattr(scheduler, "_trial_info")),
+        ("_Bracket._rungs (milestone, recorded) pairs",
+         hasattr(scheduler, "_brackets") and all(len(rung) == 2 for rung in scheduler._brackets[0]._rungs)),
+        ("_Bracket.cutoff(recorded)", callable(getattr(_Bracket, "cutoff", None))),
+        ("_Bracket.on_result(trial, cur_iter, cur_rew)", callable(getattr(_Bracket, "on_result", None))),
+        ("OptunaSearch._completed_trials", "_completed_trials" in vars(OptunaSearch(metric="m", mode="max"))),
+    ] if not present]
+    assert not missing, f"Ray changed private parts emotune.search.algorithms uses: {', '.join(missing)}"

@@ -24,6 +24,12 @@ from pathlib import Path
 from emotune.errors import EmotuneError
 
 _WILDCARDS = ("0.0.0.0", "::", "")
+# The first MLflow free of the published advisories on what the server exposes: path traversal in the artifact
+# handler (CVE-2026-2033, fixed in 3.8.0), DNS rebinding (CVE-2025-14279, 3.5.0), basic-auth routes left open
+# (CVE-2026-0545, CVE-2026-2652, 3.10.0) and the shipped admin password (GHSA-gq3w-7jj3-x7gr, 3.16.1)
+MLFLOW_FLOOR = (3, 16, 1)
+MIN_PASSWORD_LENGTH = 12  # what MLflow's basic-auth app itself requires from 3.16.1 on
+KNOWN_PASSWORDS = ("password1234", "password")  # the admin passwords MLflow shipped or documented before 3.16.1
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,54 @@ def _artifacts_destination(given: str | None, server_dir: Path) -> str:
     return str(folder)
 
 
+def check_mlflow_version(version: str) -> None:
+    """Refuse an MLflow below :data:`MLFLOW_FLOOR`, naming what it lacks and the command that fixes it."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if numbers and numbers < MLFLOW_FLOOR:
+        floor = ".".join(map(str, MLFLOW_FLOOR))
+        raise EmotuneError(f"emotune server needs MLflow {floor} or newer; this environment has MLflow {version}, "
+                           "whose server carries published advisories on what it exposes (path traversal in the "
+                           "artifact handler CVE-2026-2033, DNS rebinding CVE-2025-14279, open basic-auth routes "
+                           "CVE-2026-0545 and CVE-2026-2652, a shipped admin password GHSA-gq3w-7jj3-x7gr). Upgrade "
+                           f"it: pip install -U 'mlflow[auth]>={floor}'.")
+
+
+def check_admin_password(password: str | None, source: str) -> None:
+    """The admin password MLflow's basic-auth app will bootstrap with: set, long enough, not a known default."""
+    fix = ("Set MLFLOW_AUTH_ADMIN_PASSWORD to a password of your own of 12 characters or more (e.g. "
+           "MLFLOW_AUTH_ADMIN_PASSWORD=$(python -c 'import secrets; print(secrets.token_urlsafe(18))')), or give "
+           "--auth-config FILE with such an admin_password.")
+    if not password:
+        raise EmotuneError(f"--auth needs the admin's password and MLflow ships none ({source} sets none). {fix}")
+    if password in KNOWN_PASSWORDS:
+        raise EmotuneError(f"the admin password in {source} is a default MLflow once shipped, which anyone may "
+                           f"know. {fix}")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise EmotuneError(f"the admin password in {source} has {len(password)} characters; MLflow requires "
+                           f"{MIN_PASSWORD_LENGTH} or more. {fix}")
+
+
+def _effective_password(config_path: str | None) -> tuple[str | None, str]:
+    """The admin password MLflow will read, as it reads it: the variable when set (even empty), else the INI's."""
+    import configparser
+
+    if "MLFLOW_AUTH_ADMIN_PASSWORD" in os.environ:
+        return os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"], "MLFLOW_AUTH_ADMIN_PASSWORD"
+    if config_path:
+        parser = configparser.ConfigParser()
+        parser.read(config_path)
+        return (parser["mlflow"].get("admin_password") if parser.has_section("mlflow") else None,
+                f"the admin_password of {config_path}")
+    return None, "MLFLOW_AUTH_ADMIN_PASSWORD"
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` (if missing) readable and writable by its owner only, and keep it so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+
+
 def _auth_env(config: str | None, server_dir: Path) -> dict[str, str]:
     """The environment MLflow's basic-auth app reads: its INI file (``config`` or one of ours), a form-signing key."""
     env = {}
@@ -87,14 +141,14 @@ def _auth_env(config: str | None, server_dir: Path) -> dict[str, str]:
             raise EmotuneError(f"--auth-config {config}: no such file. Give the path of an MLflow basic-auth INI "
                                "file (a [mlflow] section with database_uri, admin_username, admin_password).")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(Path(config).expanduser().resolve())
-    elif not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
-        raise EmotuneError("--auth needs the admin's password and MLflow ships none: set MLFLOW_AUTH_ADMIN_PASSWORD "
-                           "(12 characters or more) in the environment, or give --auth-config FILE, an MLflow "
-                           "basic-auth INI file with admin_password in its [mlflow] section.")
+        check_admin_password(*_effective_password(env["MLFLOW_AUTH_CONFIG_PATH"]))
     else:
-        # MLflow's own INI keeps the users in sqlite:///basic_auth.db, relative to wherever the server starts
+        check_admin_password(*_effective_password(None))
+        # MLflow's own INI keeps the users in sqlite:///basic_auth.db, relative to wherever the server starts; the
+        # login database (password hashes) and its INI are the owner's alone
         ini = server_dir / "basic_auth.ini"
-        ini.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(ini)
+        _private_file(server_dir / "basic_auth.db")
         ini.write_text("# Written by `emotune server --auth` at each start; give your own with --auth-config FILE.\n"
                        "[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = sqlite:///{server_dir / 'basic_auth.db'}\nadmin_username = admin\n"
@@ -107,11 +161,11 @@ def _auth_env(config: str | None, server_dir: Path) -> dict[str, str]:
 
 
 def _allowed_hosts(host: str, port: int) -> list[str]:
-    """``--allowed-hosts`` for a server reachable from other machines: MLflow's defaults and this machine's names.
+    """``--allowed-hosts``: MLflow's defaults, the bound address and this machine's names, with and without port.
 
     MLflow answers 403 to a request whose Host header is not allowed (against DNS rebinding), and by default
-    allows only loopback and private addresses, so a client using the printed URI (this machine's name) would
-    be turned away.
+    allows only a few loopback names and private ranges, so a client using the printed URI (this machine's name,
+    or a loopback address such as 127.0.0.2) would be turned away.
     """
     try:
         from mlflow.server.security_utils import get_default_allowed_hosts
@@ -150,6 +204,9 @@ def serve_tracking(runs_dir: str | Path, options: ServerOptions) -> int:
                            "there could read, change and delete every run: MLflow asks for no login by default. Add "
                            "--auth (logins; set MLFLOW_AUTH_ADMIN_PASSWORD first), or --insecure on a network where "
                            "everyone may do that (a private cluster).")
+    from importlib.metadata import version
+
+    check_mlflow_version(version("mlflow"))
     # checked first, because an MLflow already on the port would answer this one's readiness probe
     if _port_in_use(host, port):
         raise EmotuneError(f"port {port} is already in use (another MLflow?). Pick another with --port.")
@@ -165,7 +222,7 @@ def serve_tracking(runs_dir: str | Path, options: ServerOptions) -> int:
         command += ["--workers", str(options.workers)]
     if auth:
         command += ["--app-name", "basic-auth"]
-    if not is_loopback(host) and (allowed := _allowed_hosts(host, port)):
+    if allowed := _allowed_hosts(host, port):
         command += ["--allowed-hosts", ",".join(allowed)]
     uri = client_uri(host, port)
     local = "127.0.0.1" if host == "0.0.0.0" else "[::1]" if host == "::" else host.strip("[]")
@@ -183,4 +240,5 @@ def serve_tracking(runs_dir: str | Path, options: ServerOptions) -> int:
         print(f"MLflow tracking server {where} (store {shown}, artifacts {artifacts}). Give it to searches{name}: "
               f"tracking.uri={uri}{login}  (Ctrl-C stops it)", flush=True)
 
-    return run_until_signal(command, probe, announce, "MLflow tracking server", port, env=env)
+    return run_until_signal(command, probe, announce, "MLflow tracking server", port, env=env,
+                            port_taken=lambda: _port_in_use(host, port))

@@ -13,6 +13,7 @@ of them, so the port is free for the next start. ``emotune server`` runs its MLf
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,12 +119,51 @@ def _wait_until_up(url: str, server: subprocess.Popen, stopping: list) -> bool:
     return False
 
 
+class StartupLog:
+    """A server's stderr, held back until it is up and passed through from then on.
+
+    A server that dies while starting leaves a traceback of dozens of lines; the user needs its last line, what
+    went wrong (:meth:`reason`). Once the server is up (:meth:`release`), its messages go to stderr as they come.
+    """
+
+    def __init__(self, stream) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self.released = threading.Event()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            if self.released.is_set():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            else:
+                self.lines.append(line)
+
+    def release(self) -> None:
+        for line in self.lines:
+            sys.stderr.write(line)
+        self.lines.clear()
+        self.released.set()
+
+    def reason(self) -> str:
+        """The error the server died of: its last line that names an exception, else its last line."""
+        self.thread.join(timeout=5)
+        text = [line.strip() for line in self.lines if line.strip()]
+        errors = [line for line in text if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+        reason = (errors or text or ["it printed nothing"])[-1]
+        return reason if len(reason) <= 300 else reason[:300] + "..."
+
+
 def run_until_signal(command: list[str], probe: str, announce: Callable[[], None], what: str, port: int,
-                     env: dict | None = None) -> int:
+                     env: dict | None = None, port_taken: Callable[[], bool] | None = None) -> int:
     """Run ``command`` (an MLflow server) in a session of its own until SIGINT, SIGTERM or SIGHUP.
 
     ``announce`` runs once ``probe`` answers. Every process of the session is stopped on the way out, whatever
-    the way out is; returns the exit status.
+    the way out is; returns the exit status. A server that exits while starting raises an error that says what it
+    died of in one line (its traceback is not shown), and mentions the port only if ``port_taken`` says it is.
     """
     stopping: list[int] = []
 
@@ -131,10 +171,14 @@ def run_until_signal(command: list[str], probe: str, announce: Callable[[], None
         stopping.append(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    server = None
+    server, log, up = None, None, False
     try:
-        server = subprocess.Popen(command, start_new_session=True, env=env)
+        server = subprocess.Popen(command, start_new_session=True, env=env, stderr=subprocess.PIPE, text=True,
+                                  bufsize=1)
+        log = StartupLog(server.stderr)
         if _wait_until_up(probe, server, stopping):
+            up = True
+            log.release()
             announce()
         while not stopping and server.poll() is None:
             time.sleep(0.2)
@@ -148,8 +192,11 @@ def run_until_signal(command: list[str], probe: str, announce: Callable[[], None
         print(f"{what} stopped.", flush=True)
         return 0
     if server.returncode:
-        raise EmotuneError(f"the {what} exited with status {server.returncode} (its messages above say why); is "
-                           f"port {port} already in use? Pick another with --port.")
+        if up:
+            raise EmotuneError(f"the {what} exited with status {server.returncode}; its messages above say why.")
+        taken = port_taken() if port_taken is not None else False
+        raise EmotuneError(f"the {what} did not start: {log.reason()}"
+                           + (f". Port {port} is in use now: pick another with --port." if taken else "."))
     return 0
 
 
