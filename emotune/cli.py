@@ -159,6 +159,11 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from emotune.tracking.server import ServerOptions, serve_tracking
 
     cfg = load_config(args.overrides)
+    if args.add_user:
+        from emotune.tracking.server import add_user
+
+        print(add_user(cfg["tracking"], args.add_user, args.password_file or f"{args.add_user}-password"))
+        return 0
     return serve_tracking(cfg["paths"]["runs_dir"], ServerOptions(
         host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
         artifacts_destination=args.artifacts_destination, auth=args.auth, auth_config=args.auth_config,
@@ -343,7 +348,9 @@ def _add_server(sub) -> None:
         "  MLFLOW_AUTH_ADMIN_PASSWORD=... emotune server --host 0.0.0.0 --auth   # the network, with logins\n"
         "  emotune server --host 0.0.0.0 --insecure --workers 8   # a private cluster, no logins\n"
         "  emotune server --backend-store-uri postgresql://mlflow@db/mlflow --artifacts-destination s3://bucket/ml\n"
-        "  emotune ui tracking.uri=http://127.0.0.1:5000   # the latest search's runs on the server",
+        "  emotune ui tracking.uri=http://127.0.0.1:5000   # the latest search's runs on the server\n"
+        "  MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=... emotune server --add-user worker \\\n"
+        "      --password-file /shared/worker-password tracking.uri=http://HEAD:5000   # a user for the workers",
     )
     server.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="configuration overrides (paths.runs_dir: where the default store and artifacts go)")
@@ -367,6 +374,13 @@ def _add_server(sub) -> None:
                         help="MLflow basic-auth INI file to use instead of emotune's (implies --auth; default "
                         "$MLFLOW_AUTH_CONFIG_PATH)")
     server.add_argument("--workers", type=int, metavar="N", help="MLflow's request workers (default MLflow's, 4)")
+    server.add_argument("--add-user", metavar="NAME",
+                        help="instead of serving: create user NAME on the running server tracking.uri (as its admin: "
+                        "MLFLOW_TRACKING_USERNAME/PASSWORD), with EDIT on emotune's experiment (tracking.experiment), "
+                        "for workers; its password goes to --password-file")
+    server.add_argument("--password-file", metavar="FILE",
+                        help="with --add-user: the user's password, made and written there (owner-only) when the "
+                        "file is missing (default ./NAME-password)")
     server.set_defaults(func=_cmd_server)
 
 

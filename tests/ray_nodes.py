@@ -198,6 +198,7 @@ class RayNodes:
     address: str | None = None  # "127.0.0.1:PORT" of the head's GCS
     port: int | None = None
     root: Path | None = None
+    common_env: dict = field(default_factory=dict)  # for every node and the node check (RAY_AUTH_MODE=token...)
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -322,6 +323,7 @@ class RayNodes:
             RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         )
+        env.update(self.common_env)
         env.update(extra or {})
         return env
 

@@ -153,6 +153,7 @@ def test_a_search_on_the_cluster_records_everything_on_the_server(team, tmp_path
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert "Preflight: all 2 Ray nodes" in output
+    assert "runs without token authentication" in output and "RAY_AUTH_MODE=token" in output  # this one does
     assert not list(runs.rglob("mlflow.db"))  # no process opened a file store
     assert (models / f"models--{HUB_ID.replace('/', '--')}").is_dir()
 
@@ -222,3 +223,35 @@ def test_a_node_that_cannot_see_the_corpus_cache_storage_or_server_gets_a_row_an
     table = problems_table([Problem(host, what, fix) for what, fix in found], 2)
     assert table.startswith("Preflight: 1 of 2 Ray nodes cannot see what the search needs; nothing was started.")
     assert all(f"fix: {fix[:20]}" in table.replace("\n", " ") for _, fix in found)
+
+
+@pytest.mark.slow
+def test_a_driver_without_the_clusters_token_stops_with_what_to_set(tmp_path):
+    """A cluster with Ray's token authentication, a driver without the token (and an old token in its home, as
+    an earlier local Ray leaves one): the search stops with exit 2, naming RAY_AUTH_MODE and the token's file,
+    without a traceback; with the token it joins."""
+    leave_shared_ray()
+    token = tmp_path / "ray-auth-token"
+    token.write_text("emotune-test-token-" + "7" * 40)
+    token.chmod(0o600)
+    corpus = make_separable_corpus(tmp_path / "corpus")
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("an-old-token-from-an-earlier-local-ray-" + "0" * 20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
+    env |= {"HOME": str(home), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])}
+    with RayNodes(common_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}) as nodes:
+        address = nodes.head(num_cpus=1)
+        command = [sys.executable, "-m", "emotune.search", "space=smoke", "data=folder", f"data.root={corpus}",
+                   f"paths.runs_dir={tmp_path / 'runs'}", "search.plan_time=false", f"ray.address={address}",
+                   "tracking.allow_file_store_on_cluster=true"]
+        refused = run(command, env, timeout=300)
+        assert refused.returncode == 2, (refused.stdout + refused.stderr)[-3000:]
+        assert "RAY_AUTH_MODE" in refused.stderr and "RAY_AUTH_TOKEN_PATH" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        joined = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); "
+                                 "print(len(ray.nodes()))"], capture_output=True, text=True, timeout=120,
+                                env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+        assert joined.returncode == 0 and joined.stdout.strip().splitlines()[-1] == "1", joined.stderr[-2000:]
+    assert not nodes.leftovers()

@@ -265,3 +265,38 @@ def test_a_server_on_another_loopback_address_answers_its_clients(tmp_path):
             assert response.status == 200  # not 403 "Invalid Host header"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_user_made_by_add_user_logs_a_trial_without_the_admins_rights(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from emotune.tracking.store import TrackedRun
+
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = Server(tmp_path, "--auth", env=env)
+    try:
+        secret = tmp_path / "shared" / "worker-password"
+        made = emotune("server", "--add-user", "worker", "--password-file", str(secret), f"tracking.uri={server.uri}",
+                       "tracking.experiment=team", f"paths.runs_dir={tmp_path}", cwd=tmp_path,
+                       env=env | {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+        assert made.returncode == 0, made.stderr[-2000:]
+        assert "user worker created, with EDIT on experiment 'team'" in made.stdout
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_text().strip()) >= 12
+        assert PASSWORD not in made.stdout and secret.read_text().strip() not in made.stdout
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "worker")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret.read_text().strip())
+        run = TrackedRun.start({"uri": server.uri, "experiment": "team", "artifacts": None}, "a trial", "trial")
+        run.log_metrics({"val_f1": 0.5}, step=1)
+        note = tmp_path / "note.txt"
+        note.write_text("from a worker")
+        run.log_artifacts([note])
+        run.finish()
+        assert MlflowClient(server.uri).get_run(run.run_id).data.metrics == {"val_f1": 0.5}
+        with pytest.raises(MlflowException):  # no admin rights: it cannot make users
+            AuthServiceClient(server.uri).create_user("intruder", "another-long-password")
+    finally:
+        server.stop()

@@ -158,6 +158,35 @@ def print_time_plan(cfg: dict, corpus, plan, corpus_seconds: float):
     return time_plan
 
 
+def _auth_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is Ray refusing this driver's authentication token."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if type(exc).__name__ == "AuthenticationError" or "auth" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _join_cluster(address: str, kwargs: dict) -> None:
+    """``ray.init`` on the cluster at ``address``; a refused token becomes an error that says what to set."""
+    import ray
+
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as exc:  # Ray raises ConnectionError or RuntimeError, caused by its AuthenticationError
+        if not _auth_failure(exc):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token (Ray's default)"
+        raise EmotuneError(
+            f"the Ray cluster at {address} refused this driver's authentication (RAY_AUTH_MODE is {mode}; token "
+            f"from {token}). A cluster started with token authentication needs the same token on every node and "
+            "the driver: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=FILE, the token file the head was "
+            "started with (scripts/slurm/search.sbatch keeps it in $EMOTUNE_SHARED/ray-auth-token, readable by "
+            "the job's user only).") from None
+
+
 def _init_ray(ray_cfg: dict) -> bool:
     """Start or join Ray as configured; False when Ray was already running in this process (left as it is)."""
     import ray
@@ -173,7 +202,7 @@ def _init_ray(ray_cfg: dict) -> bool:
         kwargs["dashboard_host"] = "127.0.0.1"  # a Ray dashboard runs code for whoever reaches it
     address = ray_cfg["address"]
     if address:
-        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+        _join_cluster(address, {k: v for k, v in kwargs.items() if k != "include_dashboard"})
     else:
         # "local": a Ray of this search's own; without it ray.init joins whatever cluster this machine last
         # started (another user's or a test's), which ray.address=null promises not to do

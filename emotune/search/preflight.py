@@ -186,14 +186,31 @@ def problems_table(problems: list[Problem], n_nodes: int) -> str:
     return "\n".join(lines)
 
 
+def token_auth_on() -> bool:
+    """Whether this driver talks to Ray with token authentication (so the cluster it joined requires it)."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        return get_authentication_mode() == AuthenticationMode.TOKEN
+    except ImportError:  # a Ray without token authentication
+        return False
+
+
+NO_TOKEN_WARNING = ("Warning: this Ray cluster runs without token authentication: anyone who reaches its ports can "
+                    "run code on every node. Start every node and the driver with RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN_PATH=FILE, a token file only you can read (scripts/slurm/search.sbatch does).")
+
+
 def check_cluster(cfg: dict, corpus, recipes: dict) -> None:
-    """Run the preflight on a multi-node cluster; stop the search with the table when a node cannot see something."""
+    """Run the preflight on a multi-node cluster; stop the search with the table when a node cannot see something.
+    Either way it warns when the cluster runs without token authentication."""
     nodes = alive_nodes()
     if len(nodes) < 2:
         return
     started = time.perf_counter()
     problems = preflight(cfg, corpus, recipes, nodes)
+    warning = "" if token_auth_on() else "\n" + NO_TOKEN_WARNING
     if problems:
-        raise EmotuneError(problems_table(problems, len(nodes)))
+        raise EmotuneError(problems_table(problems, len(nodes)) + warning)
     print(f"Preflight: all {len(nodes)} Ray nodes see the corpus, the cache, the encoders, Ray's storage and the "
-          f"tracking store ({time.perf_counter() - started:.1f} s).", flush=True)
+          f"tracking store ({time.perf_counter() - started:.1f} s).{warning}", flush=True)

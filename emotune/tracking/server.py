@@ -242,3 +242,71 @@ def serve_tracking(runs_dir: str | Path, options: ServerOptions) -> int:
 
     return run_until_signal(command, probe, announce, "MLflow tracking server", port, env=env,
                             port_taken=lambda: _port_in_use(host, port))
+
+
+def add_user(tracking: dict, name: str, password_file: str | Path) -> str:
+    """Create the non-admin user ``name`` on the tracking server ``tracking["uri"]`` (as the admin of
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) with EDIT on emotune's experiment ``tracking["experiment"]``
+    (created if missing), so that workers log runs without the admin's rights. The password is read from
+    ``password_file``, or made and written there (owner-only) when the file is missing or empty. Returns a line
+    saying what was done."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    uri = tracking["uri"]
+    if not uri.startswith(("http://", "https://")):
+        raise EmotuneError(f"--add-user needs a tracking server: tracking.uri is {uri}. Give "
+                           "tracking.uri=http://HOST:PORT of an `emotune server --auth`.")
+    if not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        raise EmotuneError("--add-user acts as the server's admin: set MLFLOW_TRACKING_USERNAME=admin and "
+                           "MLFLOW_TRACKING_PASSWORD to the admin's password (MLFLOW_AUTH_ADMIN_PASSWORD of the "
+                           "server) for this command only.")
+    path = Path(password_file).expanduser()
+    if not path.is_file() or not path.read_text().strip():
+        _private_file(path)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+    password = path.read_text().strip()
+    check_admin_password(password, str(path))  # the same rules: 12 characters or more, no known default
+    try:
+        auth = get_app_client("basic-auth", tracking_uri=uri)
+        try:
+            auth.get_user(name)
+            created = False
+        except MlflowException:
+            auth.create_user(name, password)
+            created = True
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(tracking["experiment"])
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking["experiment"])
+        _grant_edit(auth, name, experiment_id)
+    except MlflowException as exc:
+        raise EmotuneError(f"the tracking server {uri} refused --add-user: {str(exc).splitlines()[0][:300]}. Are "
+                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD the admin's?") from None
+    what = "created" if created else "already there; its password was left as it was"
+    return (f"user {name} {what}, with EDIT on experiment '{tracking['experiment']}' ({experiment_id}); its password "
+            f"is in {path} (readable by you only). Workers: MLFLOW_TRACKING_USERNAME={name} "
+            f"MLFLOW_TRACKING_PASSWORD=$(cat {path})")
+
+
+def _grant_edit(auth, name: str, experiment_id: str) -> None:
+    """EDIT on one experiment, through whichever API this MLflow has (3.17 grants by resource type)."""
+    from mlflow.exceptions import MlflowException
+
+    if hasattr(auth, "grant_user_permission"):
+        def grant():
+            auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+
+        def revoke():
+            auth.revoke_user_permission(name, "experiment", experiment_id)
+    else:
+        def grant():
+            auth.create_experiment_permission(experiment_id, name, "EDIT")
+
+        def revoke():
+            auth.delete_experiment_permission(experiment_id, name)
+    try:
+        grant()
+    except MlflowException:  # granted before, maybe otherwise: made EDIT
+        revoke()
+        grant()
