@@ -61,9 +61,9 @@ def mlflow_sessions(emotune_pid: int) -> set[int]:
 class Server:
     """``emotune server`` started as a real process, its output in a file (a pipe nobody reads could fill)."""
 
-    def __init__(self, runs: Path, *args: str, env: dict | None = None) -> None:
-        self.runs, self.port, self.log = runs, free_port(), runs / "server.log"
-        with self.log.open("w") as log:
+    def __init__(self, runs: Path, *args: str, env: dict | None = None, port: int | None = None) -> None:
+        self.runs, self.port, self.log = runs, port or free_port(), runs / "server.log"
+        with self.log.open("a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "emotune", "server", "--port", str(self.port), "--workers", "1",
                  f"paths.runs_dir={runs}", *args], stdout=log, stderr=subprocess.STDOUT, cwd=runs, env=env)
@@ -300,3 +300,81 @@ def test_a_worker_user_made_by_add_user_logs_a_trial_without_the_admins_rights(t
             AuthServiceClient(server.uri).create_user("intruder", "another-long-password")
     finally:
         server.stop()
+
+
+def _search_through_an_outage(separable, tmp_path: Path, outage_s: float, env: dict, *overrides: str):
+    """A real smoke search (two 25-epoch trials, a command of its own) logging to `emotune server`, which is stopped
+    once a trial has logged two evaluations and started again ``outage_s`` later on the same port and store.
+    Returns the search's exit status, its output and the trials' runs and curves as the server has them."""
+    from conftest import search_args
+    from mlflow import MlflowClient
+
+    corpus, shared_runs = separable
+    server, second = Server(tmp_path), None
+    command = [sys.executable, "-m", "emotune.search",
+               *search_args(corpus, tmp_path / "search-runs", shared_runs / "cache" / "features",
+                            "search.num_samples=2", "search.max_concurrent=2", "search.scheduler=none",
+                            "trial.max_epochs=25", "trial.early_stop=null", f"tracking.uri={server.uri}",
+                            "tracking.experiment=outage", *overrides)]
+    log = tmp_path / "search.log"
+    with log.open("w") as out:
+        search = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                  env={**os.environ, **env})
+    try:
+        client = MlflowClient(server.uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and search.poll() is None:  # until a trial has logged two evaluations
+            experiment = client.get_experiment_by_name("outage")
+            runs_now = client.search_runs([experiment.experiment_id]) if experiment else []
+            if any(len(client.get_metric_history(r.info.run_id, "val_f1")) >= 2 for r in runs_now):
+                break
+            time.sleep(0.5)
+        assert search.poll() is None, log.read_text()[-3000:]
+        server.stop()
+        time.sleep(outage_s)
+        second = Server(tmp_path, port=server.port)
+        status = search.wait(timeout=900)
+        client = MlflowClient(second.uri)
+        every = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        curves = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "val_f1")]
+                  for r in every if r.data.tags.get("emotune.kind") == "trial"}
+        return status, log.read_text(), every, curves
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+            search.wait()
+        server.stop()
+        if second is not None:
+            second.stop()
+
+
+def _assert_nothing_lost(every, curves) -> None:
+    assert all(r.info.status != "RUNNING" for r in every)
+    trials = [r for r in every if r.data.tags.get("emotune.kind") == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)  # one run per trial, retried or not
+    for steps in curves.values():
+        assert sorted(steps) == list(range(1, 26)), steps  # every evaluation once, none twice
+
+
+@pytest.mark.slow
+def test_a_search_outlives_a_server_outage_and_says_so(separable, tmp_path):
+    """The tracking server stops for 35 s in the middle of a real search and comes back on the same store: the
+    search ends well, each trial's run is FINISHED with one dev macro-F1 per evaluation, none logged twice, no run
+    is left RUNNING, and each process said once that the server was away, and when it was back."""
+    status, output, every, curves = _search_through_an_outage(separable, tmp_path, 35, {})
+    assert status == 0, output[-5000:]
+    assert "unreachable since" in output and "is back after" in output
+    assert output.count("unreachable since") <= 3  # once per process (two trials, the driver), not per metric
+    _assert_nothing_lost(every, curves)
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_patience_fails_the_trials_which_ray_resumes_in_their_runs(separable, tmp_path):
+    """With EMOTUNE_TRACKING_PATIENCE_S=8 and a 40 s outage, the trials give up waiting and fail with an error that
+    says so; Ray retries each from its checkpoint (search.max_failures) and, the server back, it goes on in the
+    same MLflow run: the search ends well and nothing is lost or logged twice."""
+    status, output, every, curves = _search_through_an_outage(
+        separable, tmp_path, 40, {"EMOTUNE_TRACKING_PATIENCE_S": "8"}, "search.max_failures=12")
+    assert status == 0, output[-5000:]
+    assert "has been unreachable for 8 s (EMOTUNE_TRACKING_PATIENCE_S)" in output
+    _assert_nothing_lost(every, curves)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,23 +32,73 @@ TAG_SEARCH_ID = "emotune.search_id"  # which search of that name: a new one gets
 _PARAM_LIMIT = 6000  # MLflow's limit on a parameter value's length
 
 
+PATIENCE_VARIABLE = "EMOTUNE_TRACKING_PATIENCE_S"
+PATIENCE_S = 600.0  # how long a process waits for a busy store or an unreachable server before it fails
+# MLflow retries a failed HTTP request itself, by default 7 times backing off to 2 min (about 4 min per call), which
+# would hide an outage inside one call: emotune asks it for few retries and waits itself, saying so
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+_UNREACHABLE = ("connection refused", "max retries exceeded", "temporarily unavailable", "connection reset",
+                "remote end closed", "name or service not known")
+_away: dict = {}  # this process's current outage: "since" (time), "where" (the server)
+
+
 def _is_busy(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
-    return any(s in text for s in ("database is locked", "database table is locked", "busy", "connection refused",
-                                   "temporarily unavailable", "max retries exceeded"))
+    return any(s in text for s in ("database is locked", "database table is locked", "busy", *_UNREACHABLE))
 
 
-def retry(call: Callable, *args, attempts: int = 12, **kwargs):
-    """Run an MLflow call, waiting and retrying while the store is busy (SQLite locks, a restarting server)."""
-    delay = 0.05
-    for attempt in range(attempts):
+def _unreachable(exc: BaseException) -> str | None:
+    """The server an exception says is unreachable (``host:port`` when it names one), or None for a busy store."""
+    import re
+
+    text = str(exc)
+    if not any(s in text.lower() for s in _UNREACHABLE):
+        return None
+    found = re.search(r"host='([^']+)', port=(\d+)", text)
+    return f"{found.group(1)}:{found.group(2)}" if found else "the tracking server"
+
+
+def patience_s() -> float:
+    return float(os.environ.get(PATIENCE_VARIABLE) or PATIENCE_S)
+
+
+def retry(call: Callable, *args, **kwargs):
+    """Run an MLflow call, waiting and retrying while the store is busy (SQLite locks) or the server unreachable.
+
+    It waits up to :func:`patience_s` seconds (``EMOTUNE_TRACKING_PATIENCE_S``, 10 min by default). An
+    unreachable server is said once per outage, with when it went away, and again when it is back; past the
+    patience the call fails with an error that says so (a trial then fails, and Ray retries it from its checkpoint).
+    """
+    deadline, delay = time.monotonic() + patience_s(), 0.05
+    while True:
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
         except Exception as exc:
-            if not _is_busy(exc) or attempt == attempts - 1:
+            if not _is_busy(exc):
                 raise
+            where = _unreachable(exc)
+            if where is not None and "since" not in _away:
+                _away.update(since=time.time(), where=where)
+                wait = patience_s()
+                wait_text = f"{wait / 60:g} min" if wait >= 120 else f"{wait:g} s"
+                print(f"emotune: tracking server {where} unreachable since {time.strftime('%H:%M:%S')}; retrying "
+                      f"for up to {wait_text} ({PATIENCE_VARIABLE})", file=sys.stderr, flush=True)
+            if time.monotonic() >= deadline:
+                if where is None:
+                    raise
+                raise EmotuneError(f"the tracking server {where} has been unreachable for {patience_s():g} s "
+                                   f"({PATIENCE_VARIABLE}). Start it again on the same store: a trial that failed "
+                                   "this way is retried from its checkpoint, and the same search command resumes "
+                                   "the search.") from None
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 5.0)
+            continue
+        if "since" in _away:
+            print(f"emotune: tracking server {_away['where']} is back after {time.time() - _away['since']:.0f} s",
+                  file=sys.stderr, flush=True)
+            _away.clear()
+        return result
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
