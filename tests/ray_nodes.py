@@ -262,6 +262,18 @@ class RayNodes:
             raise
         return node.node_id
 
+    def kill(self, name: str) -> int:
+        """SIGKILL every process of node ``name`` at once, as a machine that dies would leave it; returns how many.
+        ``stop()`` still reaps and sweeps what is left."""
+        node = self.nodes[name]
+        members = [pid for pid in _session_members(node.process.pid) if not _is_zombie(pid)]
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(members)
+
     def stop(self) -> None:
         """Stop every node this object started (workers first, then the head) and remove its folders.
 

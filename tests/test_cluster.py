@@ -255,3 +255,70 @@ def test_a_driver_without_the_clusters_token_stops_with_what_to_set(tmp_path):
                                 env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
         assert joined.returncode == 0 and joined.stdout.strip().splitlines()[-1] == "1", joined.stderr[-2000:]
     assert not nodes.leftovers()
+
+
+def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reported rows as Ray's result files hold them (a row being written may be cut: skipped)."""
+    rows = {}
+    for result in experiment.glob("*/result.json"):
+        found = []
+        for line in result.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        rows[result.parent.name] = found
+    return rows
+
+
+@pytest.mark.slow
+def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint_on_another_node(tmp_path):
+    """Two nodes, one trial on each; every process of the worker node is SIGKILLed in the middle of its trial. The
+    trial starts again from its last checkpoint on the head, the search finishes, and the store holds one FINISHED
+    run for it whose curve has every evaluation once."""
+    from mlflow import MlflowClient
+
+    leave_shared_ray()
+    corpus = make_separable_corpus(tmp_path / "corpus")
+    runs = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
+    env |= {"HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])}
+    with RayNodes() as nodes:
+        address = nodes.head(num_cpus=1)
+        worker = nodes.worker(num_cpus=1)
+        command = [sys.executable, "-m", "emotune.search", "space=smoke", "data=folder", f"data.root={corpus}",
+                   "data.test_labels=test_labels.csv", f"paths.runs_dir={runs}", "data.dev_fraction=0.25",
+                   "trial.batch_size=8", "trial.crop_seconds=1.0", "features.variants=1", "search.plan_time=false",
+                   "search.num_samples=2", "search.max_concurrent=2", "search.scheduler=none",
+                   "trial.max_epochs=150", "trial.early_stop=null", "search.max_failures=3", f"ray.address={address}",
+                   "tracking.allow_file_store_on_cluster=true"]
+        log = tmp_path / "search.log"
+        with log.open("w") as out:
+            search = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                      start_new_session=True)
+        try:
+            experiment = runs / "ray" / "smoke"
+            deadline, on_worker = time.monotonic() + 300, None
+            while time.monotonic() < deadline and search.poll() is None and on_worker is None:
+                for trial, rows in _trial_rows(experiment).items():
+                    if sum(r.get("node_id") == worker for r in rows) >= 3:
+                        on_worker = trial
+                time.sleep(0.3)
+            assert on_worker, log.read_text()[-4000:]
+            assert nodes.kill("w1") > 0
+            assert search.wait(timeout=600) == 0, log.read_text()[-6000:]
+        finally:
+            if search.poll() is None:
+                os.killpg(search.pid, signal.SIGKILL)
+                search.wait()
+        moved = [r.get("node_id") for r in _trial_rows(experiment)[on_worker]]
+        assert moved[0] == worker and moved[-1] != worker  # it ended on the head
+        client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+        trials = [r for r in client.search_runs([client.get_experiment_by_name("emotune").experiment_id])
+                  if r.data.tags.get("emotune.kind") == "trial"]
+        assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+        for run in trials:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")]
+            assert sorted(steps) == list(range(1, 151)), steps
+    assert not nodes.leftovers()
