@@ -40,12 +40,16 @@ class Estimate:
     def metrics(self) -> dict:
         return {"expected_f1": self.expected, "expected_f1_low": self.low, "expected_f1_high": self.high}
 
-    def text(self, what: str = "dev") -> str:
+    def text(self, what: str = "dev", folds: int = 1) -> str:
+        """The line printed beside a pick; with ``folds`` > 1 it says that the estimate is for one head, since
+        out-of-fold predictions come from one head each while new clips get the mean of all of them."""
         among = f"the best of {self.candidates} trials" if self.candidates > 1 else "one trial"
         if self.k > 1:
             among = f"a vote of the top {self.k} of {self.candidates} trials"
+        bag = "" if folds <= 1 else (f"; for one head: the mean of the {folds} heads that predicts new clips "
+                                     "usually scores higher")
         return (f"{what} {self.raw:.3f} ({among}: optimistic); expected on unseen clips {self.expected:.3f} "
-                f"[{self.low:.3f}, {self.high:.3f}] (bias-corrected bootstrap, 95%)")
+                f"[{self.low:.3f}, {self.high:.3f}] (bias-corrected bootstrap, 95%){bag}")
 
 
 def encode_classes(classes: Sequence[int]) -> str:

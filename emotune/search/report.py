@@ -140,12 +140,13 @@ def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -
     from emotune.data.folds import scored_clips
 
     labels = list(corpus.labels)
-    scored = scored_clips(corpus, typed(TrialSettings, cfg["trial"], "trial").folds)
+    trial = typed(TrialSettings, cfg["trial"], "trial")
+    scored = scored_clips(corpus, trial.folds)
     dev_ids = [u.id for u in scored]
     dev_true = [labels.index(u.label) for u in scored]
     confidence = typed(SearchSettings, cfg["search"], "search").ties_confidence
     ties = ties_with_best(finished, trials_dir, dev_ids, dev_true, labels, confidence)
-    ties.scored = _scored_what(typed(TrialSettings, cfg["trial"], "trial"))
+    ties.scored = _scored_what(trial)
     return ties
 
 
@@ -154,22 +155,18 @@ def search_ties(cfg: dict, corpus, finished: Sequence[dict], trials_dir: Path) -
 def _evaluations_of(cfg: dict, row: dict, trials_dir: Path) -> dict | None:
     """A trial's ``evaluations.json``: from its folder, else from its MLflow run (a trial on another node)."""
     import json
-    import tempfile
 
     from emotune.estimate import EVALUATIONS_FILE
+    from emotune.tracking.store import download_json
 
     local = trials_dir / str(row["trial_id"]) / EVALUATIONS_FILE
-    try:
-        if local.is_file():
+    if local.is_file():
+        try:
             return json.loads(local.read_text())
-        if row.get("mlflow_run_id") and cfg.get("tracking"):
-            from emotune.tracking.store import client
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = client(cfg["tracking"]["uri"]).download_artifacts(row["mlflow_run_id"], EVALUATIONS_FILE, tmp)
-                return json.loads(Path(path).read_text())
-    except (OSError, ValueError, Exception):  # MLflow raises its own exception types for a missing artifact
-        return None
+        except (OSError, ValueError):
+            return None
+    if row.get("mlflow_run_id") and cfg.get("tracking"):
+        return download_json(cfg["tracking"], row["mlflow_run_id"], EVALUATIONS_FILE)
     return None
 
 
@@ -322,19 +319,12 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     _print_failures(errors)
     if best:
         _print_best(cfg, best)
-        print(f"  {estimate.text(_scored_what(trial))}{_bag_note(trial)}" if not isinstance(estimate, str)
+        print(f"  {estimate.text(_scored_what(trial), trial.folds)}" if not isinstance(estimate, str)
               else f"  Expected score on unseen clips not computed: {estimate}.")
         print("\n".join(ties_text(ties, finished, trials_dir)))
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
     _print_next_commands(cfg)
     return summary
-
-
-def _bag_note(trial: TrialSettings) -> str:
-    """With K folds the out-of-fold predictions are one head's each, while new clips get the mean of K heads."""
-    if trial.folds == 1:
-        return ""
-    return f"; for one head: the mean of the {trial.folds} heads that predicts new clips usually scores higher"
 
 
 def _scored_what(trial: TrialSettings) -> str:
@@ -371,9 +361,8 @@ def _print_best(cfg: dict, best: dict) -> None:
         artifacts = TrackedRun(cfg["tracking"], best["mlflow_run_id"]).client.get_run(
             best["mlflow_run_id"]).info.artifact_uri + "/best"
     score = best.get("best_val_score")
-    by = "" if score is None or score == best["best_val_f1"] else (
-        f" (score {score:.4f} by {typed(TrialSettings, cfg['trial'], 'trial').select_by})")
     trial = typed(TrialSettings, cfg["trial"], "trial")
+    by = "" if score is None or score == best["best_val_f1"] else f" (score {score:.4f} by {trial.select_by})"
     print(f"Best trial {best['trial_id']}: {_scored_what(trial)} macro-F1 {best['best_val_f1']:.4f}{by} after "
           f"{best['epochs']} epochs")
     for key, value in params.items():

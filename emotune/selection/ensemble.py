@@ -232,7 +232,9 @@ def ensemble_estimate(tracking: dict, candidates: list[Candidate], request: Ense
         return f"the estimate repeats a top-k choice; --method {request.method} --k {request.k} chooses otherwise"
     if request.method == "soft" and request.k != 1:
         return "the estimate repeats a hard vote of the top k; --method soft averages probabilities"
-    evaluations = [_download_json(tracking, c.run_id, EVALUATIONS_FILE) for c in candidates]
+    from emotune.tracking.store import download_json
+
+    evaluations = [download_json(tracking, c.run_id, EVALUATIONS_FILE) for c in candidates]
     if evaluations[0] is None:
         return f"the best trial's run has no {EVALUATIONS_FILE} (a search from before emotune wrote it)"
     found = [e for e in evaluations if e is not None]
@@ -241,14 +243,6 @@ def ensemble_estimate(tracking: dict, candidates: list[Candidate], request: Ense
         return bias_corrected(curves_of(found, truth, labels, select_ids), k=int(request.k))
     except (ValueError, KeyError, IndexError) as exc:
         return f"the trials' evaluations do not match the corpus ({exc})"
-
-
-def _download_json(tracking: dict, run_id: str, path: str) -> dict | None:
-    """A JSON artifact of a run, or None when the run has none."""
-    try:
-        return json.loads(_download_text(tracking, run_id, path))
-    except Exception:  # MLflow raises its own types for a missing artifact
-        return None
 
 
 TIED = "tied"  # --k tied: the best-ranked trial and the trials statistically tied with it
@@ -464,7 +458,9 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
         Path(cfg["paths"]["runs_dir"]) / "ensembles" / f"{name}-{method}-k{k}")
     check_replaceable(out)  # before any work, so a refusal costs nothing
 
-    search_cfg = json.loads(_download_text(tracking, parent.info.run_id, "config.json"))
+    from emotune.tracking.store import download_text
+
+    search_cfg = json.loads(download_text(tracking, parent.info.run_id, "config.json"))
     corpus = prepare_corpus(search_cfg["data"], cfg["paths"]["runs_dir"], progress=False)
     labels = list(corpus.labels)
     folds = int(search_cfg.get("trial", {}).get("folds", 1))
@@ -509,8 +505,7 @@ def select_top(cfg: dict, request: EnsembleRequest | None = None) -> dict:
     run_id = _log(tracking, parent, request, plan, ensemble, scored, files,
                   estimate.metrics() if not isinstance(estimate, str) else {})
     summary = {"estimate": estimate if isinstance(estimate, str) else
-               estimate.metrics() | {"raw_f1": estimate.raw, "text": estimate.text("selection macro-F1") + (
-                   "" if folds == 1 else f"; for one head each: members of {folds} heads usually score higher")},
+               estimate.metrics() | {"raw_f1": estimate.raw, "text": estimate.text("selection macro-F1", folds)},
                "search": name, "method": method, "k": k, "evaluation": plan.description, **scored.result,
                "members": scored.members, "ranking": ranking, "out_dir": str(out), "run_id": run_id,
                "greedy_curve": chosen.curve, "tied": [c.run_id for c in chosen.tied],
@@ -539,16 +534,6 @@ def check_replaceable(out: Path) -> None:
     raise EmotuneError(f"the ensemble folder {out} already exists and holds files that are not an emotune ensemble "
                        "(no ensemble.json); select-top replaces its folder, so it refuses to delete them. Pass --out "
                        "a new folder (or one holding an earlier ensemble), or move those files away first.")
-
-
-def _download_text(tracking: dict, run_id: str, path: str) -> str:
-    import tempfile
-
-    from emotune.tracking.store import client, retry
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = retry(client(tracking["uri"]).download_artifacts, run_id, path, tmp)
-        return Path(local).read_text()
 
 
 def _save(out: Path, ensemble: Chosen, corpus, parent, request: EnsembleRequest) -> Path:

@@ -250,12 +250,13 @@ def add_user(tracking: dict, name: str, password_file: str | Path) -> str:
     (created if missing), so that workers log runs without the admin's rights. The password is read from
     ``password_file``, or made and written there (owner-only) when the file is missing or empty. Returns a line
     saying what was done."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
+    from emotune.tracking.store import ensure_experiment, is_server
+
     uri = tracking["uri"]
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         raise EmotuneError(f"--add-user needs a tracking server: tracking.uri is {uri}. Give "
                            "tracking.uri=http://HOST:PORT of an `emotune server --auth`.")
     if not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
@@ -276,9 +277,7 @@ def add_user(tracking: dict, name: str, password_file: str | Path) -> str:
         except MlflowException:
             auth.create_user(name, password)
             created = True
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(tracking["experiment"])
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking["experiment"])
+        experiment_id = ensure_experiment(tracking)
         _grant_edit(auth, name, experiment_id)
     except MlflowException as exc:
         raise EmotuneError(f"the tracking server {uri} refused --add-user: {str(exc).splitlines()[0][:300]}. Are "

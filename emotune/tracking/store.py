@@ -174,6 +174,21 @@ def copy_empty_store(database: Path) -> Path:
     return database
 
 
+def download_text(tracking: dict, run_id: str, path: str) -> str:
+    """The text of artifact ``path`` of run ``run_id`` (retried while the store is busy or away)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = retry(client(tracking["uri"]).download_artifacts, run_id, path, tmp)
+        return Path(local).read_text()
+
+
+def download_json(tracking: dict, run_id: str, path: str) -> Any | None:
+    """A JSON artifact of a run, or None when the run has none (or it cannot be read)."""
+    try:
+        return json.loads(download_text(tracking, run_id, path))
+    except Exception:  # MLflow raises its own types for a missing artifact
+        return None
+
+
 def ensure_experiment(tracking: dict) -> str:
     """The id of ``tracking.experiment``, created (with its artifact folder) on first use."""
     from mlflow.exceptions import MlflowException
