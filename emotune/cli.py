@@ -98,7 +98,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from emotune.config import load_config
     from emotune.features.plan import DEFAULT_TEST_SHARE, ClipSplits, plan_cache
-    from emotune.search.plan import Machine, plan_search
+    from emotune.search.plan import Machine, device_tflops, plan_search
     from emotune.search.space import encoders_in_play, validate_space
 
     cfg = load_config(args.overrides, "search")
@@ -106,6 +106,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     encoders = encoders_in_play(cfg)
     if (args.clips is None) != (args.hours is None):
         raise EmotuneError("--clips and --hours go together: the number of clips and their total hours")
+    if args.device_tflops is not None:
+        args.device_tflops, source = device_tflops(args.device_tflops)
+        print(f"device speed: {args.device_tflops:g} TFLOP/s, {source}")
     for flag in ("device_tflops", "read_gbps", "cpus", "gpus"):
         value = getattr(args, flag)
         if value is not None and (value < 0 or (value == 0 and flag != "gpus")):
@@ -302,9 +305,10 @@ def _add_plan(sub) -> None:
                       "3,750); dev is data.dev_fraction of the rest")
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON: the cache plan's keys, the "
                       "search's wall time total_seconds and device_hours, and the time plan's parts under 'search'")
-    plan.add_argument("--device-tflops", type=float, metavar="TF",
-                      help="plan a device you do not have: its effective TFLOP/s (the trials' steps are then counted "
-                      "in FLOPs, not timed here; also sets features.plan_tflops for the fill)")
+    plan.add_argument("--device-tflops", metavar="TF|gpu.json",
+                      help="plan a device you do not have: its effective TFLOP/s, or the gpu.json that "
+                      "scripts/gpu_check.py measured on it (benchmarks/gpu.json); the trials' steps are then counted "
+                      "in FLOPs, not timed here; also sets features.plan_tflops for the fill")
     plan.add_argument("--read-gbps", type=float, metavar="GBPS",
                       help="the cache folder's read speed in GB/s (default: measured in features.dir)")
     plan.add_argument("--cpus", type=int,

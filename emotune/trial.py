@@ -165,6 +165,24 @@ def predict(model, source, utterances: Sequence[Utterance], lengths: dict, batch
     return np.stack(out)
 
 
+def train_step(heads: Sequence[torch.nn.Module], loss_fns: Sequence[torch.nn.Module], optimizer, source,
+               batches: Sequence[Sequence[Utterance] | None], rng: np.random.Generator, device) -> list[float]:
+    """One optimiser step of a trial: each head trains on its batch of clips (None: no batch this step), read from
+    ``source`` with training crops and augmentation; the heads' losses. The GPU check times this same step."""
+    optimizer.zero_grad(set_to_none=True)
+    total, losses = None, []
+    for head, loss_fn, clips in zip(heads, loss_fns, batches):
+        if clips is None:
+            continue
+        batch = _to(source.batch(clips, True, rng), device)
+        loss = loss_fn(head(batch), batch["labels"])
+        total = loss if total is None else total + loss
+        losses.append(loss.item())
+    total.backward()
+    optimizer.step()
+    return losses
+
+
 def feature_statistics(source, utterances: Sequence[Utterance], modality: str, batch_size: int = 32):
     """Per-dimension mean and std of a modality's clean features over ``utterances`` (padding excluded)."""
     total = total_sq = None
@@ -484,17 +502,9 @@ class Trainer:
         self.model.train()
         losses = []
         for step in steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            total = None
-            for head, loss_fn, plan in zip(self.heads, self.loss_fns, plans):
-                if step >= len(plan):  # folds differ by a clip or two: a head may have one batch fewer
-                    continue
-                batch = _to(self.source.batch(self._clips(plan[step]), True, self.rng), self.device)
-                loss = loss_fn(head(batch), batch["labels"])
-                total = loss if total is None else total + loss
-                losses.append(loss.item())
-            total.backward()
-            self.optimizer.step()
+            # folds differ by a clip or two: a head may have one batch fewer
+            batches = [self._clips(plan[step]) if step < len(plan) else None for plan in plans]
+            losses += train_step(self.heads, self.loss_fns, self.optimizer, self.source, batches, self.rng, self.device)
         return losses
 
     def predict_heldout(self) -> np.ndarray:

@@ -55,7 +55,6 @@ from _bench import BENCH_DIR, ROOT, RUNS_DIR, mean_sd, write
 PARTS = ("plan", "speed", "bytes", "predict", "f1")
 WORK_DIR = RUNS_DIR / "bench-scale"
 REPLICA_DIR = WORK_DIR / "replicas"
-REPLICA_MARKER = "bench_scale_replica.json"  # written last: a folder that has it is complete
 SAMPLE_RATE = 16_000
 # The paper's search on MEACorpus, as the plan command describes it (README, emotune plan --help).
 PAPER_CLIPS, PAPER_HOURS = 5129, 13.16
@@ -87,56 +86,13 @@ def demo_utterances(corpus, n: int) -> list:
 
 
 def build_replica(name: str, texts: list[str] | None = None, seed: int = 0) -> Path:
-    """A random-initialised, seeded copy of the catalog architecture ``name`` in the Hugging Face format."""
-    import torch
-    import transformers
+    """A random-initialised, seeded copy of the catalog architecture ``name`` (emotune/features/replica.py)."""
+    from emotune.features.replica import build_replica as build
 
-    from emotune.features.catalog import ARCHITECTURES
-
-    folder = REPLICA_DIR / name
-    if (folder / REPLICA_MARKER).is_file():
-        return folder
-    family, kwargs = ARCHITECTURES[name]
-    log(f"building the {name} replica ({family}) in {folder} ...")
+    log(f"building (or finding) the {name} replica in {REPLICA_DIR / name} ...")
     start = time.perf_counter()
-    # Built beside its final place and renamed when whole, so an interrupted build is never reused.
-    tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if family == "wav2vec2":
-                model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**kwargs))
-            else:
-                model = transformers.XLMRobertaModel(transformers.XLMRobertaConfig(**kwargs))
-        model.eval().save_pretrained(tmp)
-        extra = {}
-        if family == "wav2vec2":
-            # do_normalize=True as in the real XLS-R checkpoint: make_recipe then z-normalises each clip.
-            transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                                  do_normalize=True, return_attention_mask=True).save_pretrained(tmp)
-        else:
-            # No sentencepiece model offline: a byte-level BPE learnt on the transcripts stands in for it.
-            from emotune.features.tiny import _train_tokenizer, _wrap_tokenizer
-
-            tok = _train_tokenizer("roberta", sorted({t for t in texts or [] if t.strip()}))
-            if tok.get_vocab_size() > kwargs["vocab_size"]:
-                raise SystemExit(f"the stand-in tokenizer has {tok.get_vocab_size()} tokens, over the model's "
-                                 f"{kwargs['vocab_size']}")
-            _wrap_tokenizer("roberta", tok).save_pretrained(tmp)
-            extra["tokenizer_vocab"] = tok.get_vocab_size()
-        params = sum(p.numel() for p in model.parameters())
-        del model
-        (tmp / REPLICA_MARKER).write_text(json.dumps(
-            {"architecture": name, "family": family, "seed": seed, "parameters": params, **extra,
-             "transformers": transformers.__version__}, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"  built in {time.perf_counter() - start:.0f} s")
+    folder = build(name, REPLICA_DIR / name, texts, seed)
+    log(f"  ready in {time.perf_counter() - start:.0f} s")
     return folder
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import wave as wav_io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
@@ -39,6 +39,36 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     return out.numpy()
 
 
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """The file's samples (samples x channels, float32) and rate, by soundfile; where soundfile is not installed
+    (the GPU check's machines), 16-bit PCM WAV files still decode, by the standard library."""
+    try:
+        import soundfile as sf
+    except ImportError:
+        return _decode_pcm16_wav(path)
+    return sf.read(str(path), dtype="float32", always_2d=True)
+
+
+def _decode_pcm16_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wav_io.open(str(path), "rb") as reader:
+        if reader.getsampwidth() != 2:
+            raise ValueError(f"{8 * reader.getsampwidth()}-bit WAV needs soundfile (pip install soundfile)")
+        channels, rate = reader.getnchannels(), reader.getframerate()
+        frames = reader.readframes(reader.getnframes())
+    samples = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+    return samples.reshape(-1, channels), rate
+
+
+def write_pcm16_wav(path: str | Path, wave_16k: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write a mono waveform in [-1, 1] as a 16-bit PCM WAV file with the standard library (no soundfile)."""
+    pcm = (np.clip(np.asarray(wave_16k, dtype=np.float64), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wav_io.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(int(sample_rate))
+        writer.writeframes(pcm.tobytes())
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read ``path`` as a mono float32 waveform at ``sample_rate``, or raise :class:`AudioError`.
 
@@ -47,11 +77,11 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """
     path = Path(path)
     try:
-        data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, file_sr = _decode(path)
     except FileNotFoundError:
         raise AudioError("audio file not found", file=path, fix="Check the id and the audio folder.",
                          kind="missing audio") from None
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+    except (RuntimeError, TypeError, ValueError, EOFError, wav_io.Error) as exc:  # soundfile's errors are RuntimeErrors
         raise AudioError(
             f"cannot be decoded as audio ({exc})",
             file=path,

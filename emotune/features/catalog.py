@@ -54,8 +54,9 @@ TINY_TEXT = ("tiny-bert", "tiny-roberta")
 CLASSIC_SPEECH = ("fbank", "mfcc")
 CLASSIC_WIDTH = {"fbank": 80, "mfcc": 40}
 
-# The exact architectures of the winning pair, to build random-initialised replicas offline (same shapes,
-# no download): what the scale benchmark and the real-scale tests run. Values from the checkpoints' config.json.
+# The exact architectures of the winning pair and of the space's narrowest pair, to build random-initialised
+# replicas offline (same shapes, no download; emotune/features/replica.py): what the scale benchmark, the GPU
+# check and the real-scale tests run. Values from the checkpoints' config.json.
 ARCHITECTURES = {
     "xlsr": ("wav2vec2", {
         "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
@@ -68,6 +69,20 @@ ARCHITECTURES = {
         "vocab_size": 250002, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
         "intermediate_size": 4096, "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
         "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+    }),
+    # The narrowest pair of the paper's space: what the GPU check trains as the smallest shape.
+    "wavlm-base-plus": ("wavlm", {
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "feat_extract_norm": "group", "do_stable_layer_norm": False,
+        "feat_extract_activation": "gelu", "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2], "conv_bias": False, "num_conv_pos_embeddings": 128,
+        "num_conv_pos_embedding_groups": 16, "num_buckets": 320, "max_bucket_distance": 800,
+        "apply_spec_augment": False, "layerdrop": 0.0,
+    }),
+    "beto": ("bert", {
+        "vocab_size": 31002, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
     }),
 }
 

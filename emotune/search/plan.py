@@ -24,9 +24,11 @@ plan draws them uniformly, as random search does).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -291,6 +293,30 @@ class Machine:
     read_gbps: float | None = None
     cpus: int | None = None
     gpus: int | None = None
+
+
+def device_tflops(value: str | float) -> tuple[float, str]:
+    """A device's effective TFLOP/s for ``--device-tflops``, and where it comes from: a number as given, or the
+    ``plan_device_tflops`` that scripts/gpu_check.py measured and wrote to its gpu.json."""
+    try:
+        return float(value), "as given (--device-tflops)"
+    except ValueError:
+        pass
+    path = Path(str(value)).expanduser()
+    try:
+        measured = json.loads(path.read_text())
+        figure, env = float(measured["plan_device_tflops"]), measured["environment"]
+    except FileNotFoundError:
+        raise EmotuneError(f"--device-tflops {value}: neither a number nor an existing file; give the device's "
+                           "TFLOP/s or the gpu.json of scripts/gpu_check.py (benchmarks/gpu.json)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EmotuneError(f"--device-tflops {path}: not a gpu.json written by scripts/gpu_check.py (no "
+                           f"plan_device_tflops, or unreadable: {exc}); run the check again or give the TFLOP/s as "
+                           "a number") from None
+    if not env.get("gpu"):
+        raise EmotuneError(f"--device-tflops {path}: that file holds a CPU run of scripts/gpu_check.py (--cpu-smoke "
+                           "at tiny sizes), which says nothing about a GPU; use the file a GPU run wrote")
+    return figure, f"measured on {env['gpu']} on {env.get('date', '?')} by scripts/gpu_check.py ({path})"
 
 
 def _stored_layers(text: str) -> int:
