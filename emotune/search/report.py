@@ -289,10 +289,11 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
     for row in rows:  # a failed trial is not tied; one not compared is left blank
         row["tied"] = False if row["status"] == "ERROR" else ties.mark(str(row["trial_id"]))
     out_dir = experiment_dir / "summary"
-    files = [_write_trials_csv(rows, out_dir)]
+    files = [_write_trials_csv(rows, out_dir), _write_summary_json(out_dir, parent.run_id, seconds, timing)]
     plot = curves_png(results, out_dir / "curves.png", search.metric)
     if plot:
         files.append(plot)
+    files += _report(cfg, corpus, experiment_dir)
     best = finished[0] if finished else None
     errors = [r for r in rows if r["status"] == "ERROR"]
     parent.log_metrics({"best_val_f1": best["best_val_f1"] if best else None, "trials": len(rows),
@@ -323,8 +324,38 @@ def summarise(cfg: dict, corpus, results, parent, experiment_dir: Path, seconds:
               else f"  Expected score on unseen clips not computed: {estimate}.")
         print("\n".join(ties_text(ties, finished, trials_dir)))
     print(f"All trials: {out_dir / 'trials.csv'}   curves: {out_dir / 'curves.png'}")
+    if (out_dir / "report.html").is_file():
+        print(f"What the search learned (settings that matter, encoder pairs): {out_dir / 'report.html'}")
     _print_next_commands(cfg)
     return summary
+
+
+def _write_summary_json(out_dir: Path, run_id: str, seconds: float, timing: dict | None) -> Path:
+    """What the report needs of the search besides its trials: its MLflow run, its time and its plan."""
+    import json
+    import time
+
+    planned = planned_metrics(timing).get("planned_seconds")
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps({"parent_run_id": run_id, "seconds": seconds, "planned_seconds": planned,
+                                "started_at": time.time() - seconds}, indent=1))
+    return path
+
+
+def _report(cfg: dict, corpus, experiment_dir: Path) -> list[Path]:
+    """Write the search's report.html (emotune/insight) from what it just wrote; its files, to log with the rest.
+    A report that fails is said in one line and leaves the search's results as they are."""
+    from emotune.errors import EmotuneError
+    from emotune.insight.page import write_report
+    from emotune.insight.record import load_record
+
+    try:
+        page, pngs = write_report(load_record(cfg, experiment_dir.name), corpus)
+    except (EmotuneError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"The report was not written ({type(exc).__name__}: {exc}); `emotune report --search "
+              f"{experiment_dir.name}` tries again.")
+        return []
+    return [page, *pngs]
 
 
 def _scored_what(trial: TrialSettings) -> str:
