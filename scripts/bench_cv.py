@@ -221,8 +221,9 @@ def make_optuna_sampler(name: str, seed: int):
 
     from emotune.search.algorithms import make_sampler
 
-    if name == "tpe-independent":  # Optuna's plain TPE: each parameter alone, no liar for running trials
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    if name == "tpe-independent":  # each parameter modelled alone, no liar for running trials: explicitly, since
+        # Optuna 5's TPESampler() is multivariate with a constant liar by default (the product's TPE, the same)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=False, constant_liar=False)
     if name == "tpe-startup20":
         return make_sampler("tpe", seed, 20)
     return make_sampler(name, seed, 10)
