@@ -78,7 +78,10 @@ def slices_png(record: SearchRecord, path: Path) -> Path | None:
                 ax.scatter(*zip(*points), s=22, facecolors="none" if cut else KEPT, edgecolors=CUT if cut else KEPT,
                            label="cut by ASHA" if cut else "finished")
         if record.searched[key].get("log"):
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log axis overlap
         ax.set_xlabel(key)
         ax.set_ylabel("ranking score")
     for ax in list(axes.flat)[len(keys):]:
@@ -118,6 +121,7 @@ def progress_png(record: SearchRecord, path: Path) -> Path | None:
     for key, style, label in (("seconds", "-", "search ended"), ("planned_seconds", "--", "planned end")):
         if record.summary.get(key):
             ax.axvline(record.summary[key] / 60, color="#555", ls=style, lw=1, label=label)
+    ax.set_xlim(left=0)
     ax.set_xlabel("minutes since the search started")
     ax.set_ylabel("best ranking score so far")
     if record.summary.get("seconds"):

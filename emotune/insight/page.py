@@ -26,7 +26,8 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid 
 img{max-width:100%;height:auto}.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.92em}
 td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums}.note{color:#666;font-size:.9em}
-code{background:#f3f3f3;padding:0 .25em}"""
+code{background:#f3f3f3;padding:0 .25em}pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;
+padding:.5em}"""
 
 
 def _e(value) -> str:
