@@ -142,9 +142,50 @@ def test_ui_on_a_server_prints_its_runs_page_and_returns(server):
     started = time.monotonic()
     result = emotune("ui", f"tracking.uri={server.uri}", f"paths.runs_dir={server.runs}", cwd=server.runs)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{server.uri}/#/experiments/" in result.stdout
+    # the page of the runs, in MLflow's model-training workspace (its GenAI one is the default)
+    assert re.search(rf"{re.escape(server.uri)}/#/experiments/\d+/runs\?workflowType=machine_learning", result.stdout)
     assert time.monotonic() - started < 60  # it started no MLflow of its own and waited for no signal
     assert not (server.runs / "mlflow.db").exists()
+
+
+def test_runs_page_opens_the_latest_search_best_first(tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    from emotune.tracking.store import TrackedRun
+    from emotune.tracking.ui import VIEW_KEY, runs_page
+
+    tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "e", "artifacts": str(tmp_path / "a")}
+
+    def search(name: str, score: str, offset: float = 0.0) -> None:
+        parent = TrackedRun.start(tracking, name=f"search-{name}", kind="search",
+                                  tags={"emotune.search": name, "emotune.searched": "model.dropout,trial.lr"})
+        for f1 in (0.5, 0.7):
+            trial = TrackedRun.start(tracking, name=f"t{f1}", kind="trial", parent_run_id=parent.run_id,
+                                     tags={"emotune.search": name})
+            trial.log_metrics({score: f1 + offset, "best_val_f1": f1})
+
+    def view(page: str) -> dict:
+        assert page.endswith(f"/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
+        experiment = MlflowClient(tracking["uri"]).get_experiment_by_name("e")
+        return json.loads(experiment.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+
+    search("old", "val_f1")  # an older search: its trials logged no ranking score
+    old = view(runs_page(tracking, "http://h:1"))
+    assert old["orderByKey"] == "metrics.`best_val_f1`" and old["orderByAsc"] is False
+    search("new", "best_val_score")
+    new = view(runs_page(tracking, "http://h:1"))
+    assert new["searchFilter"] == "tags.`emotune.search` = 'new'"  # the latest search's runs, open
+    assert new["groupsExpanded"] == {"tag.emotune.search.new": True}
+    assert new["orderByKey"] == "metrics.`best_val_score`" and new["orderByAsc"] is False  # best first
+    columns = new["selectedColumns"]
+    assert columns[0] == "metrics.`best_val_score`" and new["columnOrder"][-len(columns):] == columns  # score first
+    assert new["selectedColumns"][-2:] == ["params.`model.dropout`", "params.`trial.lr`"]  # the searched settings
+    assert new["columnWidths"]["metrics.`best_val_score`"] >= 150  # wide enough for a float's every digit
+    assert "metrics.`best_val_f1`" not in columns  # the score is dev macro-F1 itself (trial.select_by=val_f1)
+    search("ema", "best_val_score", offset=-0.01)  # a score of its own (trial.select_by=val_f1_ema, say)
+    assert "metrics.`best_val_f1`" in view(runs_page(tracking, "http://h:1"))["selectedColumns"]
 
 
 def test_sigterm_stops_the_server_and_every_process_of_it(server):

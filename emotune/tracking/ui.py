@@ -23,44 +23,86 @@ from pathlib import Path
 from typing import Callable
 
 from emotune.errors import EmotuneError
+from emotune.names import OBJECTIVE
 
-# The columns the first screen shows: how each trial did, and what it was.
-METRIC_COLUMNS = ("best_val_f1", "val_f1", "epochs_trained", "asha_stopped")
+# The columns the first screen shows, left to right: the ranking score the runs are sorted by, the best dev macro-F1,
+# how far each trial got, its last dev macro-F1; then the searched settings.
+METRIC_COLUMNS = (OBJECTIVE, "best_val_f1", "epochs_trained", "asha_stopped", "val_f1")
+# Column widths in px. MLflow prints a metric's every digit (0.36746031746031746) and has no setting for decimals
+# (its runs table gives metrics no formatter), so the fractions' columns are made wide enough to show them whole;
+# the run name's, to show the trial's id at its end; the start time's ("2 minutes ago") needs less than its 150.
+WIDTHS = {"attributes.`Run Name`": 240, "runDateAndNestInfo": 135, "metrics.`epochs_trained`": 115,
+          **{f"metrics.`{m}`": 165 for m in (OBJECTIVE, "best_val_f1", "val_f1")}}
 VIEW_KEY = "emotune-latest-search"
+# MLflow 3.17 opens the GenAI workspace (traces, judges, prompts) unless the address asks for model training: the
+# workspace comes from this URL parameter, else from the browser's last choice, and the experiment tag
+# mlflow.experimentKind is not consulted (MLflow's useExperimentKind defers to the workflow type). Its assistant's
+# chat, though, opens by itself on a browser's first visit to a localhost address, and no setting, environment
+# variable, tag or parameter stops that: it is closed with its X, and stays closed in that browser.
+WORKSPACE = "workflowType=machine_learning"
+
+
+def _ranking_metric(mlflow_client, experiment_id: str, name: str) -> tuple[str, bool]:
+    """The metric that ranks the trials of search ``name``: the objective, or ``best_val_f1`` for a search older
+    than it (as ``emotune select-top`` ranks them); and whether it is best_val_f1 itself (trial.select_by=val_f1,
+    the default), which makes a best_val_f1 column a copy of it."""
+    from emotune.tracking.store import TAG_SEARCH, retry
+
+    # runs without the metric come last in MLflow's order, so the first run has it if any of the search's has
+    best = retry(mlflow_client.search_runs, [experiment_id], filter_string=f"tags.`{TAG_SEARCH}` = '{name}'",
+                 order_by=[f"metrics.`{OBJECTIVE}` DESC"], max_results=1)
+    metrics = best[0].data.metrics if best else {}
+    if OBJECTIVE not in metrics:
+        return "best_val_f1", True
+    return OBJECTIVE, metrics.get("best_val_f1") == metrics[OBJECTIVE]
 
 
 def runs_page(tracking: dict, base: str) -> str:
     """The address of a view of the latest search: its runs as a tree with their dev scores, best first.
 
     MLflow 3 opens an experiment on its GenAI overview (traces), and its runs table starts with every
-    search collapsed and no metric in sight. MLflow's shared views (an experiment tag holding the table's
-    state, named in the address) let the first screen be the latest search, expanded, with its metrics.
+    search collapsed, sorted by start time, with no metric in sight. MLflow's shared views (an experiment tag
+    holding the table's state, named in the address) are its one way to set the table's columns, grouping and
+    widths from outside the browser: the first screen is the latest search, expanded, best first, with its
+    metrics. Their cost is MLflow's "You're viewing a shared view" banner above the table, which no setting hides.
     """
     import json
 
-    from emotune.tracking.store import TAG_KIND, client, ensure_experiment, retry
+    from emotune.tracking.store import TAG_KIND, TAG_SEARCH, client, ensure_experiment, retry
 
     experiment_id = ensure_experiment(tracking)
     mlflow_client = client(tracking["uri"])
     searches = retry(mlflow_client.search_runs, [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'search'",
                      order_by=["attributes.start_time DESC"], max_results=1)
     if not searches:
-        return f"{base}/#/experiments/{experiment_id}/runs"
+        return f"{base}/#/experiments/{experiment_id}/runs?{WORKSPACE}"
     search = searches[0]
-    name = search.data.tags.get("emotune.search", "")
+    name = search.data.tags.get(TAG_SEARCH, "")
     searched = [k for k in search.data.tags.get("emotune.searched", "").split(",") if k]
+    ranking, same_as_f1 = _ranking_metric(mlflow_client, experiment_id, name)
+    shown = [m for m in METRIC_COLUMNS if not (same_as_f1 and m == "best_val_f1" and ranking == OBJECTIVE)]
+    columns = [f"metrics.`{m}`" for m in shown] + [f"params.`{k}`" for k in searched]
     # shared views leave out which runs are expanded, so the search is shown as a group of its runs (the search's
     # own run and its trials), open, with the best value of each metric on the group's row
     view = {
-        "searchFilter": f"tags.`emotune.search` = '{name}'",
-        "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": "emotune.search"}]},
-        "groupsExpanded": {f"tag.emotune.search.{name}": True},
-        "selectedColumns": [f"metrics.`{m}`" for m in METRIC_COLUMNS] + [f"params.`{k}`" for k in searched],
+        "searchFilter": f"tags.`{TAG_SEARCH}` = '{name}'",
+        # the sort goes in the view: an address with a sort parameter of its own makes MLflow skip the shared view
+        "orderByKey": f"metrics.`{ranking}`",
+        "orderByAsc": False,
+        "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": TAG_SEARCH}]},
+        "groupsExpanded": {f"tag.{TAG_SEARCH}.{name}": True},
+        "selectedColumns": columns,
+        # MLflow sets the widths of the columns named in the order only; those it leaves out (Duration) go last
+        "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *columns],
+        "columnWidths": WIDTHS,
         "useGroupedValuesInCharts": False,  # the chart view draws each trial's curve, not the group's aggregate
-        "chartsSearchFilter": "val_f1",     # and starts on the dev macro-F1 curves: raw, smoothed, best so far
+        # and starts on the dev macro-F1 curves: raw, smoothed, best so far (MLflow reads the filter as a regular
+        # expression: "val_f1" alone would also match checkpoint_val_f1 and val_f1_se), of the table's first 10 runs
+        # (MLflow's default), which the sort makes the 10 best
+        "chartsSearchFilter": "^(val_f1|val_f1_ema|best_val_f1)$",
     }
     retry(mlflow_client.set_experiment_tag, experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
-    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{WORKSPACE}&viewStateShareKey={VIEW_KEY}"
 
 
 def _session_members(sid: int) -> list[int]:
