@@ -110,7 +110,10 @@ def progress_png(record: SearchRecord, path: Path) -> Path | None:
     if not reports:
         return None
     plt = _pyplot()
-    started = record.summary.get("started_at") or min(r["timestamp"] - r.get("time_total_s", 0) for r in reports)
+    started = record.summary.get("started_at")
+    since = "the search started"
+    if started is None:  # a search from before summary.json: its first trial's start is what is known
+        started, since = min(r["timestamp"] - r.get("time_total_s", 0) for r in reports), "the first trial started"
     best, xs, ys = -1.0, [], []
     for row in reports:
         best = max(best, score(row))
@@ -122,7 +125,7 @@ def progress_png(record: SearchRecord, path: Path) -> Path | None:
         if record.summary.get(key):
             ax.axvline(record.summary[key] / 60, color="#555", ls=style, lw=1, label=label)
     ax.set_xlim(left=0)
-    ax.set_xlabel("minutes since the search started")
+    ax.set_xlabel(f"minutes since {since}")
     ax.set_ylabel("best ranking score so far")
     if record.summary.get("seconds"):
         ax.legend(fontsize=8, loc="lower right")

@@ -96,11 +96,12 @@ def _pair_section(record: SearchRecord, table: Sequence[PairRow], out: Path) -> 
                      f"{p.mean:.4f}" + ("" if p.se is None else f" ± {p.se:.4f}"), tied, expected, p.best_trial))
     png = figures.pairs_png(record, table, out / "pairs.png")
     notes = "".join(f'<p class="note">{_e(p.label)}: {_e(p.note)}</p>' for p in table if p.note)
-    return (_table(["speech", "text", "trials", "best", "mean ± SE", "tied with the best pair",
-                    "expected on unseen clips [95%]", "best trial"], rows, (2, 3, 4)) + _img(png, "pairs")
-            + '<p class="note">Tied: the best pair\'s best trial does not score higher in at least '
+    return (_table(["speech", "text", "trials", "best", "mean ± SE", "tied", "expected F1 [95%]", "best trial"],
+                   rows, (2, 3, 4)) + _img(png, "pairs")
+            + '<p class="note">Tied: with the best pair; the best pair\'s best trial does not score higher in at least '
             f"{float(record.cfg['search']['ties_confidence']):.0%} of paired bootstrap resamples of the clips. "
-            "Expected: the bias-corrected bootstrap estimate (BBC) of choosing the best of that pair's trials.</p>"
+            "Expected F1: on unseen clips, the bias-corrected bootstrap estimate (BBC) of choosing the best of that "
+            "pair's trials.</p>"
             + notes), [png]
 
 
