@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from emotune.evaluation import write_predictions
+from emotune.insight.standing import ties_with_best
 from emotune.noise import better_with_confidence
-from emotune.search.report import ties_text, ties_with_best
+from emotune.search.report import ties_text
 
 LABELS = ["neutral", "joy", "anger"]
 

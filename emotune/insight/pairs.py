@@ -55,7 +55,7 @@ def _summary_row(pair: tuple[str, str], rows: Sequence[dict]) -> PairRow:
 def pair_table(record: SearchRecord, corpus) -> list[PairRow]:
     """Every pair the search tried, the best pair first. ``corpus``: the search's prepared corpus (its labelled
     clips are what the trials were scored on)."""
-    from emotune.search.report import search_estimate, search_ties
+    from emotune.insight.standing import search_estimate, search_ties
 
     groups = group_by_pair(record)
     table = sorted((_summary_row(pair, rows) for pair, rows in groups.items()), key=lambda p: -p.best)

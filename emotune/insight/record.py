@@ -64,7 +64,7 @@ class SearchRecord:
 
 def score(row: dict) -> float | None:
     """The ranking score of a trials.csv row (best_val_score; best_val_f1 for older searches)."""
-    from emotune.search.report import ranking_score
+    from emotune.insight.standing import ranking_score
 
     return ranking_score(row)
 
