@@ -59,7 +59,14 @@ def _importance_section(record: SearchRecord, out: Path) -> tuple[str, list[Path
     parts, files = [], []
     evaluators = ["fanova"] + (["ped_anova"] if len(finished) >= PED_ANOVA_MIN_TRIALS else [])
     for evaluator in evaluators:
-        found = importances(params, scores, {k: searched[k] for k in every}, evaluator)
+        try:
+            found = importances(params, scores, {k: searched[k] for k in every}, evaluator)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # Optuna's refusals of a degenerate study
+            parts.append(f"<p>{_e(evaluator)} importances could not be computed: {_e(exc)}</p>")
+            continue
+        if not found:
+            parts.append("<p>No setting varies across the trials: nothing to assess.</p>")
+            break
         png = figures.importance_png(found, out / f"importance-{evaluator}.png")
         files.append(png)
         parts += [f"<p><b>{_e(verdict(found))}</b></p>", _img(png, f"importance ({evaluator})"),
