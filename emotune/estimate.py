@@ -153,26 +153,38 @@ def bias_corrected(curves: Curves, k: int = 1, raw: float | None = None, resampl
 
     ``raw``: the chosen model's score as the search reports it (computed here on all clips when None).
     """
+    return bias_corrected_sizes(curves, (k,), {k: raw} if raw is not None else None, resamples, seed)[k]
+
+
+def bias_corrected_sizes(curves: Curves, sizes: Sequence[int], raw: dict[int, float] | None = None,
+                         resamples: int = RESAMPLES, seed: int = SEED) -> dict[int, Estimate]:
+    """:func:`bias_corrected` for several ensemble sizes at once, on the same resamples: each trial's in-bag
+    choice, the costly part, is made once for all of them."""
     inbag = resample_counts(curves.y_true, resamples, seed)
     outbag = (inbag == 0).astype(np.float32)
     best, where = _choices(curves, inbag)
     # ranks trials in each resample by in-bag score; a stable sort keeps the given (the search's) order on ties
-    ranked = np.argsort(-best, axis=0, kind="stable")[:k]
-    scores = np.empty(resamples)
-    for b in range(resamples):
-        members = [curves.predicted[t][where[t, b]] for t in ranked[:, b]]
-        chosen = members[0] if k == 1 else hard_votes(np.stack(members), curves.n_classes)
-        scores[b] = weighted_macro_f1(curves.y_true, chosen, curves.n_classes, outbag[:, b: b + 1])[0, 0]
-    if raw is None:
-        full = np.ones((len(curves.y_true), 1), dtype=np.float32)
-        best_all, where_all = _choices(curves, full)
-        order = np.argsort(-best_all[:, 0], kind="stable")[:k]
-        members = [curves.predicted[t][where_all[t, 0]] for t in order]
-        chosen = members[0] if k == 1 else hard_votes(np.stack(members), curves.n_classes)
-        raw = float(weighted_macro_f1(curves.y_true, chosen, curves.n_classes, full)[0, 0])
-    low, high = np.percentile(scores, [2.5, 97.5])
-    return Estimate(float(scores.mean()), float(low), float(high), float(raw), len(curves.y_true),
-                    len(curves.predicted), k)
+    ranked = np.argsort(-best, axis=0, kind="stable")
+    full = np.ones((len(curves.y_true), 1), dtype=np.float32)
+    best_all, where_all = _choices(curves, full) if raw is None else (None, None)
+    out = {}
+    for k in sizes:
+        scores = np.empty(resamples)
+        for b in range(resamples):
+            members = [curves.predicted[t][where[t, b]] for t in ranked[:k, b]]
+            chosen = members[0] if k == 1 else hard_votes(np.stack(members), curves.n_classes)
+            scores[b] = weighted_macro_f1(curves.y_true, chosen, curves.n_classes, outbag[:, b: b + 1])[0, 0]
+        if raw is None:
+            order = np.argsort(-best_all[:, 0], kind="stable")[:k]
+            members = [curves.predicted[t][where_all[t, 0]] for t in order]
+            chosen = members[0] if k == 1 else hard_votes(np.stack(members), curves.n_classes)
+            raw_k = float(weighted_macro_f1(curves.y_true, chosen, curves.n_classes, full)[0, 0])
+        else:
+            raw_k = float(raw[k])
+        low, high = np.percentile(scores, [2.5, 97.5])
+        out[k] = Estimate(float(scores.mean()), float(low), float(high), raw_k, len(curves.y_true),
+                          len(curves.predicted), k)
+    return out
 
 
 def curves_of(evaluations: Sequence[dict], truth: dict[str, str], labels: Sequence[str],

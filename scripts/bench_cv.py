@@ -192,6 +192,14 @@ def arm_pool(data: dict, arm: str):
     test_pred = np.stack([t["test_probs"][:, heads].astype(np.float32).mean(axis=1).argmax(-1) for t in trials])
     pool.test_pred = test_pred.astype(np.int8)  # (configs, evaluations, test clips)
     pool.test_f1 = np.array([[evaluation.macro_f1(test_true, p, n_classes) for p in trial] for trial in test_pred])
+    # what the out-of-fold score measures: one head at a time (each clip is scored by the head that held it out)
+    pool.head_test_pred = np.array([[[np.frombuffer(r["test_pred"][h].encode(), dtype=np.uint8) - 48 for h in heads]
+                                     for r in t["rows"]] for t in trials], dtype=np.int8)  # (configs, evals, heads, n)
+    pool.head_test_f1 = np.array([[np.mean([evaluation.macro_f1(test_true, p, n_classes) for p in row])
+                                   for row in trial] for trial in pool.head_test_pred])
+    # how much lower the scored clips rate every configuration than test does, before any choice: a property of
+    # this recording's fixed test split (321 clips, itself noisy), the same for every search replayed on it
+    pool.offset = (pool.f1 - pool.head_test_f1).mean(0)  # (evaluations,)
     pool.seconds = np.array([[r["seconds"] * len(heads) / FOLDS for r in t["rows"]] for t in trials])
     pool.setup = np.array([t["setup_seconds"] for t in trials])
     pool.size, pool.max_t = pool.f1.shape
@@ -260,7 +268,7 @@ def search_state(pool, scores, replay: dict, seconds: float, estimate: bool = Tr
                  resamples: int = 200) -> dict | None:
     """What a replayed search has ``seconds`` in: its pick's test F1, the k = 3 vote's, the regrets, the pick's
     dev score and (``estimate``) the bias-corrected estimates of the pick and the vote on the arm's scored clips."""
-    from emotune.estimate import Curves, bias_corrected, hard_votes
+    from emotune.estimate import Curves, bias_corrected_sizes, hard_votes
     from emotune.evaluation import macro_f1
 
     done: dict[int, tuple[int, int]] = {}
@@ -277,47 +285,77 @@ def search_state(pool, scores, replay: dict, seconds: float, estimate: bool = Tr
     vote = hard_votes(np.stack([pool.test_pred[i, t] for i, t in checkpoints[:3]]).astype(np.int64), n_classes)
     pool_best = float(pool.test_f1[np.arange(pool.size), scores.checkpoint[:, -1]].max())
     best_visited = max(float(pool.test_f1[c]) for c in checkpoints)
+    head_votes = [hard_votes(np.stack([pool.head_test_pred[i, t, h] for i, t in checkpoints[:3]]).astype(np.int64),
+                            n_classes) for h in range(pool.head_test_pred.shape[2])]
     state = {"trials": len(done), "pick_test": pick_test, "k3_test": macro_f1(pool.test_true, vote, n_classes),
+             "pick_heads_test": float(pool.head_test_f1[checkpoints[0]]),
+             "offset": float(pool.offset[checkpoints[0][1]]),
+             "k3_heads_test": float(np.mean([macro_f1(pool.test_true, v, n_classes) for v in head_votes])),
              "pick_dev": float(pool.f1[checkpoints[0]]), "search_regret": pool_best - best_visited,
              "selection_regret": best_visited - pick_test}
     if estimate:
         curves = Curves([pool.oof[done[n][0], : done[n][1]].astype(np.int64) for n in ranked], pool.dev_true,
                         n_classes)
-        pick, top3 = bias_corrected(curves, 1, resamples=resamples), bias_corrected(curves, 3, resamples=resamples)
+        found = bias_corrected_sizes(curves, (1, 3), resamples=resamples)
+        pick, top3 = found[1], found[3]
         state |= {"estimate": pick.expected, "estimate_low": pick.low, "estimate_high": pick.high,
                   "k3_estimate": top3.expected, "k3_low": top3.low, "k3_high": top3.high}
     return state
 
 
-def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], seeds: list[int],
-                slow_seeds: int | None = None) -> dict:
-    """Every (arm, sampler, scheduler) replayed on ``seeds`` at the largest budget, read at each budget; GP, whose
-    proposals take about a second each, on the first ``slow_seeds`` only."""
+_ARM_POOLS: dict = {}  # per worker process: the arms' pools, built once
+_DATA: dict = {}  # the recording, set before the workers fork
+
+
+def _replay_job(job: tuple) -> tuple[str, list, float]:
+    """One (arm, sampler, scheduler) over its seeds, in a worker: its rows, read at each budget."""
     from bench_hpo import Scores, replay_search
 
-    out: dict = {}
-    unit = None
+    arm, sampler, scheduler, seeds, unit, estimate = job
+    if arm not in _ARM_POOLS:
+        pool = arm_pool(_DATA["data"], arm)
+        _ARM_POOLS[arm] = (pool, {"val_f1": Scores(pool, "val_f1")})
+    pool, scores_of = _ARM_POOLS[arm]
+    started, rows = time.perf_counter(), []
+    for seed in seeds:
+        replay = replay_search(pool, cv_method(sampler, scheduler), seed, max(BUDGETS) * unit, scores_of)
+        rows.append({str(b): search_state(pool, scores_of["val_f1"], replay, b * unit,
+                                          estimate=estimate and b == REPORTED_BUDGET) for b in BUDGETS})
+    return f"{arm}/{sampler}/{scheduler}", rows, time.perf_counter() - started
+
+
+def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], seeds: list[int],
+                slow_seeds: int | None = None, estimate_for=lambda key: True, workers: int = 2,
+                gp_arms: tuple = ("k3", "k5")) -> dict:
+    """Every (arm, sampler, scheduler) replayed on ``seeds`` at the largest budget, read at each budget, in
+    ``workers`` processes; the bias-corrected estimate where ``estimate_for(key)``; GP, whose proposals take about a
+    second each (more with many trials), on the first ``slow_seeds`` and on ``gp_arms`` only."""
+    import multiprocessing
+
+    single = arm_pool(data, "single")  # the budget's unit: a full-length single-split trial, on two slots
+    unit = float(np.mean(single.trial_seconds())) / 2
+    jobs = []
     for arm in arms:
-        pool = arm_pool(data, arm)
-        if unit is None:  # the budget's unit: a full-length single-split trial (one head's share of the seconds)
-            single = arm_pool(data, "single") if arm != "single" else pool
-            unit = float(np.mean(single.trial_seconds())) / 2  # on two slots
-        scores_of = {"val_f1": Scores(pool, "val_f1")}
         for sampler, scheduler in methods:
-            method = cv_method(sampler, scheduler)
-            started, rows = time.perf_counter(), []
-            for seed in seeds[:slow_seeds] if sampler == "gp" else seeds:
-                replay = replay_search(pool, method, seed, max(BUDGETS) * unit, scores_of)
-                rows.append({str(b): search_state(pool, scores_of["val_f1"], replay, b * unit,
-                                                  estimate=b == REPORTED_BUDGET) for b in BUDGETS})
-            out[f"{arm}/{sampler}/{scheduler}"] = rows
+            if sampler == "gp" and arm not in gp_arms:
+                continue
+            key = f"{arm}/{sampler}/{scheduler}"
+            jobs.append((arm, sampler, scheduler, seeds[:slow_seeds] if sampler == "gp" else seeds, unit,
+                         estimate_for(key)))
+    jobs.sort(key=lambda job: (job[1] != "gp", job[0]))  # the slow ones first, so the workers end together
+    _DATA["data"] = data
+    out: dict = {}
+    with multiprocessing.get_context("fork").Pool(workers) as workers_pool:
+        for key, rows, seconds in workers_pool.imap_unordered(_replay_job, jobs):
+            out[key] = rows
             at = [r[str(REPORTED_BUDGET)] for r in rows if r[str(REPORTED_BUDGET)]]
-            print(f"{arm:6s} {sampler:16s} {scheduler:5s} {len(rows)} seeds in {time.perf_counter() - started:.0f} s:"
-                  f" pick test {np.mean([a['pick_test'] for a in at]):.4f},"
-                  f" k3 {np.mean([a['k3_test'] for a in at]):.4f}"
-                  f", dev {np.mean([a['pick_dev'] for a in at]):.4f}, estimate "
-                  f"{np.mean([a['estimate'] for a in at]):.4f}", flush=True)
-    return {"unit_seconds": unit, "results": out}
+            estimate = f", estimate {np.mean([a['estimate'] for a in at]):.4f}" if at and "estimate" in at[0] else ""
+            pick = np.mean([a["pick_test"] for a in at])
+            print(f"{key:28s} {len(rows)} seeds in {seconds:.0f} s: pick test {pick:.4f},"
+                  f" k3 {np.mean([a['k3_test'] for a in at]):.4f}, dev {np.mean([a['pick_dev'] for a in at]):.4f}"
+                  f"{estimate}", flush=True)
+    ordered = [f"{arm}/{sampler}/{scheduler}" for arm in arms for sampler, scheduler in methods]
+    return {"unit_seconds": unit, "results": {key: out[key] for key in ordered if key in out}}
 
 
 # --- figures, the choice, the report -----------------------------------------------------------------------------
@@ -348,6 +386,16 @@ def summary_of(rows: list, budget: int = REPORTED_BUDGET) -> dict:
                                               ("k3_", "k3_test", "k3_low", "k3_high", "k3_estimate")):
             out[f"{prefix}estimate_error"] = float(np.mean([a[mean] - a[test] for a in at]))
             out[f"{prefix}estimate_coverage"] = float(np.mean([a[low] <= a[test] <= a[high] for a in at]))
+            # against what out-of-fold predictions measure: one head (a vote of one head per member), not the bag
+            heads = test.replace("_test", "_heads_test")
+            out[f"{prefix}estimate_error_heads"] = float(np.mean([a[mean] - a[heads] for a in at]))
+            out[f"{prefix}estimate_coverage_heads"] = float(np.mean([a[low] <= a[heads] <= a[high] for a in at]))
+            # against one head on clips like the scored ones: its test F1 moved by the split's offset
+            out[f"{prefix}estimate_error_net"] = float(np.mean([a[mean] - a[heads] - a["offset"] for a in at]))
+            out[f"{prefix}estimate_coverage_net"] = float(np.mean([a[low] <= a[heads] + a["offset"] <= a[high]
+                                                                   for a in at]))
+        out["raw_error_net"] = float(np.mean([a["pick_dev"] - a["pick_heads_test"] - a["offset"] for a in at]))
+        out["offset"] = float(np.mean([a["offset"] for a in at]))
     return out
 
 
@@ -418,7 +466,7 @@ def markdown(data: dict, reported: dict, chosen: str, why: str, record_note: str
              f"**Chosen**: `{chosen}` ({why}).", "",
              "| objective / sampler / scheduler | trials | pick test F1 [95% CI] | vs today (paired) "
              "| k=3 vote test F1 | search regret | selection regret | raw dev error | estimate error | coverage "
-             "| k=3 estimate error | k=3 coverage |",
+             "| estimate error, one head | coverage, one head |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in results.items():
         s = summary_of(rows)
@@ -428,15 +476,73 @@ def markdown(data: dict, reported: dict, chosen: str, why: str, record_note: str
         lines.append(f"| `{key}`{mark} | {s['trials']:.1f} | {_f(s['pick_test'][0])} [{_f(s['pick_test'][1])}, "
                      f"{_f(s['pick_test'][2])}] | {versus} "
                      f"| {_f(s['k3_test'][0])} | {_f(s['search_regret'])} | {_f(s['selection_regret'])} | "
-                     f"{s['gap']:+.4f} | {s['estimate_error']:+.4f} | {s['estimate_coverage']:.0%} | "
-                     f"{s['k3_estimate_error']:+.4f} | {s['k3_estimate_coverage']:.0%} |")
+                     f"{s['gap']:+.4f} | {_estimate_cells(s)} |")
+    lines += sampler_markdown(results) + estimate_markdown(results)
     lines += ["", "Search regret: the pool's best trial on test (fully trained) minus the best trial the search "
               "visited; selection regret: that minus the pick. Estimate error: the bias-corrected estimate minus the "
               "pick's test F1; coverage: how often its 95% interval held the pick's test F1; raw dev error: the "
-              "pick's dev (or out-of-fold) score minus its test F1, what the summary used to print as the result.",
+              "pick's dev (or out-of-fold) score minus its test F1, what the summary used to print as the result. "
+              "One head: against the mean test F1 of the pick's heads taken one at a time, which is what out-of-fold "
+              "predictions measure (each labelled clip is scored by the one head that held it out), where the bag "
+              "of K heads predicts test.",
               "", "The pick's test F1 against the budget:", "", "![pick test F1 against budget](hpo-cv.png)", "",
               "<!-- cv:end -->"]
     return "\n".join(lines) + "\n"
+
+
+def _estimate_cells(s: dict) -> str:
+    if "estimate_error" not in s:
+        return "not computed | | |"
+    return (f"{s['estimate_error']:+.4f} | {s['estimate_coverage']:.0%} | {s['estimate_error_heads']:+.4f} | "
+            f"{s['estimate_coverage_heads']:.0%}")
+
+
+def sampler_markdown(results: dict) -> list[str]:
+    """Each model-based sampler against random draws on the same objective and scheduler, paired over seeds, at
+    the reported budget and at the largest."""
+    lines = ["", "**Model-based samplers against random draws** (same objective and scheduler, paired over seeds; "
+             "pick test F1, model-based minus random):", "",
+             f"| objective / sampler / scheduler | budget {REPORTED_BUDGET} [95% CI] | budget {max(BUDGETS)} [95% CI] "
+             "| trials at the reported budget |", "|---|---|---|---|"]
+    for key, rows in results.items():
+        arm, sampler, scheduler = key.split("/")
+        baseline = results.get(f"{arm}/random/{scheduler}")
+        if sampler == "random" or baseline is None:
+            continue
+        cells = []
+        for budget in (REPORTED_BUDGET, max(BUDGETS)):
+            diff = paired(rows, baseline, "pick_test", budget)
+            cells.append(f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]")
+        lines.append(f"| `{key}` | {cells[0]} | {cells[1]} | {summary_of(rows)['trials']:.1f} |")
+    return lines
+
+
+def estimate_markdown(results: dict) -> list[str]:
+    """The estimate per objective (random draws, ASHA): for the pick and the k = 3 vote, its error against the bag
+    that predicts test and against one head at a time, with coverage; and how much of the test F1 is the bag's."""
+    lines = ["", "**The estimate, per objective** (random draws, ASHA; error = estimate minus test F1, and how often "
+             "the 95% interval held it). *Offset*: how much lower the scored clips rate a configuration than the "
+             "test split does at the same evaluation, averaged over all recorded configurations, before any choice; "
+             "*net*: against one head's test F1 moved by that offset, that is on clips like the scored ones, which "
+             "is what the estimate claims to measure:", "",
+             "| objective | pick: test F1 of the bag / of one head | pick: error vs bag (coverage) | pick: error vs "
+             "one head (coverage) | offset | pick: error net (coverage) | raw dev error net "
+             "| k=3: error vs bag (coverage) | k=3: error net (coverage) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        key = f"{arm}/random/asha"
+        if key not in results:
+            continue
+        s, at = summary_of(results[key]), [r[str(REPORTED_BUDGET)] for r in results[key] if r[str(REPORTED_BUDGET)]]
+        heads = float(np.mean([a["pick_heads_test"] for a in at]))
+        lines.append(f"| {arm} | {_f(s['pick_test'][0])} / {_f(heads)} "
+                     f"| {s['estimate_error']:+.4f} ({s['estimate_coverage']:.0%}) "
+                     f"| {s['estimate_error_heads']:+.4f} ({s['estimate_coverage_heads']:.0%}) "
+                     f"| {s['offset']:+.4f} | {s['estimate_error_net']:+.4f} ({s['estimate_coverage_net']:.0%}) "
+                     f"| {s['raw_error_net']:+.4f} "
+                     f"| {s['k3_estimate_error']:+.4f} ({s['k3_estimate_coverage']:.0%}) "
+                     f"| {s['k3_estimate_error_net']:+.4f} ({s['k3_estimate_coverage_net']:.0%}) |")
+    return lines
 
 
 def keys_for_json(results: dict, chosen: str) -> dict:
@@ -454,6 +560,12 @@ def keys_for_json(results: dict, chosen: str) -> dict:
             "selection_regret_single": s_today["selection_regret"],
             "selection_regret_default": s_new["selection_regret"],
             "estimate_mean_error": s_new["estimate_error"], "estimate_coverage": s_new["estimate_coverage"],
+            "estimate_mean_error_one_head": s_new["estimate_error_heads"],
+            "estimate_coverage_one_head": s_new["estimate_coverage_heads"],
+            "test_split_offset": s_new["offset"], "estimate_mean_error_net_of_offset": s_new["estimate_error_net"],
+            "estimate_coverage_net_of_offset": s_new["estimate_coverage_net"],
+            "raw_dev_mean_error_net_of_offset": s_new["raw_error_net"],
+            "raw_dev_mean_error_single": s_today["gap"], "estimate_mean_error_single": s_today["estimate_error"],
             "raw_dev_mean_error": s_new["gap"], "model_based_sampler": best_mb,
             "model_based_gain_vs_random": mb[0], "model_based_gain_ci_low": mb[1]}
 
@@ -466,13 +578,16 @@ def replay_report(args) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_cv_pool(args.partial)
     arms = list(ARMS)
-    methods = [(s, sch) for s in args.samplers for sch in ("asha", "none") if s != "gp" or sch == "asha"]
+    # the scheduler crossed with random draws and the product's TPE; TPE's variants and GP with ASHA, the default
+    methods = [(s, "asha") for s in args.samplers] + [(s, "none") for s in ("random", "tpe") if s in args.samplers]
     print(f"pool: {len(data['trials'])} configurations; selection seeds first", flush=True)
+    common = {"slow_seeds": args.gp_seeds, "workers": args.workers, "gp_arms": tuple(args.gp_arms)}
     selection = replay_arms(data, arms, methods, list(SELECTION_SEEDS)[: args.selection_seeds],
-                            args.gp_seeds)["results"]
+                            estimate_for=lambda key: False, **common)["results"]
     chosen, why = choose_default(selection)
     print(f"chosen: {chosen} ({why})", flush=True)
-    reported = replay_arms(data, arms, methods, list(range(args.seeds)), args.gp_seeds)
+    reported = replay_arms(data, arms, methods, list(range(args.seeds)),
+                           estimate_for=lambda key: key.split("/")[1] == "random" or key == chosen, **common)
     record_seconds = sum(t["wall_seconds"] for t in data["trials"])
     note = (f"recorded in {record_seconds / 3600:.1f} h of worker time, two configurations at a time "
             f"(`python scripts/bench_hpo.py record-cv`){'; a recording still under way' if args.partial else ''}")

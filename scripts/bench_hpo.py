@@ -889,6 +889,9 @@ def main() -> int:
                      help="Optuna samplers to replay (default: random, tpe, tpe-independent, tpe-startup20, gp)")
     rcv.add_argument("--gp-seeds", type=int, default=10, help="seeds for GP (with ASHA only), whose proposals take "
                      "about a second each (default 10)")
+    rcv.add_argument("--gp-arms", nargs="*", default=["k3", "k5"], help="objectives GP is replayed on (default k3 "
+                     "k5: on the single split a search has about 80 trials and a GP replay took 4 min)")
+    rcv.add_argument("--workers", type=int, default=2, help="replays at a time (default 2)")
     look = sub.add_parser("scores", help="the ranking scores against test on the pool")
     look.add_argument("--partial", action="store_true", help="use the recording under way (runs/hpo-pool.jsonl)")
     run = sub.add_parser("replay", help="replay the methods' searches on the pool and write the report")
