@@ -153,7 +153,7 @@ def params_of(model) -> int:
 def run_plan() -> dict:
     """The plan of the paper's search, from the real CLI, with the hub defaults and with all layers float16."""
     exe = Path(sys.executable).with_name("emotune")
-    command = [str(exe) if exe.is_file() else "emotune", "plan", "space=encoders", "encoders=hub"]
+    command = [str(exe) if exe.is_file() else "emotune", "plan", "space=encoders", "encoders=hub", "trial.folds=1"]
     out = {}
     with tempfile.TemporaryDirectory(prefix="emotune-bench-plan-") as tmp:
         for variant, extra in (("hub_default", []),
