@@ -219,7 +219,8 @@ def test_two_searches_share_a_cluster_without_mixing(separable, two_node_cluster
     ("ray.storage=s3://bucket/emotune", ["ray.storage=s3://bucket/emotune", "shared filesystem",
                                          "ray.storage=/shared/emotune/ray"]),
     ("features.gpu_per_worker=-0.5", ["features.gpu_per_worker=-0.5 is out of range"]),
-    ("search.sampler=cmaes", ["search.sampler must be one of tpe, random, qmc, gp, got 'cmaes'"]),
+    ("search.sampler=cmaes", ["search.sampler must be one of auto, random, qmc, tpe, tpe-independent, gp, got "
+                              "'cmaes'"]),
     ("search.scheduler=hyperband", ["search.scheduler must be one of asha, noise_asha, none"]),
     ("trial.select_by=accuracy", ["trial.select_by must be one of val_f1, val_f1_ema, val_f1_mean3, val_f1_lcb"]),
     ("search.noise_z=-1", ["search.noise_z=-1 is out of range: it must be 0 or more"]),

@@ -33,7 +33,7 @@ def smoke_cfg(*overrides: str) -> dict:
     return load_config(["space=smoke", "search.max_concurrent=1", *overrides], "search")
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
+@pytest.mark.parametrize("sampler", ["tpe", "tpe-independent", "random", "qmc", "gp"])
 def test_the_known_good_point_comes_first_and_the_same_seed_proposes_the_same_search(sampler):
     cfg = smoke_cfg("search.sampler_seed=3", f"search.sampler={sampler}")
     first = proposals(cfg, 14)  # TPE's (and GP's) 10 random start-up proposals, then 4 from its model
@@ -43,8 +43,18 @@ def test_the_known_good_point_comes_first_and_the_same_seed_proposes_the_same_se
     other = proposals(smoke_cfg("search.sampler_seed=4", f"search.sampler={sampler}"), 14)
     assert other[0] == first[0] and other[1:] != first[1:]
     sampler_class = type(make_searcher(cfg).searcher._ot_study.sampler).__name__
-    assert sampler_class == {"tpe": "TPESampler", "random": "RandomSampler", "qmc": "QMCSampler",
-                             "gp": "GPSampler"}[sampler]
+    assert sampler_class == {"tpe": "TPESampler", "tpe-independent": "TPESampler", "random": "RandomSampler",
+                             "qmc": "QMCSampler", "gp": "GPSampler"}[sampler]
+
+
+@pytest.mark.parametrize("folds, expected", [(1, "RandomSampler"), (3, "TPESampler"), (5, "RandomSampler")])
+def test_auto_is_what_the_benchmark_chose_for_the_number_of_folds(folds, expected):
+    cfg = smoke_cfg(f"trial.folds={folds}")
+    assert cfg["search"]["sampler"] == "auto"
+    sampler = make_searcher(cfg).searcher._ot_study.sampler
+    assert type(sampler).__name__ == expected
+    if folds == 3:  # Optuna's plain TPE: each setting alone, no constant liar
+        assert not sampler._multivariate and not sampler._constant_liar
 
 
 @pytest.mark.parametrize("params, expected", [

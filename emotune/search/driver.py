@@ -1,9 +1,10 @@
 """The search: Ray Tune runs trials, Optuna proposes them, ASHA stops weak ones, MLflow records all.
 
-Proposals are random draws by default (search.sampler: qmc, tpe and gp too), with the space's known-good point
-first; random draws with ASHA selected the trials that scored best on test in replayed searches, where TPE chased
-dev-set noise (benchmarks/hpo.md). Every dev evaluation reports its bootstrap standard error (val_f1_se), and the
-summary lists the trials statistically tied with the best.
+Proposals are random draws by default, with the space's known-good point first, and TPE modelling each setting
+alone with trial.folds=3 (search.sampler: auto; qmc, tpe and gp too): in replayed searches random draws with ASHA
+selected best on one split, where TPE chased dev-set noise, and TPE beat them on three folds (benchmarks/hpo.md).
+Every dev evaluation reports its bootstrap standard error (val_f1_se), and the summary lists the trials
+statistically tied with the best.
 
     python -m emotune.search space=encoders                      # the embedded default: demo corpus, offline
     python -m emotune.search space=head search.num_samples=40 trial.max_epochs=60
@@ -47,8 +48,8 @@ from emotune.search.resume import (
 USAGE = """usage: python -m emotune.search [space=NAME] [key=value ...]
 
 Search spaces (space=NAME): {spaces}
-Common keys: search.num_samples, search.max_concurrent, search.sampler (random|qmc|tpe|gp), search.scheduler
-  (asha|noise_asha|none), search.metric ({metrics}),
+Common keys: search.num_samples, search.max_concurrent, search.sampler (auto|random|qmc|tpe|tpe-independent|gp),
+  search.scheduler (asha|noise_asha|none), search.metric ({metrics}),
   search.grace_period, search.reduction_factor, search.resources.cpu, search.resources.gpu, search.name,
   trial.max_epochs, trial.evals_per_epoch, trial.select_by, encoders=offline|hub, data=demo|folder, data.root,
   ray.address, paths.runs_dir, seed
@@ -283,11 +284,12 @@ def make_searcher(cfg: dict):
     scheduler cut reach it as pruned (:class:`~emotune.search.algorithms.PruningAwareOptunaSearch`)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler
+    from emotune.search.algorithms import PruningAwareOptunaSearch, asha_clock, make_sampler, resolve_sampler
     from emotune.search.space import DefineByRun, points_to_evaluate
 
     search = typed(SearchSettings, cfg["search"], "search")
-    sampler = make_sampler(search.sampler, search.sampler_seed, search.n_startup_trials)
+    sampler = make_sampler(resolve_sampler(search.sampler, cfg["trial"]["folds"]), search.sampler_seed,
+                           search.n_startup_trials)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         searcher = PruningAwareOptunaSearch(space=DefineByRun(cfg["space"], cfg), metric=OBJECTIVE, mode="max",
