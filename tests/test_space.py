@@ -7,6 +7,7 @@ import pytest
 
 from emotune.config import load_config
 from emotune.errors import EmotuneError
+from emotune.search.algorithms import proposal_line
 from emotune.search.driver import make_searcher
 from emotune.search.space import validate_space
 
@@ -55,6 +56,9 @@ def test_auto_is_what_the_benchmark_chose_for_the_number_of_folds(folds, expecte
     assert type(sampler).__name__ == expected
     if folds == 3:  # Optuna's plain TPE: each setting alone, no constant liar
         assert not sampler._multivariate and not sampler._constant_liar
+    words = "TPE, each setting modelled alone" if folds == 3 else "random draws"
+    assert proposal_line(cfg) == f"Proposals: {words} (search.sampler=auto with trial.folds={folds})" + (
+        ", after 10 random start-up trials" if folds == 3 else "")
 
 
 @pytest.mark.parametrize("params, expected", [

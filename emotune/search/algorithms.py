@@ -176,6 +176,21 @@ def asha_rungs(scheduler) -> list[int]:
     return sorted(math.ceil(milestone) for milestone, _ in brackets[0]._rungs) if brackets else []
 
 
+SAMPLER_WORDS = {"random": "random draws", "qmc": "quasi-random (Sobol) draws", "tpe": "TPE, settings modelled "
+                 "jointly", "tpe-independent": "TPE, each setting modelled alone", "gp": "a Gaussian process"}
+
+
+def proposal_line(cfg: dict) -> str:
+    """How trials are proposed, said at the search's start (``search.sampler=auto`` resolved)."""
+    search, _ = _settings(cfg)
+    folds = int(cfg["trial"]["folds"])
+    sampler = resolve_sampler(search.sampler, folds)
+    why = f" (search.sampler=auto with trial.folds={folds})" if search.sampler == "auto" else ""
+    learns = sampler in ("tpe", "tpe-independent", "gp")
+    startup = f", after {search.n_startup_trials} random start-up trials" if learns else ""
+    return f"Proposals: {SAMPLER_WORDS[sampler]}{why}{startup}"
+
+
 def ladder_lines(cfg: dict, rungs: list[int]) -> list[str]:
     """What ASHA will do in this search (``rungs``: :func:`asha_rungs` of its scheduler), said at its start; a
     second line warns when it makes one cut or none. Rungs are in dev evaluations, which are epochs unless

@@ -430,7 +430,7 @@ def _run_locked(cfg: dict, start: SearchStart, train=None) -> dict:
 
 def _search_run(cfg: dict, me, start: SearchStart):
     """The search's MLflow run (adopted or created), with its settings, plans and ASHA's rungs recorded."""
-    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler
+    from emotune.search.algorithms import asha_rungs, ladder_lines, make_scheduler, proposal_line
     from emotune.tracking.store import TAG_SEARCH
 
     parent = parent_run(cfg, me, start.experiment_dir,
@@ -443,7 +443,7 @@ def _search_run(cfg: dict, me, start: SearchStart):
     if start.time_plan is not None:
         parent.log_json(start.time_plan.to_dict(), "time_plan.json")
     rungs = asha_rungs(make_scheduler(cfg))
-    print("\n".join(ladder_lines(cfg, rungs)), flush=True)
+    print("\n".join([proposal_line(cfg), *ladder_lines(cfg, rungs)]), flush=True)
     parent.log_params({"asha_rungs": ",".join(map(str, rungs))})
     return parent
 
