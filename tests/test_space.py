@@ -189,3 +189,15 @@ def test_the_private_parts_of_ray_and_optuna_emotune_relies_on_are_still_there()
         ("OptunaSearch._completed_trials", "_completed_trials" in vars(OptunaSearch(metric="m", mode="max"))),
     ] if not present]
     assert not missing, f"Ray changed private parts emotune.search.algorithms uses: {', '.join(missing)}"
+
+
+def test_a_search_saved_with_random_draws_resumes_under_auto_where_auto_is_random(tmp_path):
+    import json
+
+    from emotune.search.resume import check_same_settings
+
+    saved = smoke_cfg("search.sampler=random")
+    (tmp_path / "emotune_config.json").write_text(json.dumps(saved))
+    check_same_settings(smoke_cfg(), tmp_path, restore=True)  # auto with one split: random draws, as saved
+    with pytest.raises(EmotuneError, match="search.sampler: 'random' -> 'auto'"):
+        check_same_settings(smoke_cfg("trial.folds=3"), tmp_path, restore=True)  # auto is TPE there

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from emotune.names import OBJECTIVE, asha_mode
 
 SAMPLERS = ("auto", "random", "qmc", "tpe", "tpe-independent", "gp")
+SCHEDULERS = ("asha", "noise_asha", "none")
 # search.sampler=auto: random draws, except where the step-16 benchmark (benchmarks/hpo.md) found a model-based
 # sampler beating them, paired over seeds with a 95% interval above 0: with three folds, TPE modelling each setting
 # alone. On one split and with five folds, random draws did as well or better.
@@ -33,7 +34,6 @@ AUTO_SAMPLER = {3: "tpe-independent"}
 def resolve_sampler(name: str, folds: int) -> str:
     """The sampler ``search.sampler`` names for a search with ``trial.folds`` = ``folds`` (``auto`` resolved)."""
     return AUTO_SAMPLER.get(int(folds), "random") if name == "auto" else name
-SCHEDULERS = ("asha", "noise_asha", "none")
 
 
 def make_sampler(name: str, seed: int, n_startup_trials: int):

@@ -105,6 +105,7 @@ def check_same_settings(cfg: dict, experiment_dir: Path, restore: bool, command:
                 print(f"search '{cfg['search']['name']}' was started before {key} existed: it resumes with "
                       f"{key}={old}, as it ran.", flush=True)
             set_path(cfg, key, old)
+    _same_sampler(before_cfg, cfg)
     current = {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
     before = {k: v for k, v in flatten(before_cfg).items() if not k.startswith(RESUMABLE_CHANGES)}
     changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
@@ -115,6 +116,18 @@ def check_same_settings(cfg: dict, experiment_dir: Path, restore: bool, command:
             f"{'; ...' if len(changed) > 6 else ''}). Running it again resumes it, which needs the same settings: "
             f"repeat them, or run these settings as a new search under a name of its own:\n"
             f"  {as_new_search(command, experiment_dir)}")
+
+
+def _same_sampler(before_cfg: dict, cfg: dict) -> None:
+    """A search saved with ``search.sampler=random`` resumes under today's default ``auto`` where ``auto`` resolves
+    to random draws (and the other way round): the same sampler, so no reason to refuse."""
+    from emotune.search.algorithms import resolve_sampler
+
+    def resolved(config: dict) -> str:
+        return resolve_sampler(config["search"]["sampler"], int(config.get("trial", {}).get("folds") or 1))
+
+    if resolved(before_cfg) == resolved(cfg):
+        before_cfg["search"]["sampler"] = cfg["search"]["sampler"]
 
 
 def as_new_search(command: str | None, experiment_dir: Path) -> str:
