@@ -166,6 +166,7 @@ def arm_pool(data: dict, arm: str):
     from bench_hpo import Pool
 
     from emotune import evaluation, noise
+    from emotune.estimate import decode_classes
 
     heads = ARMS[arm]
     fold = np.array([int(c) for c in data["fold"]])
@@ -193,8 +194,8 @@ def arm_pool(data: dict, arm: str):
     pool.test_pred = test_pred.astype(np.int8)  # (configs, evaluations, test clips)
     pool.test_f1 = np.array([[evaluation.macro_f1(test_true, p, n_classes) for p in trial] for trial in test_pred])
     # what the out-of-fold score measures: one head at a time (each clip is scored by the head that held it out)
-    pool.head_test_pred = np.array([[[np.frombuffer(r["test_pred"][h].encode(), dtype=np.uint8) - 48 for h in heads]
-                                     for r in t["rows"]] for t in trials], dtype=np.int8)  # (configs, evals, heads, n)
+    pool.head_test_pred = np.array([[[decode_classes(r["test_pred"][h]) for h in heads] for r in t["rows"]]
+                                    for t in trials], dtype=np.int8)  # (configs, evaluations, heads, test clips)
     pool.head_test_f1 = np.array([[np.mean([evaluation.macro_f1(test_true, p, n_classes) for p in row])
                                    for row in trial] for trial in pool.head_test_pred])
     # how much lower the scored clips rate every configuration than test does, before any choice: a property of
@@ -225,13 +226,9 @@ RULE = (f"on seeds {SELECTION_SEEDS.start} and up, never those reported below, t
 
 
 def make_optuna_sampler(name: str, seed: int):
-    import optuna
-
+    """The product's sampler ``name`` (tpe-independent included), or its TPE with 20 start-up trials."""
     from emotune.search.algorithms import make_sampler
 
-    if name == "tpe-independent":  # each parameter modelled alone, no liar for running trials: explicitly, since
-        # Optuna 5's TPESampler() is multivariate with a constant liar by default (the product's TPE, the same)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=False, constant_liar=False)
     if name == "tpe-startup20":
         return make_sampler("tpe", seed, 20)
     return make_sampler(name, seed, 10)
@@ -307,15 +304,22 @@ _ARM_POOLS: dict = {}  # per worker process: the arms' pools, built once
 _DATA: dict = {}  # the recording, set before the workers fork
 
 
-def _replay_job(job: tuple) -> tuple[str, list, float]:
-    """One (arm, sampler, scheduler) over its seeds, in a worker: its rows, read at each budget."""
-    from bench_hpo import Scores, replay_search
+def _pool_of(arm: str):
+    """The arm's pool and its scores, built once per process (a forked worker inherits the parent's)."""
+    from bench_hpo import Scores
 
-    arm, sampler, scheduler, seeds, unit, estimate = job
     if arm not in _ARM_POOLS:
         pool = arm_pool(_DATA["data"], arm)
         _ARM_POOLS[arm] = (pool, {"val_f1": Scores(pool, "val_f1")})
-    pool, scores_of = _ARM_POOLS[arm]
+    return _ARM_POOLS[arm]
+
+
+def _replay_job(job: tuple) -> tuple[str, list, float]:
+    """One (arm, sampler, scheduler) over its seeds, in a worker: its rows, read at each budget."""
+    from bench_hpo import replay_search
+
+    arm, sampler, scheduler, seeds, unit, estimate = job
+    pool, scores_of = _pool_of(arm)
     started, rows = time.perf_counter(), []
     for seed in seeds:
         replay = replay_search(pool, cv_method(sampler, scheduler), seed, max(BUDGETS) * unit, scores_of)
@@ -332,7 +336,10 @@ def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], see
     second each (more with many trials), on the first ``slow_seeds`` and on ``gp_arms`` only."""
     import multiprocessing
 
-    single = arm_pool(data, "single")  # the budget's unit: a full-length single-split trial, on two slots
+    if _DATA.get("data") is not data:  # another recording: its pools are not these
+        _ARM_POOLS.clear()
+        _DATA["data"] = data
+    single, _ = _pool_of("single")  # the budget's unit: a full-length single-split trial, on two slots
     unit = float(np.mean(single.trial_seconds())) / 2
     jobs = []
     for arm in arms:
@@ -343,7 +350,6 @@ def replay_arms(data: dict, arms: list[str], methods: list[tuple[str, str]], see
             jobs.append((arm, sampler, scheduler, seeds[:slow_seeds] if sampler == "gp" else seeds, unit,
                          estimate_for(key)))
     jobs.sort(key=lambda job: (job[1] != "gp", job[0]))  # the slow ones first, so the workers end together
-    _DATA["data"] = data
     out: dict = {}
     with multiprocessing.get_context("fork").Pool(workers) as workers_pool:
         for key, rows, seconds in workers_pool.imap_unordered(_replay_job, jobs):
